@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - draws a grid of all ten digits with the embedded default model -> demo.png
+#   make test   - installs the test oracles and runs the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Pin torch before anything else so no package pulls a CUDA build onto a CPU machine.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test venv dev clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.base
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.base
+	$(VENV)/bin/unfog sample --out demo.png --overwrite
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo.png

@@ -1,0 +1,76 @@
+"""Classifier-free guidance as a denoiser combinator (Ho & Salimans 2022).
+
+    D_cfg(x, sigma) = D(x, sigma | uncond) + w (D(x, sigma | cond) - D(x, sigma | uncond))
+
+Because D is affine in the network output, guiding D equals guiding eps or v with the same w.
+The optional guidance rescale (Lin et al. 2023, sec. 3.4, eqs. 15-16) is not affine: it matches
+the per-sample standard deviation of the guided prediction to that of the conditional one,
+
+    F_rescaled = F_cfg * std(F_cond) / std(F_cfg),   F = phi F_rescaled + (1 - phi) F_cfg,
+
+and so depends on which quantity F is rescaled. diffusers rescales the network's own output (eps
+for eps models, v for v models); pass that as ``rescale_space`` to get the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .denoiser import PREDICTIONS, DenoiserFn, Prediction, append_dims, scalings
+from .schedules import check_choice
+
+
+class CFGDenoiser:
+    """D_cfg(x, sigma): one batched call with the unconditional and conditional inputs stacked.
+
+    Args:
+        denoiser: D(x, sigma, **extra_args).
+        cond / uncond: keyword arguments for the conditional and unconditional passes, e.g.
+            ``{"y": labels}`` and ``{"y": null_labels}``; each tensor has the batch size of x.
+        scale: guidance weight w >= 0 (1 = no guidance, 0 = unconditional).
+        rescale: phi in [0, 1]; 0 turns the rescale off.
+        rescale_space: the quantity the rescale acts on: "eps", "v" or "x0".
+    """
+
+    def __init__(
+        self,
+        denoiser: DenoiserFn,
+        cond: Mapping[str, Tensor],
+        uncond: Mapping[str, Tensor],
+        scale: float,
+        *,
+        rescale: float = 0.0,
+        rescale_space: Prediction = "eps",
+    ):
+        if scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+        if set(cond) != set(uncond):
+            raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
+        self.denoiser = denoiser
+        self.cond, self.uncond = dict(cond), dict(uncond)
+        self.scale = scale
+        self.rescale = rescale
+        self.rescale_space = check_choice("rescale space", rescale_space, PREDICTIONS)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = sigma.expand(x.shape[0])
+        extra = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
+        d_uncond, d_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra).chunk(2)
+        d_cfg = d_uncond + self.scale * (d_cond - d_uncond)
+        if self.rescale == 0:
+            return d_cfg
+        return self._rescaled(x, sigma, d_cond, d_cfg)
+
+    def _rescaled(self, x: Tensor, sigma: Tensor, d_cond: Tensor, d_cfg: Tensor) -> Tensor:
+        # Move to the rescale space F = (D - c_skip x) / c_out, rescale, and come back.
+        c_skip, c_out, _ = (append_dims(c, x.ndim) for c in scalings(sigma.to(x.dtype), self.rescale_space))
+        f_cond, f_cfg = (d_cond - c_skip * x) / c_out, (d_cfg - c_skip * x) / c_out
+        dims = list(range(1, x.ndim))
+        ratio = f_cond.std(dim=dims, keepdim=True) / f_cfg.std(dim=dims, keepdim=True)
+        f = self.rescale * f_cfg * ratio + (1 - self.rescale) * f_cfg
+        return c_skip * x + c_out * f

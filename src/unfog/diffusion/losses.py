@@ -1,0 +1,92 @@
+"""The forward process q(x_t | x_0) and the training objectives.
+
+Training draws a discrete timestep t, noise eps and forms the VP sample
+
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps          (DDPM, eq. 4)
+
+and regresses the network output on its target: eps (Ho et al. 2020, eq. 14), v = sqrt(alpha_bar)
+eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022), or x_0 itself. Min-SNR-gamma (Hang et al.
+2023) reweights the per-sample losses by min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
+for v and min(SNR, gamma) for x_0, so that every objective is the x_0-loss weighted by
+min(SNR, gamma). Offset noise (Guttenberg 2023) adds a per-channel constant to eps so the model
+can learn to change an image's mean brightness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .denoiser import PREDICTIONS, Prediction, append_dims, network_target
+from .schedules import DiscreteSchedule, check_choice
+
+
+def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: DiscreteSchedule) -> Tensor:
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise for integer timesteps t (B,)."""
+    ab = schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
+    return append_dims(ab.sqrt(), x0.ndim) * x0 + append_dims((1 - ab).sqrt(), x0.ndim) * noise
+
+
+def snr(t: Tensor, schedule: DiscreteSchedule) -> Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 at integer timesteps."""
+    return 1 / schedule.sigmas.to(t.device)[t] ** 2
+
+
+def min_snr_weight(t: Tensor, schedule: DiscreteSchedule, prediction: Prediction, gamma: float) -> Tensor:
+    """Per-sample loss weight of Min-SNR-gamma for a network of the given prediction type."""
+    check_choice("prediction type", prediction, PREDICTIONS)
+    s = snr(t, schedule)
+    clipped = s.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / s
+    if prediction == "v":
+        return clipped / (s + 1)
+    return clipped
+
+
+def offset_noise(shape: torch.Size, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """N(0, I) noise plus strength * a per-(sample, channel) constant, drawn on the CPU in float32."""
+    noise = torch.randn(shape, generator=generator)
+    if strength == 0:
+        return noise
+    shift = torch.randn(shape[:2], generator=generator)
+    return noise + strength * append_dims(shift, len(shape))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    prediction: Prediction = "eps"
+    min_snr_gamma: float | None = None  # e.g. 5.0; None = unweighted
+    offset_noise: float = 0.0
+
+    def __post_init__(self):
+        check_choice("prediction type", self.prediction, PREDICTIONS)
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+
+
+def diffusion_loss(
+    model: Callable[..., Tensor],
+    x0: Tensor,
+    schedule: DiscreteSchedule,
+    config: LossConfig = LossConfig(),
+    *,
+    generator: torch.Generator | None = None,
+    **model_kwargs,
+) -> Tensor:
+    """Mean training loss over a batch: draw t ~ U{0..T-1} and the noise, noise x0, and compare
+    ``model(x_t, t, **model_kwargs)`` with the target of ``config.prediction``."""
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator).to(x0.device)
+    noise = offset_noise(x0.shape, config.offset_noise, generator).to(x0.device, x0.dtype)
+    x_t = q_sample(x0, t, noise, schedule)
+    sigma = schedule.sigmas.to(x0.device)[t].to(x0.dtype)
+    target = network_target(x0, noise, sigma, config.prediction)
+    out = model(x_t, t.to(x0.dtype), **model_kwargs)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    if config.min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(t, schedule, config.prediction, config.min_snr_gamma).float()
+    return per_sample.mean()
