@@ -1,0 +1,341 @@
+"""The one configurable U-Net: DDPM/ADM pixel models, SD 1.x / 2.x and SDXL base / refiner.
+
+The architecture is LDM's ``openaimodel.UNetModel`` (Rombach et al. 2022; itself the ADM U-Net
+of Dhariwal & Nichol 2021) and the attribute names are its checkpoint keys, so an official
+single-file checkpoint loads with ``strict=True`` once its ``model.diffusion_model.`` prefix is
+stripped. With ``L = len(channel_mult)`` levels and ``R = num_res_blocks``:
+
+- ``time_embed``: sinusoidal(t) -> Linear -> SiLU -> Linear, width ``4 * model_channels``;
+  ``label_emb`` adds a class embedding (int classes) or an MLP of a vector (SDXL "sequential").
+- ``input_blocks``: ``0`` is the input conv; then per level ``R`` x [ResBlock (+ attention)]
+  and, except at the last level, a Downsample. Every block's output is kept as a skip.
+- ``middle_block``: ResBlock, attention, ResBlock.
+- ``output_blocks``: per level, deepest first, ``R + 1`` x [ResBlock on cat(h, skip)
+  (+ attention)] and, except at level 0, an Upsample after the last one.
+- ``out``: GroupNorm -> SiLU -> 3x3 conv.
+
+"Attention" is a SpatialTransformer with cross-attention to ``context`` when ``context_dim`` is
+set (latent text-to-image models), else an AttentionBlock (pixel-space self-attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from unfog.nn.attention import AttentionBlock, resolve_heads
+from unfog.nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample, zero_
+from unfog.nn.embeddings import timestep_embedding
+from unfog.nn.norm import normalization
+
+NORM_GROUPS = 32  # every GroupNorm in the U-Net has 32 groups (LDM ``normalization``)
+
+ClassConditioning = int | Literal["sequential"] | None
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of ``UNet``; defaults are Stable Diffusion 1.x. See ``presets.py``.
+
+    transformer_depth: per level, the number of transformer layers in each attention module
+        of that level; 0 = no attention at that level. SD1 ``(1, 1, 1, 0)``, SDXL ``(0, 2, 10)``.
+        Pixel models (``context_dim=None``) use one AttentionBlock, so only 0 or 1 are valid.
+    transformer_depth_middle: the same for the middle block (0 = no middle attention).
+    num_heads / num_head_channels: exactly one is set: a fixed head count (SD1: 8) or a
+        fixed head width (SD2, SDXL: 64) so that wider levels get more heads.
+    context_dim: width of the cross-attention context (768 SD1, 1024 SD2, 2048 SDXL);
+        None builds a pixel model whose attention is self-attention only.
+    use_linear_projection: SpatialTransformer ``proj_in``/``proj_out`` as Linear (SD2, SDXL)
+        rather than 1x1 conv (SD1).
+    num_classes: None; an int N (``label_emb`` = Embedding(N, 4 * model_channels), y are class
+        ids); or "sequential" (SDXL: ``label_emb.0`` = MLP of a y of width ``adm_in_channels``).
+    use_scale_shift_norm: ResBlocks apply the embedding as FiLM scale/shift (ADM) not a sum.
+    gradient_checkpointing: recompute each block in the backward pass while training.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_middle: int = 1
+    num_heads: int | None = 8
+    num_head_channels: int | None = None
+    context_dim: int | None = 768
+    use_linear_projection: bool = False
+    num_classes: ClassConditioning = None
+    adm_in_channels: int | None = None
+    use_scale_shift_norm: bool = False
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples so the config stays hashable.
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
+        self._check_channels()
+        self._check_attention()
+        self._check_class_conditioning()
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.context_dim is not None
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    def _check_channels(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
+        for ch in (self.model_channels, *self.level_channels):
+            if ch % NORM_GROUPS:
+                raise ValueError(
+                    f"channel count {ch} (model_channels={self.model_channels} x channel_mult="
+                    f"{self.channel_mult}) is not divisible by the {NORM_GROUPS} GroupNorm groups"
+                )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_attention(self) -> None:
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(
+                f"transformer_depth has {len(self.transformer_depth)} entries but channel_mult has "
+                f"{len(self.channel_mult)} levels; give one depth per level (0 = no attention)"
+            )
+        depths = (*self.transformer_depth, self.transformer_depth_middle)
+        if min(depths) < 0:
+            raise ValueError(f"transformer depths must be >= 0, got {depths}")
+        if not self.cross_attention and max(depths) > 1:
+            raise ValueError(
+                f"a model without cross-attention (context_dim=None) has one AttentionBlock per "
+                f"attention level, so transformer depths must be 0 or 1, got {depths}"
+            )
+        if not self.cross_attention and self.use_linear_projection:
+            raise ValueError("use_linear_projection needs a SpatialTransformer: set context_dim")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be >= 1 or None, got {self.context_dim}")
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ValueError(
+                f"set exactly one of num_heads (fixed head count, SD1) or num_head_channels "
+                f"(fixed head width, SD2/SDXL); got num_heads={self.num_heads}, "
+                f"num_head_channels={self.num_head_channels}"
+            )
+        attended = [ch for ch, d in zip(self.level_channels, self.transformer_depth) if d]
+        if self.transformer_depth_middle:
+            attended.append(self.level_channels[-1])
+        for ch in attended:
+            resolve_heads(ch, self.num_heads, self.num_head_channels)
+
+    def _check_class_conditioning(self) -> None:
+        n = self.num_classes
+        if n == "sequential":
+            if self.adm_in_channels is None or self.adm_in_channels < 1:
+                raise ValueError('num_classes="sequential" needs adm_in_channels (width of the vector y)')
+            return
+        if self.adm_in_channels is not None:
+            raise ValueError(
+                f'adm_in_channels is only used with num_classes="sequential", got num_classes={n!r}'
+            )
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f'num_classes must be None, an int >= 1 or "sequential", got {n!r}')
+
+
+class UNetBlock(nn.Sequential):
+    """A sequence of layers fed what each needs: ResBlocks get the embedding, SpatialTransformers
+    the context, the rest only x (LDM ``TimestepEmbedSequential``)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def _res_block(cfg: UNetConfig, channels: int, out_channels: int) -> ResBlock:
+    return ResBlock(channels, cfg.time_embed_dim, out_channels, cfg.dropout, cfg.use_scale_shift_norm)
+
+
+def _attention(cfg: UNetConfig, channels: int, depth: int) -> nn.Module:
+    """SpatialTransformer (cross-attention models) or AttentionBlock (pixel models)."""
+    if not cfg.cross_attention:
+        return AttentionBlock(channels, cfg.num_heads, cfg.num_head_channels)
+    heads, head_dim = resolve_heads(channels, cfg.num_heads, cfg.num_head_channels)
+    return SpatialTransformer(
+        channels, heads, head_dim, cfg.context_dim, depth, cfg.dropout, cfg.use_linear_projection
+    )
+
+
+def _stage(cfg: UNetConfig, channels: int, out_channels: int, depth: int) -> list[nn.Module]:
+    """ResBlock, followed by attention when ``depth > 0``."""
+    layers = [_res_block(cfg, channels, out_channels)]
+    if depth:
+        layers.append(_attention(cfg, out_channels, depth))
+    return layers
+
+
+def _input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder, and the channel count of each skip it produces."""
+    ch = cfg.model_channels
+    blocks = [UNetBlock(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+    skips = [ch]
+    last = len(cfg.channel_mult) - 1
+    for level, (out_ch, depth) in enumerate(zip(cfg.level_channels, cfg.transformer_depth)):
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(UNetBlock(*_stage(cfg, ch, out_ch, depth)))
+            ch = out_ch
+            skips.append(ch)
+        if level != last:
+            blocks.append(UNetBlock(Downsample(ch)))
+            skips.append(ch)
+    return nn.ModuleList(blocks), skips
+
+
+def _middle_block(cfg: UNetConfig) -> UNetBlock:
+    ch = cfg.level_channels[-1]
+    layers = _stage(cfg, ch, ch, cfg.transformer_depth_middle)
+    return UNetBlock(*layers, _res_block(cfg, ch, ch))
+
+
+def _output_blocks(cfg: UNetConfig, skips: list[int]) -> nn.ModuleList:
+    """The decoder; consumes ``skips`` (a copy) from the end, deepest first."""
+    skips = list(skips)
+    ch = cfg.level_channels[-1]
+    blocks = []
+    for level in reversed(range(len(cfg.channel_mult))):
+        out_ch, depth = cfg.level_channels[level], cfg.transformer_depth[level]
+        for i in range(cfg.num_res_blocks + 1):
+            layers = _stage(cfg, ch + skips.pop(), out_ch, depth)
+            ch = out_ch
+            if level and i == cfg.num_res_blocks:
+                layers.append(Upsample(ch))
+            blocks.append(UNetBlock(*layers))
+    return nn.ModuleList(blocks)
+
+
+def _label_embedding(cfg: UNetConfig) -> nn.Module | None:
+    ted = cfg.time_embed_dim
+    if cfg.num_classes is None:
+        return None
+    if cfg.num_classes == "sequential":
+        mlp = nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        return nn.Sequential(mlp)  # keys label_emb.0.0 / label_emb.0.2
+    return nn.Embedding(cfg.num_classes, ted)
+
+
+class UNet(nn.Module):
+    """Noise-prediction U-Net: ``forward(x, timesteps, context=None, y=None)`` -> same shape as x
+    with ``out_channels`` channels. The network predicts whatever it was trained for (eps, v,
+    x0); turning that into a denoiser is ``unfog.diffusion.denoiser``'s job, not this class's.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        mc, ted = config.model_channels, config.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.label_emb = _label_embedding(config)
+        self.input_blocks, skips = _input_blocks(config)
+        self.middle_block = _middle_block(config)
+        self.output_blocks = _output_blocks(config, skips)
+        self.out = nn.Sequential(
+            normalization(mc), nn.SiLU(), zero_(nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W) with H, W divisible by 2**(levels-1); timesteps: (B,) or a
+        scalar; context: (B, M, context_dim) for cross-attention models; y: (B,) class ids or
+        (B, adm_in_channels) vectors for class-conditional models. Returns (B, out_channels, H, W).
+        """
+        self._check_inputs(x, context, y)
+        dtype = self.time_embed[0].weight.dtype
+        emb = self._embed(timesteps, x, y, dtype)  # (B, 4 * model_channels)
+        context = None if context is None else context.to(dtype)
+        h = x.to(dtype)  # (B, C_in, H, W)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            h = self._run(block, h, emb, context)
+        return self.out(h).to(x.dtype)  # (B, C_out, H, W)
+
+    def _embed(
+        self, timesteps: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Time embedding plus, for class-conditional models, the label embedding: (B, E)."""
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        t_emb = timestep_embedding(t, self.config.model_channels).to(dtype)  # (B, model_channels)
+        emb = self.time_embed(t_emb)  # (B, E)
+        if self.config.num_classes == "sequential":
+            emb = emb + self.label_emb(y.to(dtype))  # y: (B, adm_in_channels) vectors
+        elif self.config.num_classes is not None:
+            emb = emb + self.label_emb(y)  # y: (B,) class ids
+        return emb
+
+    def _run(
+        self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One block, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"H and W must be divisible by {factor} (2**(levels-1)), got {tuple(x.shape[2:])}"
+            )
+        if cfg.cross_attention and context is None:
+            raise ValueError(
+                f"this model has cross-attention: pass context of shape (B, M, {cfg.context_dim})"
+            )
+        if cfg.cross_attention and (context.ndim != 3 or context.shape[-1] != cfg.context_dim):
+            raise ValueError(f"context must be (B, M, {cfg.context_dim}), got {tuple(context.shape)}")
+        if not cfg.cross_attention and context is not None:
+            raise ValueError("this model has no cross-attention (context_dim=None): context must be None")
+        self._check_labels(x, y)
+
+    def _check_labels(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        n = self.config.num_classes
+        if n is None:
+            if y is not None:
+                raise ValueError("y was given but this model is not class-conditional (num_classes=None)")
+            return
+        if y is None:
+            raise ValueError(f"this model is class-conditional (num_classes={n!r}): pass y")
+        expected = (x.shape[0], self.config.adm_in_channels) if n == "sequential" else (x.shape[0],)
+        if tuple(y.shape) != expected:
+            raise ValueError(f"y must have shape {expected}, got {tuple(y.shape)}")

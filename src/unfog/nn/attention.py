@@ -1,0 +1,131 @@
+"""Attention layers: transformer-style multi-head attention, the DDPM/ADM self-attention block,
+and the GEGLU feed-forward. All attention goes through ``F.scaled_dot_product_attention``.
+
+Parameter names follow the official LDM checkpoints (``to_q``/``to_k``/``to_v``/``to_out.0``,
+``qkv``/``proj_out``, ``ff.net.0.proj``/``ff.net.2``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unfog.nn.norm import normalization
+
+
+def resolve_heads(channels: int, num_heads: int | None, num_head_channels: int | None) -> tuple[int, int]:
+    """(heads, head_dim) for ``channels``: a fixed head count (SD1) or a fixed head width (SD2/XL).
+
+    Exactly one of ``num_heads`` / ``num_head_channels`` must be given.
+    """
+    if (num_heads is None) == (num_head_channels is None):
+        raise ValueError("give exactly one of num_heads or num_head_channels")
+    if num_head_channels is not None:
+        if channels % num_head_channels:
+            raise ValueError(
+                f"{channels} channels are not divisible by num_head_channels={num_head_channels}"
+            )
+        return channels // num_head_channels, num_head_channels
+    if channels % num_heads:
+        raise ValueError(f"{channels} channels are not divisible by num_heads={num_heads}")
+    return num_heads, channels // num_heads
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*D) -> (B, H, N, D)"""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) -> (B, N, H*D)"""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``x`` over ``context`` (self-attention when it is None).
+
+    LDM ``CrossAttention``: bias-free ``to_q``/``to_k``/``to_v``, then ``to_out.0`` (Linear with
+    bias) and ``to_out.1`` (Dropout). Scores are scaled by ``1 / sqrt(head_dim)``.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        head_dim: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, query_dim); context: (B, M, context_dim) or None (then M = N)
+        context = x if context is None else context
+        q = _split_heads(self.to_q(x), self.heads)  # (B, H, N, D)
+        k = _split_heads(self.to_k(context), self.heads)  # (B, H, M, D)
+        v = _split_heads(self.to_v(context), self.heads)  # (B, H, M, D)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        return self.to_out(_merge_heads(out))  # (B, N, query_dim)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): ``a * gelu(g)`` with ``[a, g] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)  # (..., dim_out) each
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP: ``net.0`` GEGLU (dim -> 2*inner), ``net.1`` Dropout, ``net.2`` Linear."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (..., dim)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention of the DDPM/ADM U-Nets (LDM openaimodel ``AttentionBlock``).
+
+    ``norm`` (GroupNorm) -> ``qkv`` (1x1 Conv1d, C -> 3C) -> attention -> ``proj_out`` (1x1
+    Conv1d, zero-initialised) -> residual. The 3C ``qkv`` channels are laid out per head as
+    ``[q_h, k_h, v_h]`` (the "legacy" order of LDM/guided-diffusion's ``QKVAttentionLegacy``),
+    so their pixel-space checkpoints load unchanged.
+    """
+
+    def __init__(self, channels: int, num_heads: int | None = 1, num_head_channels: int | None = None):
+        super().__init__()
+        self.heads, self.head_dim = resolve_heads(channels, num_heads, num_head_channels)
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x_flat = x.reshape(b, c, -1)  # (B, C, T)
+        qkv = self.qkv(self.norm(x_flat))  # (B, 3C, T)
+        qkv = qkv.reshape(b, self.heads, 3 * self.head_dim, -1).transpose(2, 3)  # (B, H, T, 3D)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (B, H, T, D) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D)
+        h = h.transpose(2, 3).reshape(b, c, -1)  # (B, C, T)
+        return (x_flat + self.proj_out(h)).reshape(b, c, *spatial)

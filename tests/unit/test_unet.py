@@ -1,0 +1,315 @@
+"""Contracts of the U-Net: official checkpoint layouts, shapes, precision, checkpointing, config
+validation, and numerical parity with diffusers' UNet2DConditionModel on the same weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+import unfog.models.unet as unet_module
+from unfog.models.presets import DIGITS, PRESETS, SD15, TINY, get_preset
+from unfog.models.unet import UNet, UNetConfig
+from unfog.nn.attention import AttentionBlock
+from unfog.nn.blocks import ResBlock
+from unfog.nn.embeddings import timestep_embedding
+
+LAYOUTS = Path(__file__).parents[2].parent / "shared/fixtures/checkpoint-layouts"
+
+OFFICIAL_LAYOUTS = {
+    "SD15": "UNET-v1-SD",
+    "SD15_INPAINT": "UNET-v1-Inpainting",
+    "SD2": "UNET-v2-SD",
+    "SD2_INPAINT": "UNET-v2-Inpainting",
+    "SDXL_BASE": "UNET-XL-SD",
+    "SDXL_REFINER": "UNET-XL-Refiner",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These models are tiny: one thread is as fast, and it avoids oversubscribing a shared CPU
+    (2 threads contending with other processes made this file 4x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def read_layout(name: str) -> set[tuple[str, tuple[int, ...]]]:
+    """{(tensor name, shape)} from a fixture file of ``name [d0,d1,...]`` lines."""
+    entries = set()
+    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
+        if line.strip():
+            key, shape = line.split()
+            entries.add((key, tuple(int(d) for d in shape.strip("[]").split(","))))
+    return entries
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (including the zero-initialised ones) a random, well-scaled value:
+    matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(0.1 * noise + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---------------------------------------------------------------- official layouts
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL_LAYOUTS))
+def test_state_dict_matches_official_layout(preset):
+    with torch.device("meta"):
+        model = UNet(PRESETS[preset])
+    ours = {(k, tuple(v.shape)) for k, v in model.state_dict().items()}
+    official = read_layout(OFFICIAL_LAYOUTS[preset])
+    missing, unexpected = sorted(official - ours), sorted(ours - official)
+    assert not missing and not unexpected, (
+        f"{preset}: {len(missing)} missing, e.g. {missing[:5]}; "
+        f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}"
+    )
+
+
+def test_get_preset():
+    assert get_preset("sd15") is SD15
+    with pytest.raises(ValueError, match="valid names: SD15, SD15_INPAINT"):
+        get_preset("sd3")
+
+
+# ---------------------------------------------------------------- forward behaviour
+
+
+def test_tiny_forward_shape():
+    model = UNet(TINY).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, TINY.context_dim)
+    out = model(x, torch.tensor([1.0, 500.0]), ctx)
+    assert out.shape == x.shape
+    assert torch.equal(model(x, 3, ctx), model(x, torch.tensor([3, 3]), ctx))  # scalar t broadcasts
+
+
+def test_digits_forward_shape_and_params():
+    model = UNet(DIGITS).eval()
+    assert 1e6 <= sum(p.numel() for p in model.parameters()) <= 3e6
+    x, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 5, 9])
+    out = model(x, torch.tensor([10, 20, 30]), y=y)
+    assert out.shape == x.shape
+
+
+def test_bf16_autocast_and_bf16_weights():
+    model = randomize_(UNet(TINY)).eval()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 700.0]), torch.randn(2, 3, TINY.context_dim)
+    ref = model(x, t, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, ctx)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 5e-2
+    out_bf16 = model.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    assert rel_err(out_bf16.float(), ref) < 5e-2
+
+
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    cfg = replace(DIGITS, dropout=0.1)  # dropout too: the recomputation must replay its masks
+    plain = randomize_(UNet(cfg)).train()
+    ckpt = UNet(replace(cfg, gradient_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "checkpoint", counting_checkpoint)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 7])
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(0)
+        model(x, t, y=y).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == len(ckpt.input_blocks) + 1 + len(ckpt.output_blocks)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 1.0, 999.5])
+    emb = timestep_embedding(t, 7)  # half = 3, plus one zero pad column
+    for row, ti in zip(emb, t.tolist()):
+        args = [ti * math.exp(-math.log(10000) * i / 3) for i in range(3)]
+        expected = [math.cos(a) for a in args] + [math.sin(a) for a in args] + [0.0]
+        torch.testing.assert_close(row, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert timestep_embedding(t.to(torch.bfloat16), 8).dtype == torch.float32
+
+
+def test_attention_block_uses_legacy_per_head_qkv_layout():
+    torch.manual_seed(0)
+    block = randomize_(AttentionBlock(64, num_heads=None, num_head_channels=32))
+    x = torch.randn(2, 64, 4, 4)
+    qkv = block.qkv(block.norm(x.reshape(2, 64, 16)))  # (B, 3C, T), per head [q, k, v]
+    q, k, v = qkv.reshape(2 * 2, 3 * 32, 16).split(32, dim=1)  # (B*H, D, T)
+    w = torch.softmax(torch.einsum("bdt,bds->bts", q, k) / math.sqrt(32), dim=-1)
+    h = torch.einsum("bts,bds->bdt", w, v).reshape(2, 64, 16)
+    expected = (x.reshape(2, 64, 16) + block.proj_out(h)).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resblock_scale_shift_norm():
+    block = randomize_(ResBlock(32, 16, 64, use_scale_shift_norm=True))
+    x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
+    h = block.in_layers(x)
+    scale, shift = block.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
+    norm = block.out_layers[0]
+    h = F.silu(F.group_norm(h, 32, norm.weight, norm.bias) * (1 + scale) + shift)
+    expected = block.skip_connection(x) + block.out_layers[3](h)
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model_channels=48), "not divisible by the 32 GroupNorm groups"),
+        (dict(transformer_depth=(1,)), "one depth per level"),
+        (dict(num_head_channels=16), "exactly one of num_heads"),
+        (dict(num_heads=3), "not divisible by num_heads=3"),
+        (dict(num_classes="sequential"), "needs adm_in_channels"),
+        (dict(num_classes="seq"), 'an int >= 1 or "sequential"'),
+        (dict(adm_in_channels=8), 'only used with num_classes="sequential"'),
+        (dict(context_dim=None, transformer_depth=(2, 1)), "must be 0 or 1"),
+        (dict(context_dim=None, use_linear_projection=True), "needs a SpatialTransformer"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(channel_mult=()), "non-empty"),
+    ],
+)
+def test_bad_config_raises(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(TINY, **changes)
+
+
+def test_config_accepts_lists():
+    cfg = replace(TINY, channel_mult=[1, 2], transformer_depth=[1, 0])
+    assert cfg.channel_mult == (1, 2) and cfg.transformer_depth == (1, 0)
+    hash(cfg)
+
+
+@pytest.mark.parametrize(
+    "preset, kwargs, message",
+    [
+        ("TINY", dict(y=torch.tensor([1, 2])), "not class-conditional"),
+        ("TINY", dict(context=None), "pass context"),
+        ("TINY", dict(context=torch.randn(2, 3, 5)), "context must be"),
+        ("DIGITS", dict(), "pass y"),
+        ("DIGITS", dict(y=torch.tensor([1, 2]), context=torch.randn(2, 3, 32)), "no cross-attention"),
+        ("DIGITS", dict(y=torch.tensor([1])), r"y must have shape \(2,\)"),
+    ],
+)
+def test_bad_inputs_raise(preset, kwargs, message):
+    cfg = PRESETS[preset]
+    model = UNet(cfg)
+    kwargs = {"context": torch.randn(2, 3, 32) if cfg.context_dim else None, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, cfg.in_channels, 8, 8), torch.tensor([1, 2]), **kwargs)
+
+
+def test_bad_spatial_size_raises():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNet(DIGITS)(torch.randn(1, 1, 6, 6), 1, y=torch.tensor([0]))
+
+
+# ---------------------------------------------------------------- parity with diffusers
+
+
+def diffusers_twin(cfg: UNetConfig, **extra) -> UNet2DConditionModel:
+    """diffusers' UNet2DConditionModel with the same architecture as ``cfg``."""
+    chans = [cfg.model_channels * m for m in cfg.channel_mult]
+    # diffusers gives the middle block the depth of the deepest level.
+    assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)
+    attn = [d > 0 for d in cfg.transformer_depth]
+    if cfg.num_heads is not None:
+        heads = [cfg.num_heads] * len(chans)  # diffusers' "attention_head_dim" is a head count
+    else:
+        heads = [c // cfg.num_head_channels for c in chans]
+    return UNet2DConditionModel(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(chans),
+        layers_per_block=cfg.num_res_blocks,
+        cross_attention_dim=cfg.context_dim,
+        attention_head_dim=tuple(heads),
+        transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
+        use_linear_projection=cfg.use_linear_projection,
+        **extra,
+    ).eval()
+
+
+def load_into_diffusers(ours: UNet, twin: UNet2DConditionModel) -> None:
+    ldm = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(ldm, dict(twin.config))
+    twin.load_state_dict(converted, strict=True)
+
+
+SD1_LIKE = replace(TINY, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0))
+SD2_LIKE = replace(SD1_LIKE, num_heads=None, num_head_channels=16, use_linear_projection=True)
+SDXL_LIKE = replace(  # y = pooled text (16) + 6 size/crop values x 8-wide sinusoids
+    SD2_LIKE,
+    transformer_depth=(0, 1, 2),
+    transformer_depth_middle=2,
+    num_classes="sequential",
+    adm_in_channels=16 + 6 * 8,
+)
+
+
+@pytest.mark.parametrize("cfg", [SD1_LIKE, SD2_LIKE], ids=["sd1-like", "sd2-like"])
+def test_parity_with_diffusers(cfg):
+    ours = randomize_(UNet(cfg)).eval()
+    twin = diffusers_twin(cfg)
+    load_into_diffusers(ours, twin)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, cfg.context_dim, generator=g)
+    t = torch.tensor([17.0, 803.0])
+    with torch.no_grad():
+        expected = twin(x, t, encoder_hidden_states=ctx).sample
+        assert rel_err(ours(x, t, ctx), expected) < 1e-4
+
+
+def test_parity_with_diffusers_sdxl_like():
+    cfg = SDXL_LIKE
+    ours = randomize_(UNet(cfg)).eval()
+    twin = diffusers_twin(
+        cfg,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=cfg.adm_in_channels,
+    )
+    load_into_diffusers(ours, twin)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, cfg.context_dim, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    size_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 8, 0, 64, 64]])
+    # SDXL's vector y: pooled text embedding, then a 8-wide sinusoidal embedding of each size/crop value.
+    y = torch.cat([pooled, timestep_embedding(size_ids.flatten(), 8).reshape(2, -1)], dim=1)
+    t = torch.tensor([17.0, 803.0])
+    with torch.no_grad():
+        cond = {"text_embeds": pooled, "time_ids": size_ids}
+        expected = twin(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+        assert rel_err(ours(x, t, ctx, y=y), expected) < 1e-4
