@@ -1,0 +1,122 @@
+"""A pixel-space diffusion model: the U-Net, its noise schedule, and how to draw images from it.
+
+The model file is one safetensors file: the (EMA) U-Net weights under their canonical names and,
+in the metadata, the U-Net config, the schedule, the prediction type and the class layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint.io import load_safetensors, save_safetensors
+from ..diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, get_sigmas, resolve_sampler
+from ..models.unet import UNet, UNetConfig
+
+FORMAT = "unfog.pixel.v1"
+
+
+@dataclass(frozen=True)
+class PixelModelInfo:
+    image_size: int
+    channels: int
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"
+    num_classes: int | None = None  # real classes; the U-Net has one more, the null class for CFG
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes
+
+
+class PixelDiffusion:
+    def __init__(self, unet: UNet, info: PixelModelInfo):
+        self.unet, self.info = unet.eval(), info
+        self.schedule = DiscreteSchedule.make(info.schedule, info.num_timesteps, zero_terminal_snr=info.zero_terminal_snr)
+
+    # ---- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        meta = {"format": FORMAT, "unet": asdict(self.unet.config), "info": asdict(self.info), **(extra or {})}
+        save_safetensors(path, self.unet.state_dict(), meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "PixelDiffusion":
+        tensors, meta = load_safetensors(path)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an unfog pixel model (metadata format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        info = meta["info"]
+        info["class_names"] = tuple(info["class_names"]) if info.get("class_names") else None
+        unet = UNet(UNetConfig(**meta["unet"]))
+        unet.load_state_dict(tensors, strict=True)
+        return cls(unet.to(device), PixelModelInfo(**info))
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.unet, self.schedule, self.info.prediction)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: list[int] | Tensor | None = None,
+        *,
+        num_images: int | None = None,
+        sampler: str = "dpmpp_2m",
+        steps: int = 20,
+        spacing: str | None = None,
+        cfg_scale: float = 2.0,
+        seed: int = 0,
+        callback=None,
+        **sampler_options,
+    ) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1]. ``labels`` picks classes for a class-conditional model
+        (None = unconditional draws of ``num_images``). ``spacing`` defaults to the sampler
+        name's own (e.g. "karras" in "DPM++ 2M Karras"), else "leading"; DDPM with steps equal
+        to the number of training timesteps is the paper's full chain."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        choice = resolve_sampler(sampler)
+        labels, batch = self._labels(labels, num_images)
+        sigmas = get_sigmas(self.schedule, steps, spacing or choice.spacing or "leading")
+        device = next(self.unet.parameters()).device
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, self.info.channels, self.info.image_size, self.info.image_size)
+        x = (torch.randn(shape, generator=g) * math.sqrt(1 + float(sigmas[0]) ** 2)).to(device)  # VP prior
+        den = self._guided(labels, cfg_scale, device)
+        out = choice.fn(den, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
+        return out.clamp(-1, 1).cpu()
+
+    def _labels(self, labels, num_images) -> tuple[Tensor | None, int]:
+        if self.info.num_classes is None:
+            if labels is not None:
+                raise ValueError("this model is unconditional; it takes no class labels")
+            if not num_images or num_images < 1:
+                raise ValueError("give num_images >= 1 for an unconditional model")
+            return None, num_images
+        if labels is None:
+            raise ValueError(f"this model is class-conditional: give labels in 0..{self.info.num_classes - 1}")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        bad = labels[(labels < 0) | (labels >= self.info.num_classes)]
+        if bad.numel():
+            raise ValueError(f"class label {int(bad[0])} out of range; valid labels: 0..{self.info.num_classes - 1}")
+        return labels, labels.numel()
+
+    def _guided(self, labels: Tensor | None, cfg_scale: float, device):
+        den = self.denoiser()
+        if labels is None:
+            return den
+        if cfg_scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {cfg_scale}")
+        cond = {"y": labels.to(device)}
+        if cfg_scale == 1:
+            return lambda x, sigma: den(x, sigma, **cond)
+        uncond = {"y": torch.full_like(cond["y"], self.info.null_class)}
+        return CFGDenoiser(den, cond, uncond, cfg_scale)

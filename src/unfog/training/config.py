@@ -1,0 +1,119 @@
+"""The training configuration: one frozen dataclass, read from JSON with `key=value` overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..diffusion.denoiser import PREDICTIONS
+from ..diffusion.registry import resolve_sampler
+from ..diffusion.schedules import BETA_SCHEDULES, check_choice
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data: "digits" (scikit-learn's handwritten digits, class-conditional) or an image folder
+    data: str = "digits"
+    image_size: int = 16
+    # model: a U-Net preset and the fields of its UNetConfig to change
+    model: str = "DIGITS"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # diffusion
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    cond_dropout: float = 0.1  # probability of training a sample with the null class (for CFG)
+    # optimisation
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "bf16"
+    seed: int = 0
+    # output
+    out_dir: str = "runs/digits"
+    log_every: int = 50
+    sample_every: int = 1000
+    save_every: int = 1000
+    keep_last: int = 3
+    sample_sampler: str = "dpmpp_2m"
+    sample_steps: int = 20
+    sample_cfg_scale: float = 2.0
+
+    def __post_init__(self):
+        check_choice("schedule", self.schedule, BETA_SCHEDULES)
+        check_choice("prediction type", self.prediction, PREDICTIONS)
+        check_choice("precision", self.precision, ("bf16", "fp32"))
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        resolve_sampler(self.sample_sampler)
+        for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
+                     "save_every", "keep_last", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
+        if self.sample_cfg_scale < 0:
+            raise ValueError(f"sample_cfg_scale must be >= 0, got {self.sample_cfg_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as out_dir=runs/x
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(values) - set(_field_names()))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(_field_names())}")
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a JSON config (or start from the defaults when ``path`` is None) and apply
+    ``key=value`` overrides, where value is JSON (numbers, true/false, null, lists) or a string."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        values[key.strip()] = _parse_value(value)
+    return config_from_dict(values)
+
+
+# Settings that do not change the training trajectory; a resumed run may change them freely.
+RESUMABLE_CHANGES = ("steps", "log_every", "sample_every", "save_every", "keep_last", "sample_sampler",
+                     "sample_steps", "sample_cfg_scale")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RESUMABLE_CHANGES) -> list[str]:
+    """Human-readable `key: old -> new` lines for the fields that differ."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k) != new.get(k)]
