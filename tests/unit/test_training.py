@@ -99,3 +99,32 @@ def test_train_writes_model_samples_states_and_refuses_to_clobber(tmp_path):
 def test_config_differences_ignores_cadence():
     assert config_differences({"steps": 1, "lr": 1.0, "save_every": 5}, {"steps": 9, "lr": 2.0, "save_every": 7}) \
         == ["lr: 1.0 -> 2.0"]
+
+
+def test_train_on_an_image_folder_unconditional(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(5):
+        arr = (torch.rand(12, 10, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{k}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    model = train(tiny_config(tmp_path, "steps=2", f"data={folder}", "sample_every=2"), progress=False)
+    from unfog.pipelines import PixelDiffusion
+
+    pipe = PixelDiffusion.load(model)
+    assert pipe.info.num_classes is None and pipe.unet.config.num_classes is None
+    assert pipe.generate(num_images=2, steps=2).shape == (2, 3, 8, 8)
+
+
+def test_empty_data_folder_is_a_one_line_error(tmp_path, capsys):
+    from unfog.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "configs/digits.json", f"data={tmp_path / 'empty'}", f"out_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty" in err and err.count("\n") == 1
+    code = main(["train", "configs/digits.json", f"data={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'r'}"])
+    assert code == 2 and "neither 'digits' nor an existing folder" in capsys.readouterr().err

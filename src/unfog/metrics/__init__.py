@@ -9,6 +9,7 @@ from unfog.metrics.digits_classifier import (
     load_digit_classifier,
     train_digit_classifier,
 )
+from unfog.metrics.digits_eval import DigitScores, draw_per_class, real_digits_floor, score_digits
 from unfog.metrics.fid import (
     feature_statistics,
     fid_from_features,
@@ -20,6 +21,10 @@ from unfog.metrics.fid import (
 __all__ = [
     "DigitClassifier",
     "DigitClassifierConfig",
+    "DigitScores",
+    "draw_per_class",
+    "real_digits_floor",
+    "score_digits",
     "DigitTrainConfig",
     "accuracy",
     "extract_features",

@@ -29,9 +29,8 @@ from .state import list_states, load_state, save_state
 
 def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNetConfig:
     """The preset with the config's overrides; class-conditional data adds one null class."""
-    base = replace(get_preset(config.model), in_channels=channels, out_channels=channels)
-    if data.num_classes is not None:
-        base = replace(base, num_classes=data.num_classes + 1)
+    classes = None if data.num_classes is None else data.num_classes + 1
+    base = replace(get_preset(config.model), in_channels=channels, out_channels=channels, num_classes=classes)
     try:
         return replace(base, **config.model_overrides)
     except TypeError as err:
