@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .pickle_reader import load_pickle_checkpoint
+
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: a crash leaves
@@ -61,3 +63,28 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         except json.JSONDecodeError:
             meta[k] = v  # metadata written by other tools is plain text
     return tensors, meta
+
+
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of any model file people have: safetensors or a ``torch.save`` zip.
+
+    The extension must be one we accept; the format is then read from the file's first bytes, so a
+    renamed file (a safetensors file called ``.ckpt``) still loads: byte 8 of a safetensors file opens
+    its JSON header, where a torch zip archive never has ``{``. Torch pickles are read with
+    :func:`~unfog.checkpoint.pickle_reader.load_pickle_checkpoint`, which runs no code from them.
+    """
+    path = Path(path)
+    accepted = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
+    if path.suffix.lower() not in accepted:
+        raise ValueError(f"{path}: unknown model file extension {path.suffix!r}; accepted: {', '.join(accepted)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return load_safetensors(path)
+    return load_pickle_checkpoint(path)  # names legacy, bare-pickle and corrupt files clearly
