@@ -1,0 +1,277 @@
+"""Prompts -> the U-Net's conditioning: cross-attention context, and SDXL's vector ``y``.
+
+The prompt language is AUTOMATIC1111's (``unfog.prompt_parser``): emphasis weights, ``BREAK``, and
+prompts of any length, cut into chunks of 75 tokens. Each chunk becomes ``[BOS] + ids + [EOS]``
+padded to 77 by the encoder's convention, every chunk is encoded on its own, and the chunk
+outputs are concatenated along the sequence axis: K chunks give a context of 77 * K tokens. The
+negative prompt is chunked too, and whichever of prompt / negative prompt has fewer chunks is
+given empty ones (the chunk of ""), so the two contexts have the same length.
+
+What each family reads from its text encoder(s) (``READOUTS``)::
+
+    family        encoder(s)                  layer (CLIP skip)        final norm  padding
+    sd1           CLIP ViT-L                  last (1)                 yes         EOS
+    sd2           OpenCLIP ViT-H              penultimate (2)          yes         0
+    sdxl          CLIP ViT-L + OpenCLIP bigG  penultimate (2), each    no          EOS / 0
+    sdxl_refiner  OpenCLIP bigG               penultimate (2)          no          0
+
+SDXL concatenates the two encoders' states along the feature axis (768 + 1280 = 2048) and takes
+bigG's projected pooled output (``text_embeds``) of the FIRST chunk as ``pooled``.
+
+CLIP skip. ``clip_skip=N`` means A1111's "CLIP skip": the states of ``hidden_states[-N]``, so 1
+is the last layer and 2 the penultimate (then ``final_layer_norm`` for the families that use it);
+it replaces the family's layer for every encoder. diffusers counts from the family's default
+instead: its ``clip_skip=k`` is our ``k + 1`` for SD 1.x (``hidden_states[-(k + 1)]``) and our
+``k + 2`` for SDXL (``hidden_states[-(k + 2)]``); its ``None`` is our default. (diffusers' SD 2.x
+``text_encoder`` folders drop the last of the 24 layers and read the last remaining one, which is
+our penultimate; an encoder loaded from such a folder needs ``clip_skip=1`` here.)
+
+Emphasis (``Emphasis``), as A1111's options: "original" multiplies each token's states by its
+weight, then rescales the chunk so its mean is what it was (``z = z * w; z = z * old_mean /
+new_mean``); "no_norm" only multiplies; "ignore" parses the syntax but applies no weights; "none"
+reads the prompt as plain text. The mean is taken per prompt and chunk (A1111 takes it over the
+batch of prompts, which is the same when the batch repeats one prompt) and per encoder (SDXL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, get_args
+
+import torch
+
+from unfog.models.clip_text import CLIPTextEncoder
+from unfog.models.tokenizer import CLIPTokenizer, Padding
+from unfog.nn.embeddings import timestep_embedding
+from unfog.prompt_parser import CHUNK_LENGTH, Chunk, tokenize_prompt
+
+Family = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+Emphasis = Literal["original", "no_norm", "ignore", "none"]
+
+SIZE_EMBED_DIM = 256  # SDXL: Fourier features per size / crop / aesthetic-score value
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How one text encoder's output becomes context.
+
+    clip_skip: use ``hidden_states[-clip_skip]`` (1 = last layer, A1111's CLIP skip).
+    final_norm: pass those states through the encoder's ``final_layer_norm``.
+    pad: how a chunk is padded after its EOS ("eos" or "zero", see ``CLIPTokenizer``).
+    pooled: this encoder supplies ``pooled`` (its projected pooled output, ``text_embeds``).
+    """
+
+    clip_skip: int
+    final_norm: bool
+    pad: Padding
+    pooled: bool = False
+
+
+READOUTS: dict[str, tuple[Readout, ...]] = {
+    "sd1": (Readout(1, final_norm=True, pad="eos"),),
+    "sd2": (Readout(2, final_norm=True, pad="zero"),),
+    "sdxl": (Readout(2, final_norm=False, pad="eos"), Readout(2, final_norm=False, pad="zero", pooled=True)),
+    "sdxl_refiner": (Readout(2, final_norm=False, pad="zero", pooled=True),),
+}
+
+
+class PromptEmbeddings(NamedTuple):
+    """context: (B, 77 * K, C); pooled: (B, P) for the SDXL families, else None."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+class Conditioning(NamedTuple):
+    """Both halves of classifier-free guidance; the contexts have the same length (B, 77 * K, C)."""
+
+    context: torch.Tensor
+    negative_context: torch.Tensor
+    pooled: torch.Tensor | None
+    negative_pooled: torch.Tensor | None
+
+
+def encode_prompt(
+    family: Family,
+    encoders: Sequence[CLIPTextEncoder],
+    tokenizer: CLIPTokenizer,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] = "",
+    *,
+    clip_skip: int | None = None,
+    emphasis: Emphasis = "original",
+    zero_empty_negative: bool | None = None,
+) -> Conditioning:
+    """Prompt(s) and negative prompt(s) -> ``Conditioning`` for ``family``.
+
+    encoders: the family's text encoders in order (SDXL: CLIP-L, then bigG with its projection).
+    negative_prompt: one string for the whole batch, or one per prompt.
+    zero_empty_negative: when every negative prompt is "", use zeros for the negative context
+        and pooled output instead of encoding "". Default: on for the SDXL families (A1111 does
+        this for SDXL; diffusers' SDXL base does it when no negative prompt is given).
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    if isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts (give 1, or 1 each)")
+    if zero_empty_negative is None:
+        zero_empty_negative = family in ("sdxl", "sdxl_refiner")
+    parse = _check_emphasis(emphasis) != "none"
+    chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in prompts]
+    negative_chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in negatives]
+    n_chunks = max(len(c) for c in chunks + negative_chunks)
+    args = dict(clip_skip=clip_skip, emphasis=emphasis, n_chunks=n_chunks)
+    cond = encode_chunked(family, encoders, tokenizer, chunks, **args)
+    if zero_empty_negative and all(p == "" for p in negatives):
+        uncond = PromptEmbeddings(*(None if t is None else torch.zeros_like(t) for t in cond))
+    else:
+        uncond = encode_chunked(family, encoders, tokenizer, negative_chunks, **args)
+    return Conditioning(cond.context, uncond.context, cond.pooled, uncond.pooled)
+
+
+def encode_chunked(
+    family: Family,
+    encoders: Sequence[CLIPTextEncoder],
+    tokenizer: CLIPTokenizer,
+    chunks: Sequence[Sequence[Chunk]],
+    *,
+    clip_skip: int | None = None,
+    emphasis: Emphasis = "original",
+    n_chunks: int | None = None,
+) -> PromptEmbeddings:
+    """Chunked prompts (``prompt_parser.tokenize_prompt``) -> ``PromptEmbeddings``, each prompt
+    given empty chunks up to ``n_chunks`` (default: the most any prompt has)."""
+    readouts = _readouts(family, encoders, clip_skip)
+    n_chunks = max(len(c) for c in chunks) if n_chunks is None else n_chunks
+    contexts, pooled = [], None
+    for encoder, readout in zip(encoders, readouts):
+        ids, weights = chunk_tensors(chunks, n_chunks, tokenizer, readout.pad)
+        device = encoder.embeddings.token_embedding.weight.device
+        context, text_embeds = encode_chunks(encoder, ids.to(device), weights.to(device), readout, emphasis)
+        contexts.append(context)
+        if readout.pooled:
+            pooled = text_embeds
+    return PromptEmbeddings(torch.cat(contexts, dim=-1), pooled)  # (B, 77 * K, sum of widths)
+
+
+def chunk_tensors(
+    chunks: Sequence[Sequence[Chunk]], n_chunks: int, tokenizer: CLIPTokenizer, pad: Padding
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks of B prompts -> ids (B, K, 77) int64 and weights (B, K, 77) float32, K = n_chunks.
+
+    Each row is ``[BOS] + ids + [EOS]`` then padding (the EOS token, or 0); BOS, EOS and padding
+    weigh 1. Prompts with fewer than K chunks get empty chunks (those of "")."""
+    if any(len(c) > n_chunks for c in chunks):
+        raise ValueError(f"a prompt has more than n_chunks={n_chunks} chunks")
+    length = CHUNK_LENGTH + 2
+    pad_id = tokenizer.eos_id if pad == "eos" else 0
+    ids = torch.full((len(chunks), n_chunks, length), pad_id, dtype=torch.long)  # (B, K, 77)
+    ids[:, :, 0] = tokenizer.bos_id
+    ids[:, :, 1] = tokenizer.eos_id  # the EOS of empty chunks; others are overwritten below
+    weights = torch.ones(len(chunks), n_chunks, length)  # (B, K, 77)
+    for b, prompt_chunks in enumerate(chunks):
+        for k, chunk in enumerate(prompt_chunks):
+            n = len(chunk.ids)
+            if n > CHUNK_LENGTH or len(chunk.weights) != n:
+                raise ValueError(
+                    f"a chunk holds {n} ids and {len(chunk.weights)} weights; need equal counts, at most "
+                    f"{CHUNK_LENGTH}"
+                )
+            ids[b, k, 1 : n + 1] = torch.tensor(chunk.ids, dtype=torch.long)
+            ids[b, k, n + 1] = tokenizer.eos_id
+            weights[b, k, 1 : n + 1] = torch.tensor(chunk.weights, dtype=torch.float32)
+    return ids, weights
+
+
+def encode_chunks(
+    encoder: CLIPTextEncoder, ids: torch.Tensor, weights: torch.Tensor, readout: Readout, emphasis: Emphasis
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids, weights (B, K, 77) -> context (B, 77 * K, W) and the first chunk's ``text_embeds``
+    (B, P), or None when the encoder has no projection. Chunks are encoded independently."""
+    b, k, length = ids.shape
+    out = encoder(ids.reshape(b * k, length))
+    z = out.hidden_states[-readout.clip_skip]  # (B * K, 77, W)
+    if readout.final_norm:
+        z = encoder.final_layer_norm(z)
+    z = apply_emphasis(z, weights.reshape(b * k, length), emphasis)
+    text_embeds = None if out.text_embeds is None else out.text_embeds.reshape(b, k, -1)[:, 0]  # (B, P)
+    return z.reshape(b, k * length, z.shape[-1]), text_embeds
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -> torch.Tensor:
+    """z (N, L, W) token states of N chunks, weights (N, L) -> the weighted states (see module
+    docstring). "original": ``z * w``, rescaled so each chunk keeps its mean over (L, W)."""
+    if _check_emphasis(emphasis) in ("ignore", "none"):
+        return z
+    weighted = z * weights.to(z.dtype)[..., None]  # (N, L, W)
+    if emphasis == "no_norm":
+        return weighted
+    acc = torch.promote_types(z.dtype, torch.float32)  # fp16 / bf16 states: means in fp32
+    old_mean = z.mean(dim=(1, 2), keepdim=True, dtype=acc)  # (N, 1, 1)
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True, dtype=acc)
+    return weighted * (old_mean / new_mean).to(z.dtype)
+
+
+def sdxl_vector_cond(
+    pooled: torch.Tensor,
+    original_size: tuple[int, int],
+    crop_coords: tuple[int, int],
+    target_size: tuple[int, int],
+) -> torch.Tensor:
+    """SDXL base's ``y`` (B, P + 6 * 256): the pooled bigG output, then the sinusoidal embedding
+    (``timestep_embedding``, 256 features) of each of original (height, width), crop (top,
+    left) and target (height, width). For the official model P = 1280 and y is 2816 wide.
+
+    pooled: (B, P). The values are those of diffusers' ``add_time_ids``, in its order."""
+    return _with_fourier(pooled, [*original_size, *crop_coords, *target_size])
+
+
+def sdxl_refiner_vector_cond(
+    pooled: torch.Tensor,
+    original_size: tuple[int, int],
+    crop_coords: tuple[int, int],
+    aesthetic_score: float,
+) -> torch.Tensor:
+    """The SDXL refiner's ``y`` (B, P + 5 * 256), 2560 wide for the official model: pooled, then
+    the embeddings of original (height, width), crop (top, left) and the aesthetic score (A1111
+    and diffusers use 6.0 for the prompt and 2.5 for the negative prompt)."""
+    return _with_fourier(pooled, [*original_size, *crop_coords, aesthetic_score])
+
+
+def _with_fourier(pooled: torch.Tensor, values: list[float]) -> torch.Tensor:
+    if pooled.ndim != 2:
+        raise ValueError(f"pooled must be (batch, features), got shape {tuple(pooled.shape)}")
+    v = torch.tensor(values, dtype=torch.float32, device=pooled.device)  # (n,)
+    emb = timestep_embedding(v, SIZE_EMBED_DIM).reshape(1, -1)  # (1, n * 256)
+    return torch.cat([pooled, emb.to(pooled.dtype).expand(pooled.shape[0], -1)], dim=-1)
+
+
+def _readouts(family: str, encoders: Sequence[CLIPTextEncoder], clip_skip: int | None) -> tuple[Readout, ...]:
+    if family not in READOUTS:
+        raise ValueError(f"family must be one of {list(READOUTS)}, got {family!r}")
+    readouts = READOUTS[family]
+    if len(encoders) != len(readouts):
+        raise ValueError(f"family {family!r} takes {len(readouts)} text encoder(s), got {len(encoders)}")
+    if clip_skip is not None:
+        readouts = tuple(replace(r, clip_skip=clip_skip) for r in readouts)
+    for i, (encoder, readout) in enumerate(zip(encoders, readouts)):
+        if not 1 <= readout.clip_skip <= encoder.config.layers:
+            raise ValueError(
+                f"clip_skip must be between 1 (last layer) and {encoder.config.layers} (the encoder's "
+                f"layers), got {readout.clip_skip}"
+            )
+        if readout.pooled and encoder.text_projection is None:
+            raise ValueError(f"family {family!r} needs a text projection (projection_dim) on encoder {i}")
+    return readouts
+
+
+def _check_emphasis(emphasis: str) -> str:
+    if emphasis not in get_args(Emphasis):
+        raise ValueError(f"emphasis must be one of {get_args(Emphasis)}, got {emphasis!r}")
+    return emphasis
