@@ -102,3 +102,14 @@ def test_bad_names_list_choices():
         make_betas("quadratic")
     with pytest.raises(ValueError, match="at least 1"):
         get_sigmas(DiscreteSchedule.make(), 0)
+
+
+def test_full_chain_needs_trailing_or_linspace():
+    sched = DiscreteSchedule.make("linear")
+    with pytest.raises(ValueError, match="use spacing 'trailing' or 'linspace'"):
+        get_sigmas(sched, 1000, "leading")
+    for spacing in ("trailing", "linspace"):
+        s = get_sigmas(sched, 1000, spacing)
+        assert torch.allclose(s[:-1].flip(0), sched.sigmas)  # every training timestep, 999 .. 0
+    with pytest.raises(ValueError, match="more than the model's 1000"):
+        get_sigmas(sched, 1001, "trailing")

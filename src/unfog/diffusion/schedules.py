@@ -175,8 +175,14 @@ def timesteps_for(spacing: Spacing, steps: int, num_timesteps: int = 1000, steps
     trailing: round(T - i * T / n) - 1                 (always starts at the last timestep)
     """
     check_choice("timestep spacing", spacing, ("leading", "linspace", "trailing"))
+    if steps > num_timesteps:
+        raise ValueError(f"{steps} steps is more than the model's {num_timesteps} training timesteps")
     if spacing == "leading":
         ratio = num_timesteps // steps
+        if (steps - 1) * ratio + steps_offset > num_timesteps - 1:
+            raise ValueError(f"leading spacing with {steps} steps and steps_offset {steps_offset} would pass the "
+                             f"last timestep {num_timesteps - 1}; use spacing 'trailing' or 'linspace' "
+                             f"(e.g. for DDPM's full {num_timesteps}-step chain)")
         t = torch.arange(steps, dtype=torch.float64) * ratio + steps_offset
         return t.flip(0)
     if spacing == "linspace":

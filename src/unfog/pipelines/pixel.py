@@ -79,8 +79,8 @@ class PixelDiffusion:
     ) -> Tensor:
         """Images (B, C, H, W) in [-1, 1]. ``labels`` picks classes for a class-conditional model
         (None = unconditional draws of ``num_images``). ``spacing`` defaults to the sampler
-        name's own (e.g. "karras" in "DPM++ 2M Karras"), else "leading"; DDPM with steps equal
-        to the number of training timesteps is the paper's full chain."""
+        name's own (e.g. "karras" in "DPM++ 2M Karras"), else "leading"; DDPM with 1000 steps
+        and spacing "trailing" is the paper's full chain over every training timestep."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         choice = resolve_sampler(sampler)

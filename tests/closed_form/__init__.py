@@ -1,0 +1,1 @@
+"""Closed-form oracles for the diffusion maths (Gaussian mixtures with exact denoisers)."""
