@@ -215,7 +215,10 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -
     acc = torch.promote_types(z.dtype, torch.float32)  # fp16 / bf16 states: means in fp32
     old_mean = z.mean(dim=(1, 2), keepdim=True, dtype=acc)  # (N, 1, 1)
     new_mean = weighted.mean(dim=(1, 2), keepdim=True, dtype=acc)
-    return weighted * (old_mean / new_mean).to(z.dtype)
+    # A chunk whose weighted mean is exactly 0 (all weights 1 and a zero-mean state, or emphasis that
+    # cancels) keeps its weighted states: the rescale would be 0/0.
+    ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), old_mean / new_mean)
+    return weighted * ratio.to(z.dtype)
 
 
 def sdxl_vector_cond(

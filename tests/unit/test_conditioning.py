@@ -361,3 +361,13 @@ def test_sdxl_vector_cond_layout():
     assert torch.equal(y[0, -256:], timestep_embedding(torch.tensor([6.0]), 256)[0])
     with pytest.raises(ValueError, match="pooled must be"):
         sdxl_vector_cond(pooled[0], (1, 1), (0, 0), (1, 1))
+
+
+def test_emphasis_of_a_zero_mean_chunk_is_finite():
+    from unfog.conditioning import apply_emphasis
+
+    z = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])  # mean exactly 0
+    out = apply_emphasis(z, torch.ones(1, 2), "original")
+    assert torch.equal(out, z)
+    out = apply_emphasis(z, torch.tensor([[1.0, 1.5]]), "original")
+    assert torch.isfinite(out).all()
