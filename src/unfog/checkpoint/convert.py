@@ -10,6 +10,10 @@ A table lists ``(source name, canonical name, op)`` rows; ``{i}`` stands for a l
 
 Converters refuse names their table does not know, so nothing is silently dropped; the few
 tensors of the official files that are not weights of the module are listed and ignored.
+
+diffusers' U-Net and VAE number their blocks differently from LDM, so their tables are generated
+from the config's block structure (``diffusers_unet_rows``, ``diffusers_vae_rows``): one row per
+module, applied to every tensor under it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+
+from unfog.models.unet import UNetConfig
+from unfog.models.vae import VAEConfig
 
 Op = Literal["same", "T", "qkv"]
 Table = tuple[tuple[str, str, Op], ...]
@@ -159,3 +166,152 @@ def canonical_clip_text(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         "in_proj_weight (OpenCLIP), text_model.embeddings.token_embedding.weight (transformers) or "
         "embeddings.token_embedding.weight (canonical); was the prefix stripped?"
     )
+
+
+# ---------------------------------------------------------------- diffusers U-Net and VAE
+# diffusers names modules by block type (``down_blocks.1.resnets.0``) where LDM numbers them in
+# order (``input_blocks.4.0``), so these tables are generated from the config's block structure:
+# one row ``(diffusers module, canonical module, op)`` per module, applied to every tensor under
+# it (``rename_modules``). ``op`` is "same", or "conv1x1": a Linear weight (C, C) that is a 1x1
+# conv (C, C, 1, 1) in the canonical model. Attention modules inside the U-Net share their naming
+# (``transformer_blocks.0.attn1.to_q``, ``ff.net.2``, ...), so one row covers each.
+ModuleRows = list[tuple[str, str, str]]
+
+# Inside a U-Net residual block: diffusers ``ResnetBlock2D`` -> LDM ``ResBlock``.
+UNET_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
+# Inside a VAE residual block: only the shortcut is renamed.
+VAE_RESNET = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+              ("conv_shortcut", "nin_shortcut"))
+# Inside the VAE's mid-block attention (current names, then the pre-0.14 diffusers ones).
+VAE_ATTENTION = (
+    ("group_norm", "norm", "same"),
+    ("to_q", "q", "conv1x1"),
+    ("to_k", "k", "conv1x1"),
+    ("to_v", "v", "conv1x1"),
+    ("to_out.0", "proj_out", "conv1x1"),
+    ("query", "q", "conv1x1"),
+    ("key", "k", "conv1x1"),
+    ("value", "v", "conv1x1"),
+    ("proj_attn", "proj_out", "conv1x1"),
+)
+
+
+def _block(src: str, dst: str, inner: tuple[tuple[str, ...], ...]) -> ModuleRows:
+    """Rows for the modules ``inner`` (pairs, or triples with an op) of the block ``src`` -> ``dst``."""
+    return [(f"{src}.{row[0]}", f"{dst}.{row[1]}", row[2] if len(row) > 2 else "same") for row in inner]
+
+
+def diffusers_unet_rows(cfg: UNetConfig) -> ModuleRows:
+    """diffusers ``UNet2DConditionModel`` -> canonical modules, for a U-Net of config ``cfg``.
+
+    With R = ``num_res_blocks`` and L levels: ``down_blocks.l`` holds the ResBlocks (and
+    attentions) of ``input_blocks.1 + l(R+1) .. l(R+1) + R`` and the downsampler that is
+    ``input_blocks.(l+1)(R+1)``; ``up_blocks.b`` is output level ``L-1-b``, i.e. ``output_blocks.
+    b(R+1) ..``, its upsampler after the attention of the last one.
+    """
+    levels, r = len(cfg.channel_mult), cfg.num_res_blocks
+    rows: ModuleRows = [
+        ("time_embedding.linear_1", "time_embed.0", "same"),
+        ("time_embedding.linear_2", "time_embed.2", "same"),
+        ("conv_in", "input_blocks.0.0", "same"),
+        ("conv_norm_out", "out.0", "same"),
+        ("conv_out", "out.2", "same"),
+    ]
+    if cfg.num_classes == "sequential":
+        rows += [
+            ("add_embedding.linear_1", "label_emb.0.0", "same"),
+            ("add_embedding.linear_2", "label_emb.0.2", "same"),
+        ]
+    elif cfg.num_classes is not None:
+        rows.append(("class_embedding", "label_emb", "same"))
+    for level in range(levels):
+        attention = cfg.transformer_depth[level] > 0
+        for j in range(r):
+            dst = f"input_blocks.{1 + level * (r + 1) + j}"
+            rows += _block(f"down_blocks.{level}.resnets.{j}", f"{dst}.0", UNET_RESNET)
+            if attention:
+                rows.append((f"down_blocks.{level}.attentions.{j}", f"{dst}.1", "same"))
+        if level < levels - 1:
+            dst = f"input_blocks.{(level + 1) * (r + 1)}.0.op"
+            rows.append((f"down_blocks.{level}.downsamplers.0.conv", dst, "same"))
+    rows += _block("mid_block.resnets.0", "middle_block.0", UNET_RESNET)
+    if cfg.transformer_depth_middle:
+        rows.append(("mid_block.attentions.0", "middle_block.1", "same"))
+    rows += _block("mid_block.resnets.1", f"middle_block.{2 if cfg.transformer_depth_middle else 1}", UNET_RESNET)
+    for b in range(levels):
+        attention = cfg.transformer_depth[levels - 1 - b] > 0
+        for j in range(r + 1):
+            dst = f"output_blocks.{b * (r + 1) + j}"
+            rows += _block(f"up_blocks.{b}.resnets.{j}", f"{dst}.0", UNET_RESNET)
+            if attention:
+                rows.append((f"up_blocks.{b}.attentions.{j}", f"{dst}.1", "same"))
+        if b < levels - 1:
+            dst = f"output_blocks.{b * (r + 1) + r}.{2 if attention else 1}.conv"
+            rows.append((f"up_blocks.{b}.upsamplers.0.conv", dst, "same"))
+    return rows
+
+
+def diffusers_vae_rows(cfg: VAEConfig) -> ModuleRows:
+    """diffusers ``AutoencoderKL`` -> canonical modules: ``encoder.down_blocks.l`` is
+    ``encoder.down.l``; ``decoder.up_blocks.b`` is ``decoder.up.(L-1-b)`` (LDM numbers the
+    decoder's levels by resolution, diffusers by order of execution)."""
+    levels, r = len(cfg.channel_mult), cfg.num_res_blocks
+    rows: ModuleRows = [(name, name, "same") for name in ("quant_conv", "post_quant_conv")]
+    for part in ("encoder", "decoder"):
+        rows += [(f"{part}.conv_in", f"{part}.conv_in", "same"), (f"{part}.conv_norm_out", f"{part}.norm_out", "same"),
+                 (f"{part}.conv_out", f"{part}.conv_out", "same")]
+        rows += _block(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", VAE_RESNET)
+        rows += _block(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", VAE_ATTENTION)
+        rows += _block(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", VAE_RESNET)
+    for level in range(levels):
+        for j in range(r):
+            rows += _block(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", VAE_RESNET)
+        if level < levels - 1:
+            dst = f"encoder.down.{level}.downsample.conv"
+            rows.append((f"encoder.down_blocks.{level}.downsamplers.0.conv", dst, "same"))
+    for b in range(levels):
+        level = levels - 1 - b
+        for j in range(r + 1):
+            rows += _block(f"decoder.up_blocks.{b}.resnets.{j}", f"decoder.up.{level}.block.{j}", VAE_RESNET)
+        if level > 0:
+            rows.append((f"decoder.up_blocks.{b}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv", "same"))
+    return rows
+
+
+def rename_modules(state_dict: Mapping[str, torch.Tensor], rows: ModuleRows, what: str) -> dict[str, torch.Tensor]:
+    """Rename every tensor by the row of its longest enclosing module; refuse tensors no row covers."""
+    rules = {src: (dst, op) for src, dst, op in rows}
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, value in state_dict.items():
+        module = name
+        while module not in rules and "." in module:
+            module = module.rsplit(".", 1)[0]
+        if module not in rules:
+            unknown.append(name)
+            continue
+        dst, op = rules[module]
+        if op == "conv1x1" and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)  # (C_out, C_in) -> (C_out, C_in, 1, 1)
+        out[dst + name[len(module):]] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise ValueError(f"{len(unknown)} tensors are not in the {what} naming: {shown}")
+    return out
+
+
+def convert_diffusers_unet(state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """A diffusers ``unet`` folder's weights in ``UNet``'s (LDM) naming."""
+    return rename_modules(state_dict, diffusers_unet_rows(cfg), "diffusers U-Net")
+
+
+def convert_diffusers_vae(state_dict: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """A diffusers ``vae`` folder's weights in ``AutoencoderKL``'s (LDM) naming."""
+    return rename_modules(state_dict, diffusers_vae_rows(cfg), "diffusers VAE")
