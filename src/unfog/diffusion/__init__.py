@@ -2,6 +2,7 @@
 
 from .denoiser import PREDICTIONS, ConsistencyBoundary, Denoiser, network_target, scalings
 from .guidance import CFGDenoiser
+from .inpainting import InpaintDenoiser
 from .registry import SAMPLERS, SamplerChoice, resolve_sampler, sample, valid_names
 from .schedules import (
     BETA_SCHEDULES,
@@ -14,7 +15,7 @@ from .schedules import (
 )
 
 __all__ = [
-    "BETA_SCHEDULES", "CFGDenoiser", "ConsistencyBoundary", "Denoiser", "DiscreteSchedule", "PREDICTIONS",
-    "SAMPLERS", "SPACINGS", "SamplerChoice", "get_sigmas", "karras_sigmas", "make_betas", "network_target",
+    "BETA_SCHEDULES", "CFGDenoiser", "ConsistencyBoundary", "Denoiser", "DiscreteSchedule", "InpaintDenoiser",
+    "PREDICTIONS", "SAMPLERS", "SPACINGS", "SamplerChoice", "get_sigmas", "karras_sigmas", "make_betas", "network_target",
     "rescale_zero_terminal_snr", "resolve_sampler", "sample", "scalings", "valid_names",
 ]

@@ -1,0 +1,259 @@
+"""Stable Diffusion 1.x / 2.x and SDXL base / refiner: txt2img, img2img, inpainting and the
+base-to-refiner hand-off, as one thin composition of the models and the diffusion core.
+
+    prompt --encode_prompt--> context (+ SDXL's vector y)               conditioning.py
+    noise, or the VAE latents of init_image + noise --> x at sigmas[0]  (here)
+    Denoiser(U-Net) -> CFGDenoiser -> [InpaintDenoiser] -> sampler      diffusion/
+    x / scaling_factor --VAE decode--> images in [-1, 1] --> PIL        inputs.py
+
+Latents are the VAE's times ``vae.config.scaling_factor``, in the samplers' variable
+x = x0 + sigma * eps. Random draws come from one CPU generator seeded with ``seed``, in
+diffusers' order (VAE sample of init_image, the noise, VAE sample of the masked image), so a
+seed gives diffusers' start exactly. Where diffusers' conventions differ, see docs/samplers.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from ..conditioning import encode_prompt
+from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
+                         get_sigmas, resolve_sampler)
+from ..diffusion.schedules import check_choice
+from ..models.clip_text import CLIPTextEncoder
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL
+from . import inputs
+from .sdxl import vector_conditions
+from .windows import sigma_window
+
+Family = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+Output = Literal["pil", "tensor", "latent"]
+EncodeMode = Literal["sample", "mean"]
+ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+            "sdxl_refiner": ("text_encoder_2",)}
+
+
+def sd_schedule() -> DiscreteSchedule:
+    """The noise schedule of every official Stable Diffusion model: scaled_linear 0.00085..0.012, T = 1000."""
+    return DiscreteSchedule.make("scaled_linear", 1000, 0.00085, 0.012)
+
+
+class StableDiffusion:
+    """The models of one checkpoint and how to draw images from them; ``__call__`` does the work.
+
+    unet: 4 input channels, or 9 for inpainting models (latents, mask, masked-image latents).
+    family: "sd1" | "sd2" | "sdxl" | "sdxl_refiner": how prompts are encoded (conditioning.py)
+        and which text encoders are needed (SDXL: both; the refiner: ``text_encoder_2`` only).
+    schedule, prediction, spacing, steps_offset: the model's scheduler config (SD's by default).
+    """
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: Family, *,
+                 text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
+                 schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
+                 steps_offset: int = 1):
+        check_choice("family", family, tuple(ENCODERS))
+        self.unet, self.vae, self.tokenizer, self.family = unet.eval(), vae.eval(), tokenizer, family
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        missing = [name for name in ENCODERS[family] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"family {family!r} needs {' and '.join(missing)}")
+        latent = vae.config.latent_channels
+        if unet.config.in_channels not in (latent, 2 * latent + 1):
+            raise ValueError(f"the U-Net takes {unet.config.in_channels} input channels; need {latent} "
+                             f"(latents) or {2 * latent + 1} (inpainting: latents, mask, masked image)")
+        self.schedule = schedule or sd_schedule()
+        self.prediction = check_choice("prediction type", prediction, PREDICTIONS)
+        self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
+
+    @classmethod
+    def from_components(cls, c, tokenizer=None) -> "StableDiffusion":
+        """From what ``unfog.checkpoint`` loads (``Components``); the family is read off the encoders."""
+        if c.text_encoder is not None and c.text_encoder_2 is not None:
+            family = "sdxl"
+        elif c.text_encoder_2 is not None:
+            family = "sdxl_refiner"
+        else:
+            family = "sd2" if c.text_encoder.config.activation == "gelu" else "sd1"  # OpenCLIP-H vs CLIP-L
+        s = c.family.scheduler
+        schedule = DiscreteSchedule.make(s.beta_schedule, s.num_timesteps, s.beta_start, s.beta_end,
+                                         zero_terminal_snr=s.zero_terminal_snr)
+        return cls(c.unet, c.vae, tokenizer or c.tokenizer or CLIPTokenizer.from_bpe_file(), family,
+                   text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, schedule=schedule,
+                   prediction=c.prediction, spacing=s.spacing, steps_offset=s.steps_offset)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return self.unet.config.in_channels != self.vae.config.latent_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the U-Net's (2^(levels-1))."""
+        return self.vae.config.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+
+    @property
+    def default_size(self) -> int:
+        if self.family.startswith("sdxl"):
+            return 1024
+        return 768 if self.family == "sd2" and self.prediction == "v" else 512
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
+                 sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
+                 guidance_rescale: float = 0.0, seed: int = 0, width: int | None = None, height: int | None = None,
+                 batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
+                 init_image=None, strength: float = 0.8, mask=None, encode: EncodeMode = "sample",
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, denoising_start: float | None = None,
+                 denoising_end: float | None = None, output: Output = "pil", callback=None, **sampler_options):
+        """Images for ``prompt`` (``batch_size`` per prompt): PIL images, a tensor (B, 3, H, W) in
+        [-1, 1] (``output="tensor"``), or the final latents (``output="latent"``).
+
+        txt2img: start from unit noise (``latents`` if given, else drawn) times sqrt(1 + sigma_0^2).
+        img2img (``init_image``): run the last int(steps * strength) steps, starting from the VAE
+            latents of the image (a posterior sample, or its mean with ``encode="mean"``) plus
+            sigma * noise.
+        inpainting (``init_image`` and ``mask``, 1 = paint): a 9-channel U-Net sees the mask and the
+            masked image's latents; a 4-channel one is kept to the image outside the mask at every
+            step (``InpaintDenoiser``). At strength 1 the start is pure noise, as txt2img.
+        hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
+            with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
+        SDXL: size and crop conditioning (defaults (height, width), (0, 0), (height, width)); the
+            refiner's aesthetic scores. Other keyword arguments go to the sampler (e.g. ``eta``).
+        """
+        choice = resolve_sampler(sampler)
+        check_choice("output", output, get_args(Output))
+        check_choice("encode mode", encode, get_args(EncodeMode))
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = len(prompts) * batch_size
+        image = None if init_image is None else inputs.image_tensor(init_image)
+        pixel_mask = None if mask is None else inputs.mask_tensor(mask)
+        self._check_mode(image, pixel_mask, latents, denoising_start)
+        height, width = self._size(height, width, image, latents)
+        f = self.vae.config.downsample_factor
+        latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
+
+        spacing = spacing or choice.spacing or self.spacing
+        full = get_sigmas(self.schedule, steps, spacing, steps_offset=self.steps_offset)
+        sigmas = sigma_window(self.schedule, full, strength=None if image is None else strength,
+                              denoising_start=denoising_start, denoising_end=denoising_end)
+        y = dict(original_size=original_size or (height, width), crop=crops_coords_top_left,
+                 target_size=target_size or (height, width), aesthetic_score=aesthetic_score,
+                 negative_aesthetic_score=negative_aesthetic_score)
+        cond, uncond = self._conditioning(prompts, negative_prompt, clip_skip, batch_size, y)
+
+        g = torch.Generator().manual_seed(seed)
+        if denoising_start is not None:
+            x, concat, blend = self._latents(latents, latent_shape), {}, None
+        else:
+            x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
+                                           strength, encode)
+        guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale)
+        if blend is not None:
+            guided = InpaintDenoiser(guided, *blend)
+        x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
+        if output == "latent":
+            return x
+        vae_device = next(self.vae.parameters()).device
+        images = self.vae.decode(x.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
+        return images if output == "tensor" else inputs.to_pil(images)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _network(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
+                 concat: Tensor | None = None) -> Tensor:
+        """The U-Net on the VP-scaled latents; inpainting U-Nets also get [mask, masked latents]."""
+        if concat is not None:
+            x = torch.cat([x, concat.to(x)], dim=1)  # (B, 4 + 1 + 4, h, w)
+        return self.unet(x, t, context, y)
+
+    def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float):
+        """D(x, sigma) with classifier-free guidance; scale 1 is the conditional denoiser alone."""
+        den = Denoiser(self._network, self.schedule, self.prediction)
+        if scale == 1:
+            return lambda x, sigma: den(x, sigma, **cond)
+        return CFGDenoiser(den, cond, uncond, scale, rescale=rescale, rescale_space=self.prediction)
+
+    def _conditioning(self, prompts, negative_prompt, clip_skip, per_prompt, y) -> tuple[dict, dict]:
+        encoders = [getattr(self, name) for name in ENCODERS[self.family]]
+        c = encode_prompt(self.family, encoders, self.tokenizer, prompts, negative_prompt, clip_skip=clip_skip)
+        cond, uncond = {"context": c.context}, {"context": c.negative_context}
+        if self.family in ("sdxl", "sdxl_refiner"):
+            cond["y"], uncond["y"] = vector_conditions(self.family, c.pooled, c.negative_pooled, **y)
+        device = self.device
+        expand = lambda d: {k: v.repeat_interleave(per_prompt, 0).to(device) for k, v in d.items()}  # noqa: E731
+        return expand(cond), expand(uncond)
+
+    def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str):
+        """x at sigma0, the inpainting U-Net's extra input, and the 4-channel blend (or None).
+        Draws from g in diffusers' order: VAE sample of the image, noise, VAE sample of the masked image."""
+        n, (h, w) = shape[0], shape[2:]
+        from_noise = image is None or (mask is not None and strength == 1)  # txt2img, or inpainting at strength 1
+        needs_x0 = image is not None and not (from_noise and self.inpainting_unet)
+        x0 = inputs.batch_of(self._encode(image, g, encode), n, "init_image") if needs_x0 else None
+        if latents is None:
+            noise = torch.randn(shape, generator=g).to(self.device)  # (n, 4, h, w), drawn on the CPU
+        else:
+            noise = self._latents(latents, shape)
+        x = noise * math.sqrt(1 + sigma0**2) if from_noise else x0 + sigma0 * noise  # the VP prior, or x0 + sigma n
+        if mask is None:
+            return x, {}, None
+        if mask.shape[0] != image.shape[0]:
+            mask, image = inputs.batch_of(mask, n, "mask"), inputs.batch_of(image, n, "init_image")
+        small = inputs.batch_of(inputs.latent_mask(mask, (h, w)), n, "mask").to(self.device)  # (n, 1, h, w)
+        if not self.inpainting_unet:
+            return x, {}, (small, x0, noise)
+        masked = inputs.batch_of(self._encode(image * (mask < 0.5), g, encode), n, "init_image")  # draw 3
+        return x, {"concat": torch.cat([small, masked], dim=1)}, None
+
+    def _encode(self, image: Tensor, g: torch.Generator, mode: str) -> Tensor:
+        """Images in [-1, 1] -> scaled latents: a posterior sample (drawn from g) or its mean."""
+        posterior = self.vae.encode(image.to(next(self.vae.parameters()).device))
+        z = posterior.sample(g) if mode == "sample" else posterior.mode()
+        return (z * self.vae.config.scaling_factor).to(self.device, torch.float32)
+
+    def _latents(self, latents: Tensor, shape) -> Tensor:
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)} (batch, channels, height / f, width / f), "
+                             f"got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32)
+
+    def _check_mode(self, image, mask, latents, denoising_start) -> None:
+        if mask is not None and image is None:
+            raise ValueError("a mask needs the init_image it applies to")
+        if mask is not None:
+            inputs.check_mask_fits(mask, image)
+        if self.inpainting_unet and mask is None:
+            raise ValueError("this is an inpainting U-Net (9 input channels): give init_image and mask")
+        if denoising_start is not None and (latents is None or image is not None):
+            raise ValueError("denoising_start goes on from the latents a run with denoising_end returned: "
+                             "pass them as latents=, without init_image")
+
+    def _size(self, height, width, image, latents) -> tuple[int, int]:
+        """(height, width) of the images: from init_image or latents when given, else the arguments."""
+        known = None
+        if image is not None:
+            known = tuple(image.shape[-2:])
+        elif latents is not None:
+            known = tuple(d * self.vae.config.downsample_factor for d in latents.shape[-2:])
+        if known is not None:
+            if (height or known[0], width or known[1]) != known:
+                raise ValueError(f"width x height {width}x{height} differs from the {known[1]}x{known[0]} of the "
+                                 "init_image / latents; leave width and height out")
+            height, width = known
+        height, width = height or self.default_size, width or self.default_size
+        inputs.check_image_size(width, height, self.size_multiple)
+        return height, width
