@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small tensors: 1 is fastest)")
     parser.add_argument("--part", choices=["all", "closed-form", "digits"], default="all")
-    parser.add_argument("--per-class", type=int, default=50, help="digits part: images per class")
+    parser.add_argument("--per-class", type=int, default=20, help="digits part: images per class")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.part in ("all", "digits"):
