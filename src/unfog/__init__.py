@@ -1,3 +1,53 @@
-"""unfog: a from-scratch, readable implementation of the diffusion-model stack."""
+"""unfog: a from-scratch, readable implementation of the diffusion-model stack.
+
+    import unfog
+    pipe = unfog.load("v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
+    image = pipe("a lighthouse at dusk", steps=20, seed=1)[0]
+
+``import unfog`` stays light: torch and the models are imported on the first ``unfog.load``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from .pipelines.stable_diffusion import StableDiffusion
 
 __version__ = "0.1.0"
+__all__ = ["load"]
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    family: str | None = None,
+    prediction: str | None = None,
+    use_ema: bool = False,
+) -> StableDiffusion:
+    """A Stable Diffusion pipeline (SD 1.x, 2.x, SDXL base or refiner) from an official single file
+    (``.safetensors``, ``.ckpt``) or a diffusers folder, its family detected from the weights.
+
+    Its parts are plain modules: ``pipe.unet(x, timesteps, context, y=None)``, ``pipe.vae``,
+    ``pipe.text_encoder`` (and ``pipe.text_encoder_2`` for SDXL), ``pipe.tokenizer``; calling
+    ``pipe(prompt, ...)`` draws images (see ``StableDiffusion.__call__``).
+
+    dtype: of every model, whatever the file stores (None: torch.float32). device: where they go.
+    family: the checkpoint family when detection cannot tell (e.g. "SD15", "SD2", "SDXL_BASE";
+        ``unfog.checkpoint.FAMILIES``). prediction: "eps" | "v" | "x0", overriding the family's
+        (SD 2.x 512-base files need "eps"). use_ema: the U-Net's EMA weights of a file with both.
+
+    unfog's own pixel models are not accepted: a ValueError points to ``PixelDiffusion.load``.
+    """
+    import torch
+
+    from .pipelines.stable_diffusion import StableDiffusion
+
+    return StableDiffusion.load(path, dtype=torch.float32 if dtype is None else dtype, device=device, family=family,
+                                prediction=prediction, use_ema=use_ema)

@@ -69,6 +69,45 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({what}, {args.sampler}, {args.steps} steps, seed {args.seed})")
 
 
+# Options of the image commands that are generation settings (``pipelines.outputs.Settings``).
+SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "sampler": "sampler",
+                    "spacing": "spacing", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
+                    "height": "height", "clip_skip": "clip_skip", "strength": "strength",
+                    "refiner_start": "refiner_start"}
+
+
+def _warn(message: str) -> None:
+    print(f"unfog: warning: {message}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """generate, img2img and inpaint: the options typed override those of --from IMAGE.png."""
+    from .pipelines.generate import Job, resolve_settings, run
+
+    given = {field: getattr(args, option) for option, field in SETTINGS_OPTIONS.items() if hasattr(args, option)}
+    settings, source = resolve_settings(args.mode, given, args.from_png, _warn)
+    job = Job(args.mode, settings, Path(args.model), init=_path(args, "init"), mask=_path(args, "mask"),
+              refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
+              device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
+              source=source)
+    for path in run(job, warn=_warn):
+        print(f"wrote {path}")
+
+
+def _path(args: argparse.Namespace, name: str) -> Path | None:
+    value = getattr(args, name, None)
+    return None if value is None else Path(value)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .pipelines.images import read_parameters
+
+    text = read_parameters(args.image)
+    if text is None:
+        raise ValueError(f"{args.image} carries no generation parameters (no 'parameters' text chunk)")
+    print(text)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .training import load_config, train
 
@@ -86,8 +125,56 @@ def cmd_samplers(args: argparse.Namespace) -> None:
     print("\nalso accepted: " + ", ".join(sorted(_ALIASES)) + " (add ' Karras', ' Exponential' or ' SGM Uniform')")
 
 
+def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
+    """The options of generate / img2img / inpaint. Settings default to None: the value of --from
+    IMAGE.png, else the default of ``pipelines.outputs.Settings`` / the model."""
+    p.set_defaults(func=cmd_generate, mode=mode)
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (A1111 syntax: (word:1.2), BREAK); "
+                   "optional with --from")
+    p.add_argument("--model", required=True, help="checkpoint: a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--sampler", default=None, help="sampler, ours or A1111's (default 'DPM++ 2M Karras'); "
+                   "see `unfog samplers`")
+    p.add_argument("--spacing", default=None, help="sigma spacing: leading, linspace, trailing, karras, exponential, "
+                   "sgm_uniform (default: the sampler name's, else the model's)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default -1: a random one, recorded)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's "
+                   "size, or the init image's)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8")
+    p.add_argument("--batch-size", type=int, default=1, help="images to draw, with seeds seed, seed+1, ... (default 1)")
+    p.add_argument("--clip-skip", type=int, default=None, help="read the text encoder's N-th layer from the end "
+                   "(A1111's CLIP skip; default: the model family's, 1 for SD 1.x, 2 for SD 2.x / SDXL)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model precision (default fp32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--family", default=None, help="checkpoint family (SD15, SD2, SDXL_BASE, ...), only where the "
+                   "weights cannot tell")
+    p.add_argument("--prediction", default=None, choices=("eps", "v", "x0"), help="what the U-Net predicts, "
+                   "overriding the family's (SD 2.x 512-base files: eps)")
+    p.add_argument("--output", default=None, help="a .png file, or a folder for numbered files (default ./outputs/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--from", dest="from_png", default=None, metavar="IMAGE.png",
+                   help="take the prompt and settings from a PNG's parameters (the model still comes from --model)")
+    if mode != "txt2img":
+        p.add_argument("--init", required=True, help="the image to start from")
+        p.add_argument("--strength", type=float, default=None, help="how much to change it, in (0, 1] (default 0.75)")
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, help="mask of the init image's size: white = repaint, black = keep")
+    if mode != "inpaint":
+        p.add_argument("--refiner", default=None, help="SDXL refiner checkpoint to finish the base's images")
+        p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps the base runs before "
+                       "the refiner (default 0.8)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other error of the command (argparse would add the usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unfog", description="A readable, verified diffusion stack.")
+    parser = _Parser(prog="unfog", description="A readable, verified diffusion stack.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sample", help="draw images from a pixel-space model (default: the built-in digits model)")
@@ -111,20 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("samplers", help="list the samplers and the names they are known by")
     p.set_defaults(func=cmd_samplers)
+
+    p = sub.add_parser("generate", help="draw images from a prompt with a Stable Diffusion checkpoint (SD 1.x, "
+                       "2.x, SDXL)")
+    _add_image_args(p, "txt2img")
+    p = sub.add_parser("img2img", help="redraw an image from a prompt")
+    _add_image_args(p, "img2img")
+    p = sub.add_parser("inpaint", help="repaint the masked part of an image")
+    _add_image_args(p, "inpaint")
+    p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    p.add_argument("image", help="a PNG written by unfog or AUTOMATIC1111")
+    p.set_defaults(func=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "steps", 1) < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if getattr(args, "per_class", 1) < 1:
-        parser.error(f"--per-class must be >= 1, got {args.per_class}")
+    for option in ("steps", "per_class", "batch_size"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as err:
-        print(f"unfog: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
+        print(f"unfog: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -22,9 +22,10 @@ CLIP skip. ``clip_skip=N`` means A1111's "CLIP skip": the states of ``hidden_sta
 is the last layer and 2 the penultimate (then ``final_layer_norm`` for the families that use it);
 it replaces the family's layer for every encoder. diffusers counts from the family's default
 instead: its ``clip_skip=k`` is our ``k + 1`` for SD 1.x (``hidden_states[-(k + 1)]``) and our
-``k + 2`` for SDXL (``hidden_states[-(k + 2)]``); its ``None`` is our default. (diffusers' SD 2.x
-``text_encoder`` folders drop the last of the 24 layers and read the last remaining one, which is
-our penultimate; an encoder loaded from such a folder needs ``clip_skip=1`` here.)
+``k + 2`` for SDXL (``hidden_states[-(k + 2)]``); its ``None`` is our default. CLIP skip counts
+from the end of the network as trained (``CLIPTextConfig.depth``), not from the end of the module:
+diffusers' SD 2.x ``text_encoder`` folders keep 23 of ViT-H's 24 layers (``trained_layers=24``),
+and ``clip_skip=2`` reads their last layer, the very layer it reads from a 24-layer single file.
 
 Emphasis (``Emphasis``), as A1111's options: "original" multiplies each token's states by its
 weight, then rescales the chunk so its mean is what it was (``z = z * w; z = z * old_mean /
@@ -56,7 +57,8 @@ SIZE_EMBED_DIM = 256  # SDXL: Fourier features per size / crop / aesthetic-score
 class Readout:
     """How one text encoder's output becomes context.
 
-    clip_skip: use ``hidden_states[-clip_skip]`` (1 = last layer, A1111's CLIP skip).
+    clip_skip: read the output of layer ``depth + 1 - clip_skip`` of the trained network (1 = last
+        layer, A1111's CLIP skip): ``hidden_states[-clip_skip]`` of a whole encoder.
     final_norm: pass those states through the encoder's ``final_layer_norm``.
     pad: how a chunk is padded after its EOS ("eos" or "zero", see ``CLIPTokenizer``).
     pooled: this encoder supplies ``pooled`` (its projected pooled output, ``text_embeds``).
@@ -196,7 +198,7 @@ def encode_chunks(
     (B, P), or None when the encoder has no projection. Chunks are encoded independently."""
     b, k, length = ids.shape
     out = encoder(ids.reshape(b * k, length))
-    z = out.hidden_states[-readout.clip_skip]  # (B * K, 77, W)
+    z = out.hidden_states[encoder.config.depth + 1 - readout.clip_skip]  # (B * K, 77, W); [0] = embeddings
     if readout.final_norm:
         z = encoder.final_layer_norm(z)
     z = apply_emphasis(z, weights.reshape(b * k, length), emphasis)
@@ -264,13 +266,22 @@ def _readouts(family: str, encoders: Sequence[CLIPTextEncoder], clip_skip: int |
     if clip_skip is not None:
         readouts = tuple(replace(r, clip_skip=clip_skip) for r in readouts)
     for i, (encoder, readout) in enumerate(zip(encoders, readouts)):
-        if not 1 <= readout.clip_skip <= encoder.config.layers:
+        depth, kept = encoder.config.depth, encoder.config.layers
+        if not 1 <= readout.clip_skip <= depth:
             raise ValueError(
-                f"clip_skip must be between 1 (last layer) and {encoder.config.layers} (the encoder's "
-                f"layers), got {readout.clip_skip}"
+                f"clip_skip must be between 1 (last layer) and {depth} (the encoder's layers), got {readout.clip_skip}"
+            )
+        if readout.clip_skip < depth - kept + 1:
+            raise ValueError(
+                f"clip_skip {readout.clip_skip} reads layer {depth + 1 - readout.clip_skip} of {depth}, but this "
+                f"text encoder keeps only its first {kept} (as diffusers' SD 2.x text_encoder folders do); "
+                f"use clip_skip >= {depth - kept + 1}"
             )
         if readout.pooled and encoder.text_projection is None:
             raise ValueError(f"family {family!r} needs a text projection (projection_dim) on encoder {i}")
+        if readout.pooled and kept < depth:
+            raise ValueError(f"family {family!r} needs the pooled output of encoder {i}, which keeps only "
+                             f"{kept} of its {depth} layers")
     return readouts
 
 

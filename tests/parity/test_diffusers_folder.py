@@ -300,3 +300,16 @@ def test_unsupported_diffusers_settings_are_named():
                                         resnet_time_scale_shift="ada_group"))
     with pytest.raises(ValueError, match="time_cond_proj_dim=256 is not supported"):
         unet_config_from_diffusers({"time_cond_proj_dim": 256})
+
+
+def test_unfog_load_takes_a_folder(sd1_folder):
+    import unfog
+
+    folder, _ = sd1_folder
+    pipe = unfog.load(folder)
+    assert pipe.family == "sd1" and {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    size = 4 * pipe.size_multiple
+    latents = pipe("a cat", steps=2, width=size, height=size, output="latent")
+    assert latents.shape == (1, 4, 4, 4)  # size_multiple is the VAE factor
+    with pytest.raises(ValueError, match="family= and use_ema= apply to single files"):
+        unfog.load(folder, family="SD15")

@@ -242,7 +242,9 @@ def test_sd2_v_txt2img(tokenizers):
     """SD 2.x: an OpenCLIP-like encoder (gelu, padding with id 0) read at its penultimate layer, a
     v-prediction U-Net with linear projections and 16-channel heads. diffusers' SD 2 text_encoder
     folders drop the encoder's last layer and read the last remaining one, so ours is diffusers'
-    encoder plus one (random) layer on top, which the penultimate readout never reaches."""
+    encoder plus one (random) layer on top, which the penultimate readout never reaches; and
+    diffusers' encoder alone, with ``trained_layers`` one more (as the folder loader sets it for
+    ViT-H), reads the same layer."""
     ref, shorter = clip_pair(32, 2, "gelu", None, seed=9)
     text = randomize_(CLIPTextEncoder(replace(shorter.config, layers=shorter.config.layers + 1)), seed=10).eval()
     missing, unexpected = text.load_state_dict(shorter.state_dict(), strict=False)
@@ -256,6 +258,11 @@ def test_sd2_v_txt2img(tokenizers):
                   height=SIZE, width=SIZE, output_type="pt").images
     mine = ours(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.5, latents=noise(), output="tensor")
     assert_close(to01(mine), theirs)
+    # diffusers' encoder itself, as unfog loads such a folder (its depth recorded as one more layer)
+    as_loaded = CLIPTextEncoder(replace(shorter.config, trained_layers=shorter.config.layers + 1)).eval()
+    as_loaded.load_state_dict(shorter.state_dict())
+    loaded = StableDiffusion(ours_unet, ours_vae, tokenizers[2], "sd2", text_encoder=as_loaded, prediction="v")
+    assert torch.equal(loaded(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.5, latents=noise(), output="tensor"), mine)
 
 
 # --- SD 1.x: img2img and inpainting --------------------------------------------------------------

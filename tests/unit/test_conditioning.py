@@ -371,3 +371,51 @@ def test_emphasis_of_a_zero_mean_chunk_is_finite():
     assert torch.equal(out, z)
     out = apply_emphasis(z, torch.tensor([[1.0, 1.5]]), "original")
     assert torch.isfinite(out).all()
+
+
+# --- CLIP skip counts from the trained depth (diffusers' 23-layer SD 2.x text_encoder) ------------
+
+
+def test_truncated_encoder_reads_the_same_layer_as_the_full_one(tok):
+    """A 3-layer "ViT-H" and the same network without its last layer (``trained_layers=3``),
+    as diffusers' SD 2.x folders store it: the default SD 2 readout (penultimate) and CLIP skip 3
+    give the same context from both; CLIP skip 1 needs the missing layer and says so."""
+    full_cfg = replace(TINY_CLIP, layers=3, activation="gelu")
+    full = CLIPTextEncoder(full_cfg).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    short = CLIPTextEncoder(replace(full_cfg, layers=2, trained_layers=3)).eval()
+    missing = short.load_state_dict(full.state_dict(), strict=False)
+    assert not missing.missing_keys and all(k.startswith("encoder.layers.2.") for k in missing.unexpected_keys)
+    prompts, negative = ["a (cat:1.2) on a mat", "a dog"], "blurry"
+    with torch.no_grad():
+        for clip_skip in (None, 2, 3):
+            a = encode_prompt("sd2", [full], tok, prompts, negative, clip_skip=clip_skip)
+            b = encode_prompt("sd2", [short], tok, prompts, negative, clip_skip=clip_skip)
+            assert torch.equal(a.context, b.context) and torch.equal(a.negative_context, b.negative_context)
+        # the default reads the short module's last layer (2 of 3), not its own penultimate one
+        states = short(torch.tensor([[tok.bos_id, tok.eos_id] + [0] * 75])).hidden_states
+        ctx = encode_prompt("sd2", [short], tok, "").context
+        assert torch.equal(ctx, short.final_layer_norm(states[2]))
+    with pytest.raises(ValueError, match="keeps only its first 2 .* use clip_skip >= 2"):
+        encode_prompt("sd2", [short], tok, "a", clip_skip=1)
+    with pytest.raises(ValueError, match=r"clip_skip must be between 1 \(last layer\) and 3"):
+        encode_prompt("sd2", [short], tok, "a", clip_skip=4)
+
+
+def test_trained_depth_of_loaded_text_encoders():
+    from unfog.checkpoint.detect import _fit_text_encoder, with_trained_depth
+    from unfog.checkpoint.diffusers_folder import clip_config_from_transformers
+    from unfog.models.clip_text import CLIP_L, OPENCLIP_H
+
+    sd2_folder = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+                  "hidden_act": "gelu", "projection_dim": 512, "vocab_size": 49408}
+    cfg = with_trained_depth(clip_config_from_transformers(sd2_folder, has_projection=False))
+    assert (cfg.layers, cfg.trained_layers, cfg.depth) == (23, 24, 24)
+    assert with_trained_depth(OPENCLIP_H) == OPENCLIP_H and with_trained_depth(CLIP_L) == CLIP_L
+    wd = _fit_text_encoder(OPENCLIP_H, [f"transformer.resblocks.{i}.ln_1.weight" for i in range(23)])
+    assert (wd.layers, wd.depth, wd.projection_dim) == (23, 24, None)
+    assert _fit_text_encoder(OPENCLIP_H, [f"transformer.resblocks.{i}.ln_1.weight" for i in range(24)]).trained_layers is None
+    with pytest.raises(ValueError, match="trained_layers"):
+        replace(TINY_CLIP, layers=3, trained_layers=2)

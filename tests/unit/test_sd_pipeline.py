@@ -80,13 +80,22 @@ def run(pipe, **kwargs):
 
 
 @pytest.mark.parametrize("width, height, message", [
-    (18, 16, "width 18 is not a multiple of 4; nearest valid values: 16 or 20"),
-    (16, 2, "height 2 is not a multiple of 4; nearest valid values: 4"),
+    (17, 16, "width 17 is not a multiple of 2; nearest valid values: 16 or 18"),
+    (16, 1, "height 1 is not a multiple of 2; nearest valid values: 2"),
 ])
 def test_bad_size_names_nearest_valid_values(pipe, width, height, message):
-    assert pipe.size_multiple == 4  # VAE factor 2 x U-Net factor 2 for the tiny models
+    assert pipe.size_multiple == 2  # the tiny VAE's factor; the U-Net takes latents of any size
     with pytest.raises(ValueError, match=message):
         run(pipe, width=width, height=height)
+
+
+def test_latents_of_odd_size(pipe, inpaint_pipe):
+    """18 x 22 pixels: 9 x 11 latents, not divisible by the tiny U-Net's factor 2."""
+    assert run(pipe, width=22, height=18).shape == (1, 4, 9, 11)
+    m = torch.zeros(1, 1, 18, 22)
+    m[..., 3:9, 4:15] = 1
+    out = run(inpaint_pipe, init_image=torch.rand(1, 3, 18, 22) * 2 - 1, mask=m, width=22, height=18)
+    assert out.shape == (1, 4, 9, 11)
 
 
 def test_mask_of_another_size_is_an_error(pipe):

@@ -229,9 +229,19 @@ def test_bad_inputs_raise(preset, kwargs, message):
         model(torch.randn(2, cfg.in_channels, 8, 8), torch.tensor([1, 2]), **kwargs)
 
 
-def test_bad_spatial_size_raises():
-    with pytest.raises(ValueError, match="divisible by 4"):
-        UNet(DIGITS)(torch.randn(1, 1, 6, 6), 1, y=torch.tensor([0]))
+@pytest.mark.parametrize("size", [(6, 6), (5, 7), (9, 11)])
+def test_any_spatial_size_works(size):
+    """Sizes not divisible by 2**(levels-1) come back whole (the Upsamples follow the skips)."""
+    out = UNet(DIGITS).eval()(torch.randn(1, 1, *size), 1, y=torch.tensor([0]))
+    assert out.shape == (1, 1, *size)
+
+
+def test_upsample_to_twice_the_size_is_plain_doubling():
+    from unfog.nn.blocks import Upsample
+
+    up = randomize_(Upsample(32))
+    x = torch.randn(1, 32, 3, 5)
+    assert torch.equal(up(x, (6, 10)), up(x))
 
 
 # ---------------------------------------------------------------- parity with diffusers
@@ -290,6 +300,24 @@ def test_parity_with_diffusers(cfg):
     with torch.no_grad():
         expected = twin(x, t, encoder_hidden_states=ctx).sample
         assert rel_err(ours(x, t, ctx), expected) < 1e-4
+
+
+@pytest.mark.parametrize("size", [(9, 11), (5, 8)])
+def test_parity_with_diffusers_at_odd_latent_sizes(size):
+    """9 x 11 latents (72 x 88 pixels) through 3 levels: downsampled to 5 x 6 and 3 x 3, then
+    upsampled to the skips' sizes, as diffusers' forward_upsample_size does."""
+    cfg = SD2_LIKE
+    ours = randomize_(UNet(cfg)).eval()
+    twin = diffusers_twin(cfg)
+    load_into_diffusers(ours, twin)
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 4, *size, generator=g), torch.randn(2, 5, cfg.context_dim, generator=g)
+    t = torch.tensor([17.0, 803.0])
+    with torch.no_grad():
+        expected = twin(x, t, encoder_hidden_states=ctx).sample
+        mine = ours(x, t, ctx)
+    assert mine.shape == expected.shape == x.shape
+    assert rel_err(mine, expected) < 1e-4
 
 
 def test_parity_with_diffusers_sdxl_like():

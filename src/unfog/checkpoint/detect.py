@@ -226,14 +226,27 @@ _TEXT_LAYER = re.compile(r"^(?:transformer\.resblocks|(?:text_model\.)?encoder\.
 def _fit_text_encoder(config: CLIPTextConfig, keys: list[str]) -> CLIPTextConfig:
     """The preset's text encoder with the layer count of the file, and without the projection if
     the file has none: some fine-tunes drop what SD does not use (Waifu Diffusion 1.5 ships a
-    23-layer ViT-H without ``text_projection``)."""
+    23-layer ViT-H without ``text_projection``). A file with fewer layers than the preset keeps
+    the preset's depth as ``trained_layers``, which "CLIP skip" counts from."""
     layers = {int(m.group(1)) for k in keys if (m := _TEXT_LAYER.match(k))}
     projection = any(k in ("text_projection", "text_projection.weight") for k in keys)
+    kept = max(layers) + 1 if layers else config.layers
     return replace(
         config,
-        layers=max(layers) + 1 if layers else config.layers,
+        layers=kept,
+        trained_layers=config.depth if kept < config.depth else None,
         projection_dim=config.projection_dim if projection else None,
     )
+
+
+def with_trained_depth(config: CLIPTextConfig) -> CLIPTextConfig:
+    """A text encoder config read from a diffusers / transformers folder, with ``trained_layers``
+    set where the folder is known to keep fewer layers than the network has: diffusers' SD 2.x
+    ``text_encoder`` is OpenCLIP ViT-H (width 1024, 16 heads, GELU) with 23 of its 24 layers."""
+    vit_h = (OPENCLIP_H.width, OPENCLIP_H.heads, OPENCLIP_H.activation, OPENCLIP_H.vocab_size)
+    if (config.width, config.heads, config.activation, config.vocab_size) == vit_h and config.depth < OPENCLIP_H.layers:
+        return replace(config, trained_layers=OPENCLIP_H.layers)
+    return config
 
 
 def describe_keys(shapes: Mapping[str, tuple[int, ...] | None], examples: int = 6) -> str:

@@ -14,7 +14,8 @@ its prediction type and schedule (``scheduler/``) and its VAE scaling factor.
 
 One difference from the single files: diffusers' SD 2.x ``text_encoder`` keeps only 23 of
 OpenCLIP ViT-H's 24 layers (SD 2 reads the penultimate one), so its last layer is the single
-file's penultimate.
+file's penultimate. Its config says ``trained_layers=24`` (``detect.with_trained_depth``), and the
+readout, which counts "CLIP skip" from the trained depth, reads the same layer from both.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from unfog.models.vae import VAEConfig
 
 from .components import Components, build_module, check_prediction
 from .convert import convert_diffusers_unet, convert_diffusers_vae, convert_transformers_clip_text
-from .detect import FAMILIES, Family, SchedulerConfig
+from .detect import FAMILIES, Family, SchedulerConfig, with_trained_depth
 from .io import load_state_dict
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, older
@@ -312,7 +313,7 @@ def _load_part(folder: Path, part: str, dtype: torch.dtype, variant: str | None)
         weights = convert_diffusers_vae(weights, cfg)
     else:
         weights = convert_transformers_clip_text(weights)
-        cfg = clip_config_from_transformers(config, has_projection="text_projection.weight" in weights)
+        cfg = with_trained_depth(clip_config_from_transformers(config, "text_projection.weight" in weights))
     return cfg, build_module(part, cfg, weights, dtype, f"{folder}: the weights")
 
 

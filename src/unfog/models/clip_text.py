@@ -56,6 +56,11 @@ class CLIPTextConfig:
         returns its first occurrence even when the padding is also 49407. "eos_token" takes the
         first position holding ``eos_token_id`` (transformers' path for newer configs). The two
         agree on every sequence that contains an end-of-text token.
+    trained_layers: the depth the network was trained with when this module keeps fewer layers
+        (``layers``): diffusers' SD 2.x ``text_encoder`` folders and some fine-tunes (Waifu
+        Diffusion 1.5) keep 23 of OpenCLIP ViT-H's 24, as SD 2 never reads the last one. "CLIP
+        skip" counts from this depth (``depth``), so the same layer is read either way. None:
+        the module is the whole network.
     """
 
     vocab_size: int = 49408
@@ -69,6 +74,12 @@ class CLIPTextConfig:
     pooling: Pooling = "argmax"
     eos_token_id: int = 49407
     layer_norm_eps: float = 1e-5
+    trained_layers: int | None = None
+
+    @property
+    def depth(self) -> int:
+        """The number of layers of the trained network, of which this module has ``layers``."""
+        return self.layers if self.trained_layers is None else self.trained_layers
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "width", "layers", "heads", "max_positions", "mlp_ratio"):
@@ -82,6 +93,8 @@ class CLIPTextConfig:
             raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {self.pooling!r}")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim}")
+        if self.trained_layers is not None and self.trained_layers < self.layers:
+            raise ValueError(f"trained_layers ({self.trained_layers}) must be >= layers ({self.layers}) or None")
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(
                 f"eos_token_id {self.eos_token_id} is outside the vocabulary (size {self.vocab_size})"

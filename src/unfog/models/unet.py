@@ -155,14 +155,22 @@ class UNetConfig:
 
 class UNetBlock(nn.Sequential):
     """A sequence of layers fed what each needs: ResBlocks get the embedding, SpatialTransformers
-    the context, the rest only x (LDM ``TimestepEmbedSequential``)."""
+    the context, an Upsample the size to reach, the rest only x (LDM ``TimestepEmbedSequential``)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -265,9 +273,14 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, in_channels, H, W) with H, W divisible by 2**(levels-1); timesteps: (B,) or a
-        scalar; context: (B, M, context_dim) for cross-attention models; y: (B,) class ids or
-        (B, adm_in_channels) vectors for class-conditional models. Returns (B, out_channels, H, W).
+        """x: (B, in_channels, H, W); timesteps: (B,) or a scalar; context: (B, M, context_dim) for
+        cross-attention models; y: (B,) class ids or (B, adm_in_channels) vectors for
+        class-conditional models. Returns (B, out_channels, H, W).
+
+        Any H, W work, as in diffusers: each Downsample rounds an odd size up (ceil(H/2)), and
+        each Upsample is sized to the skip connection it joins next, so the decoder retraces the
+        encoder's sizes (diffusers' ``forward_upsample_size``). When H and W are divisible by
+        2**(levels-1) that size is simply twice the input's.
         """
         self._check_inputs(x, context, y)
         dtype = self.time_embed[0].weight.dtype
@@ -281,7 +294,8 @@ class UNet(nn.Module):
         h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            h = self._run(block, h, emb, context)
+            size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
+            h = self._run(block, h, emb, context, size)
         return self.out(h).to(x.dtype)  # (B, C_out, H, W)
 
     def _embed(
@@ -302,22 +316,22 @@ class UNet(nn.Module):
         return emb
 
     def _run(
-        self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+        self,
+        block: UNetBlock,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None,
+        upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """One block, recomputed in the backward pass when gradient checkpointing is on."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
+        return block(h, emb, context, upsample_size)
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(
-                f"H and W must be divisible by {factor} (2**(levels-1)), got {tuple(x.shape[2:])}"
-            )
         if cfg.cross_attention and context is None:
             raise ValueError(
                 f"this model has cross-attention: pass context of shape (B, M, {cfg.context_dim})"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unfog.models.vae_tiling import Tiling, tiled_map
 from unfog.nn.blocks import Upsample
 from unfog.nn.norm import normalization
 
@@ -164,9 +165,20 @@ class ResnetBlock(nn.Module):
         return skip + h  # (B, C_out, H, W)
 
 
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv applied to pixels laid out as tokens: (B, N, C_in) -> (B, N, C_out)."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels (LDM ``AttnBlock``): ``norm``, then 1x1 conv
-    ``q``/``k``/``v``, softmax(q k^T / sqrt(C)) v, 1x1 conv ``proj_out``, residual."""
+    ``q``/``k``/``v``, softmax(q k^T / sqrt(C)) v, 1x1 conv ``proj_out``, residual.
+
+    The 1x1 convs run as matmuls on (B, HW, C) tokens, and attention gets 4-D (B, 1, HW, C)
+    inputs with unit stride in C: only then does ``scaled_dot_product_attention`` take its fused
+    (flash) CPU kernel. 3-D inputs, or q/k/v as transposed views of (B, C, HW), fall back to the
+    math path, which materialises the (B, HW, HW) scores in float32: 1 GiB per image at 1024 px.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -178,11 +190,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
-        h = self.norm(x)
-        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        h = h.transpose(1, 2).reshape(b, c, height, width)  # (B, C, H, W)
-        return x + self.proj_out(h)
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, HW, C)
+        q, k, v = (_pointwise(proj, tokens)[:, None] for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        h = _pointwise(self.proj_out, h).transpose(1, 2).reshape(b, c, height, width)  # (B, C, H, W)
+        return x + h
 
 
 class Downsample(nn.Module):
@@ -289,6 +301,10 @@ class AutoencoderKL(nn.Module):
 
     Computation runs in the dtype of the weights (``model.to(torch.bfloat16)`` for bf16, or
     autocast); results come back in the dtype of the input.
+
+    tiling: when to split the work into overlapping tiles (``vae_tiling.Tiling``); by default
+        images whose longer side exceeds 1024 px, in 512 px tiles with 64 px blended. Set the
+        attribute (``vae.tiling = Tiling("always")``) or pass ``tiling=`` to one call.
     """
 
     def __init__(self, config: VAEConfig):
@@ -299,31 +315,44 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
+        self.tiling = Tiling()
 
     @property
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+    def encode(self, images: torch.Tensor, tiling: Tiling | None = None) -> DiagonalGaussian:
         """images: (B, in_channels, H, W), H and W divisible by ``config.downsample_factor``.
-        Returns the posterior over latents of shape (B, latent_channels, H / f, W / f)."""
+        Returns the posterior over latents of shape (B, latent_channels, H / f, W / f).
+        Large images are encoded in tiles (see ``tiling``); their moments are blended."""
         self._check_images(images)
-        moments = self._moments(images.to(self.dtype))  # (B, 2 * latent_channels, H / f, W / f)
+        f, tiling = self.config.downsample_factor, tiling or self.tiling
+        x = images.to(self.dtype)
+        if tiling.applies((x.shape[2] // f, x.shape[3] // f), f):
+            moments = tiled_map(self._moments, x, tile=tiling.tile, overlap=tiling.overlap, scale_in=f, scale_out=1)
+        else:
+            moments = self._moments(x)  # (B, 2 * latent_channels, H / f, W / f)
         return DiagonalGaussian(moments.to(images.dtype))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents: (B, latent_channels, h, w), unscaled. Returns (B, out_channels, h * f, w * f)."""
+    def decode(self, latents: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+        """latents: (B, latent_channels, h, w), unscaled. Returns (B, out_channels, h * f, w * f).
+        Large latents are decoded in tiles (see ``tiling``)."""
         c = self.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
             raise ValueError(f"latents must be (B, {c}, h, w), got {tuple(latents.shape)}")
-        return self._decode(latents.to(self.dtype)).to(latents.dtype)
+        f, tiling = self.config.downsample_factor, tiling or self.tiling
+        z = latents.to(self.dtype)
+        if tiling.applies(tuple(z.shape[2:]), f):
+            images = tiled_map(self._decode, z, tile=tiling.tile, overlap=tiling.overlap, scale_in=1, scale_out=f)
+        else:
+            images = self._decode(z)
+        return images.to(latents.dtype)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruct ``images`` through a sampled latent."""
         return self.decode(self.encode(images).sample(generator))
 
-    # The two maps of one whole tensor, in the model's dtype; a tiled encode/decode for large
-    # images would call them per tile and blend the overlaps.
+    # The two maps of one whole tensor (or one tile), in the model's dtype.
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))  # (B, 2 * latent_channels, h, w)
 

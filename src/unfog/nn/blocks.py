@@ -88,15 +88,23 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the spatial size: nearest-neighbour x2, then a 3x3 conv (``conv``)."""
+    """Double the spatial size: nearest-neighbour x2, then a 3x3 conv (``conv``).
+
+    ``size`` forces the output size instead (diffusers' ``Upsample2D(output_size=...)``): a U-Net
+    passes the size of the skip connection it is about to join, so an odd size that ``Downsample``
+    rounded up (ceil(H/2)) comes back as H, not H + 1. For size = (2H, 2W) the result is the
+    same as doubling."""
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")  # (B, C, *size)
         return self.conv(x)
 
 

@@ -35,7 +35,8 @@ def make_grid(images: Tensor, nrow: int, padding: int = 1, scale: int = 1) -> Im
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, *, overwrite: bool = False) -> Path:
-    """Write a PNG carrying its generation parameters; refuse to replace a file unless asked."""
+    """Write a PNG carrying its generation parameters; refuse to replace a file unless asked (the
+    file is created exclusively, so one that appears meanwhile is not replaced either)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
@@ -45,10 +46,18 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
+    with open(path, "wb" if overwrite else "xb") as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 
 def read_parameters(path: str | Path) -> str | None:
-    with Image.open(path) as img:
-        return img.text.get("parameters")  # type: ignore[attr-defined]
+    """The "parameters" text of a PNG, or None when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "text", {}).get("parameters")
+    except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not an image that can be read: {err}") from None

@@ -6,6 +6,7 @@ in the metadata, the U-Net config, the schedule, the prediction type and the cla
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,21 @@ class PixelModelInfo:
     @property
     def null_class(self) -> int | None:
         return self.num_classes
+
+
+def is_pixel_model(path: str | Path) -> bool:
+    """Whether ``path`` is an unfog pixel model file (read from the safetensors header only)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return False  # not readable here; the loader says what is wrong with it
+    return meta.get("format") == json.dumps(FORMAT)
 
 
 class PixelDiffusion:

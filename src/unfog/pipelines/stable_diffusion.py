@@ -15,6 +15,7 @@ seed gives diffusers' start exactly. Where diffusers' conventions differ, see do
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -29,6 +30,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from . import inputs
+from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .sdxl import vector_conditions
 from .windows import sigma_window
 
@@ -51,14 +53,18 @@ class StableDiffusion:
     family: "sd1" | "sd2" | "sdxl" | "sdxl_refiner": how prompts are encoded (conditioning.py)
         and which text encoders are needed (SDXL: both; the refiner: ``text_encoder_2`` only).
     schedule, prediction, spacing, steps_offset: the model's scheduler config (SD's by default).
+    vae_dtype: the VAE's dtype policy (``precision.resolve_vae_dtype``): "auto" casts the VAE to
+        float32 for a float16 U-Net (fp16 VAE decoders overflow), else to the U-Net's dtype.
     """
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: Family, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
-                 steps_offset: int = 1):
+                 steps_offset: int = 1, vae_dtype: VAEDtype = "auto"):
         check_choice("family", family, tuple(ENCODERS))
+        vae = vae.to(resolve_vae_dtype(next(unet.parameters()).dtype, vae_dtype))
         self.unet, self.vae, self.tokenizer, self.family = unet.eval(), vae.eval(), tokenizer, family
+        use_device_layout(self.unet, self.vae)
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         missing = [name for name in ENCODERS[family] if getattr(self, name) is None]
         if missing:
@@ -72,7 +78,7 @@ class StableDiffusion:
         self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
 
     @classmethod
-    def from_components(cls, c, tokenizer=None) -> "StableDiffusion":
+    def from_components(cls, c, tokenizer=None, vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
         """From what ``unfog.checkpoint`` loads (``Components``); the family is read off the encoders."""
         if c.text_encoder is not None and c.text_encoder_2 is not None:
             family = "sdxl"
@@ -85,7 +91,41 @@ class StableDiffusion:
                                          zero_terminal_snr=s.zero_terminal_snr)
         return cls(c.unet, c.vae, tokenizer or c.tokenizer or CLIPTokenizer.from_bpe_file(), family,
                    text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, schedule=schedule,
-                   prediction=c.prediction, spacing=s.spacing, steps_offset=s.steps_offset)
+                   prediction=c.prediction, spacing=s.spacing, steps_offset=s.steps_offset, vae_dtype=vae_dtype)
+
+    @classmethod
+    def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             family: str | None = None, prediction: str | None = None, use_ema: bool = False,
+             vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
+        """The pipeline of a checkpoint: an official single file (``.safetensors``, ``.ckpt``; SD 1.x,
+        2.x, SDXL base or refiner, inpainting variants) or a diffusers folder. The family is detected
+        from the weights (``family=`` names it, e.g. "SD15"; see ``unfog.checkpoint.FAMILIES``). The
+        models are ``dtype`` on ``device`` whatever the file stores; ``prediction`` overrides the
+        family's ("eps" for SD 2.x 512-base files); ``use_ema`` takes the file's EMA U-Net.
+
+        unfog's own pixel models (``unfog train``) are not Stable Diffusion checkpoints: a ValueError
+        points to ``PixelDiffusion.load``."""
+        from ..checkpoint import load_components
+        from .pixel import is_pixel_model
+
+        path = Path(path)
+        if is_pixel_model(path):
+            raise ValueError(f"{path} is an unfog pixel model, not a Stable Diffusion checkpoint; load it with "
+                             f"PixelDiffusion.load or `unfog sample --model {path}`")
+        c = load_components(path, family, dtype, use_ema, prediction)
+        if c.unet is None or c.vae is None or (c.text_encoder is None and c.text_encoder_2 is None):
+            held = ", ".join(n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(c, n) is not None)
+            raise ValueError(f"{path} holds only {held} ({c.family.name}); a pipeline needs a U-Net, a VAE and "
+                             "its text encoder(s): give a full checkpoint")
+        return cls.from_components(c, vae_dtype=vae_dtype).to(device)
+
+    def to(self, device: str | torch.device) -> "StableDiffusion":
+        """Move every model to ``device``; returns the pipeline."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
+        use_device_layout(self.unet, self.vae)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -97,8 +137,9 @@ class StableDiffusion:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor times the U-Net's (2^(levels-1))."""
-        return self.vae.config.downsample_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+        """Image sides must be multiples of this: the VAE's factor (8), so that the latents have
+        whole sides; the U-Net takes latents of any size (SD 1.x / 2.x need no 64-pixel steps)."""
+        return self.vae.config.downsample_factor
 
     @property
     def default_size(self) -> int:
@@ -147,10 +188,8 @@ class StableDiffusion:
         f = self.vae.config.downsample_factor
         latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
 
-        spacing = spacing or choice.spacing or self.spacing
-        full = get_sigmas(self.schedule, steps, spacing, steps_offset=self.steps_offset)
-        sigmas = sigma_window(self.schedule, full, strength=None if image is None else strength,
-                              denoising_start=denoising_start, denoising_end=denoising_end)
+        sigmas = self.sigmas(steps, sampler, spacing, strength=None if image is None else strength,
+                             denoising_start=denoising_start, denoising_end=denoising_end)
         y = dict(original_size=original_size or (height, width), crop=crops_coords_top_left,
                  target_size=target_size or (height, width), aesthetic_score=aesthetic_score,
                  negative_aesthetic_score=negative_aesthetic_score)
@@ -171,6 +210,20 @@ class StableDiffusion:
         vae_device = next(self.vae.parameters()).device
         images = self.vae.decode(x.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
         return images if output == "tensor" else inputs.to_pil(images)
+
+    def sigmas(self, steps: int, sampler: str = "euler", spacing: str | None = None, *, strength: float | None = None,
+               denoising_start: float | None = None, denoising_end: float | None = None) -> Tensor:
+        """The sigmas a run with these settings steps through (its step count is ``len - 1``):
+        ``spacing``, else the sampler name's (e.g. "DPM++ 2M Karras"), else the model's; then the
+        img2img ``strength`` (None for txt2img) or hand-off window (``windows.py``)."""
+        spacing = self.spacing_for(sampler, spacing)
+        full = get_sigmas(self.schedule, steps, spacing, steps_offset=self.steps_offset)
+        return sigma_window(self.schedule, full, strength=strength, denoising_start=denoising_start,
+                            denoising_end=denoising_end)
+
+    def spacing_for(self, sampler: str, spacing: str | None = None) -> str:
+        """The spacing a run uses: ``spacing``, else the sampler name's, else the model's."""
+        return spacing or resolve_sampler(sampler).spacing or self.spacing
 
     # ---- pieces ------------------------------------------------------------------------------
     def _network(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,

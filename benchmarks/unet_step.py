@@ -1,0 +1,256 @@
+"""One classifier-free-guidance step of the U-Net: unfog against diffusers' UNet2DConditionModel.
+
+A CFG step is one U-Net call on a batch of 2 (unconditional and conditional): SD 1.5 at 512 x 512
+(latents 64 x 64, context 77 x 768) and SDXL base at 768 x 768 (latents 96 x 96, context
+77 x 2048, size conditioning), in float32 and bfloat16. Both sides get the SAME random weights:
+every tensor of unfog's state dict is drawn from its own seeded generator (matrices
+N(0, 1/fan_in), norm scales 1 + 0.1 N(0, 1), biases 0.1 N(0, 1)) and diffusers gets them through its
+own ``convert_ldm_unet_checkpoint``; diffusers' output is checked against unfog's (after the
+warm-up, before diffusers is timed) and a mismatch stops the benchmark.
+
+Each side runs in its own process, one after the other, so that only one model is in memory
+(SDXL base is 10.3 GB in float32) and each side's memory is its own:
+- time: the median wall time of ``--runs`` calls after ``--warmup`` calls, under
+  ``torch.inference_mode()``, with torch using every core (``--threads``);
+- memory: the process's peak resident set (VmHWM) during the warm-up and timed calls, less its
+  resident set once the weights are loaded (the peak is reset through /proc/self/clear_refs after
+  loading), i.e. the activations and workspace of a step; and the weights' own resident size.
+
+    python benchmarks/unet_step.py                       # the full table (see docs/benchmarks.md)
+    python benchmarks/unet_step.py --quick               # tiny models, seconds: checks the script
+    python benchmarks/unet_step.py --models sd15 --dtypes bf16 --sizes 512 --runs 3
+    python benchmarks/unet_step.py --layouts contiguous channels_last   # also the layout unfog uses on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "unit"))  # diffusers_twin: the diffusers config of a UNetConfig
+
+from unfog.conditioning import sdxl_vector_cond  # noqa: E402
+from unfog.models.presets import SD15, SDXL_BASE  # noqa: E402
+from unfog.models.unet import UNet, UNetConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |unfog - diffusers| / max |diffusers|
+SIDES = ("unfog", "diffusers")
+
+
+@dataclass(frozen=True)
+class Model:
+    config: UNetConfig
+    size: int  # default image side in pixels
+    pooled: int | None = None  # SDXL: width of the pooled text embedding in y
+
+
+MODELS = {
+    "sd15": Model(SD15, 512),
+    "sdxl": Model(SDXL_BASE, 768, pooled=1280),
+}
+# --quick: the same architectures, narrow and shallow.
+QUICK = {
+    "sd15": Model(replace(SD15, model_channels=64, num_heads=4, context_dim=64), 128),
+    "sdxl": Model(replace(SDXL_BASE, model_channels=64, transformer_depth=(0, 1, 2), transformer_depth_middle=2,
+                          num_head_channels=32, context_dim=64, adm_in_channels=64 + 6 * 256), 128, pooled=64),
+}
+
+
+# ---------------------------------------------------------------- the worker (one side, one config)
+
+
+def random_state_dict(cfg: UNetConfig, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """unfog's state dict with seeded random values; tensor i comes from generator seed + i, so
+    either side draws the same weights, one tensor at a time (no float32 copy of a bf16 model)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in UNet(cfg).state_dict().items()}
+    weights = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+        if len(shape) > 1:
+            value = noise / math.sqrt(math.prod(shape[1:]))
+        else:
+            value = 0.1 * noise + (1.0 if name.endswith("weight") else 0.0)
+        weights[name] = value.to(dtype)
+    return weights
+
+
+def build(side: str, cfg: UNetConfig, dtype: torch.dtype) -> torch.nn.Module:
+    state = random_state_dict(cfg, dtype)
+    if side == "unfog":
+        with torch.device("meta"):
+            model = UNet(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from test_unet import diffusers_twin
+
+    extra = {}
+    if cfg.num_classes == "sequential":
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    with torch.device("meta"):
+        model = diffusers_twin(cfg, **extra)
+    ldm = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    del state
+    model.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(model.config)), strict=True, assign=True)
+    return model.eval()
+
+
+def inputs(side: str, model: Model, size: int, dtype: torch.dtype):
+    """One CFG step's inputs (batch 2), the same on both sides; returns a call of the model."""
+    cfg, g = model.config, torch.Generator().manual_seed(1234)
+    x = torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(dtype)  # (2, 4, h, w)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)  # (uncond, cond) contexts
+    if model.pooled is None:
+        if side == "unfog":
+            return lambda m: m(x, t, ctx)
+        return lambda m: m(x, t, encoder_hidden_states=ctx).sample
+    pooled = torch.randn(2, model.pooled, generator=g)
+    if side == "unfog":
+        y = sdxl_vector_cond(pooled, (size, size), (0, 0), (size, size)).to(dtype)  # (2, adm_in_channels)
+        return lambda m: m(x, t, ctx, y=y)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)  # original, crop, target
+    cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+    return lambda m: m(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = (QUICK if args.quick else MODELS)[args.model]
+    dtype = DTYPES[args.dtype]
+    if args.side == "diffusers":
+        import diffusers.loaders.single_file_utils  # noqa: F401  (imported before the weights are measured)
+    before = rss_mb()
+    net = build(args.side, model.config, dtype).to(memory_format=LAYOUTS[args.layout])
+    call = inputs(args.side, model, args.size, dtype)
+    loaded = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    times = []
+    with torch.inference_mode():
+        out = call(net)
+        for _ in range(args.warmup - 1):
+            call(net)
+        if args.reference:  # diffusers: agree with unfog before being timed
+            err = rel_err(out, torch.load(args.reference))
+            if not err <= TOLERANCE[args.dtype] or not torch.isfinite(out).all():
+                sys.exit(f"diffusers and unfog disagree: max relative error {err:.2e} > {TOLERANCE[args.dtype]}")
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            call(net)
+            times.append(time.perf_counter() - start)
+    torch.save(out, args.output)
+    report = dict(times=times, weights_mb=loaded - before, step_peak_mb=rss_mb("VmHWM") - loaded)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(report))
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def step_tflop(cfg: UNetConfig, size: int, pooled: int | None) -> float:
+    """FLOPs of one CFG step (batch 2), counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = UNet(cfg)
+        x, ctx = torch.empty(2, cfg.in_channels, size // 8, size // 8), torch.empty(2, 77, cfg.context_dim)
+        y = None if pooled is None else torch.empty(2, cfg.adm_in_channels)
+        with FlopCounterMode(display=False) as counter:
+            net(x, torch.zeros(2), ctx, y)
+    return counter.get_total_flops() / 1e12
+
+
+def run_side(side: str, name: str, size: int, dtype: str, layout: str, args, tmp: Path,
+             reference: Path | None) -> dict:
+    output = tmp / f"{side}-{name}-{size}-{dtype}-{layout}.pt"
+    cmd = [sys.executable, __file__, "--worker", side, "--models", name, "--sizes", str(size), "--dtypes", dtype,
+           "--layouts", layout,
+           "--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--output", str(output)] + (["--quick"] if args.quick else []) + \
+          (["--reference", str(reference)] if reference else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{side} {name} {size}px {dtype} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(output.with_suffix(".json").read_text()), "output": output}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="image sides in pixels, for every model (default: sd15 512, sdxl 768)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=list(LAYOUTS),
+                        help="memory layout of both models' conv weights, hence of their activations; unfog's "
+                             "pipeline uses channels_last on the CPU (default: contiguous, PyTorch's default)")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
+    parser.add_argument("--quick", action="store_true", help="narrow, shallow models at 128 px: checks the script")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.runs < 1:
+        parser.error("--warmup and --runs must be >= 1")
+    if args.worker:
+        args.side, args.model, args.dtype, args.layout = args.worker, args.models[0], args.dtypes[0], args.layouts[0]
+        args.size = args.sizes[0]
+        return worker(args)
+
+    models = QUICK if args.quick else MODELS
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"note: load average {load:.1f} before starting; other processes will distort the times "
+              "(with every core in use, an OpenMP thread that is preempted stalls the others)\n")
+    header = ("| model | size | dtype | layout | TFLOP | unfog s | diffusers s | unfog / diffusers | unfog TFLOP/s "
+              "| step peak MB unfog / diffusers | weights MB unfog / diffusers | max rel. diff |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = models[name]
+            for size in args.sizes or [model.size]:
+                if size % 8:
+                    raise SystemExit(f"--sizes must be multiples of 8 (the VAE factor), got {size}")
+                tflop = step_tflop(model.config, size, model.pooled)
+                for dtype, layout in [(d, lay) for d in args.dtypes for lay in args.layouts]:
+                    ours = run_side("unfog", name, size, dtype, layout, args, Path(tmp), None)
+                    theirs = run_side("diffusers", name, size, dtype, layout, args, Path(tmp), ours["output"])
+                    err = rel_err(torch.load(theirs["output"]), torch.load(ours["output"]))
+                    t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
+                    print(f"| {name}{' (quick)' if args.quick else ''} | {size} | {dtype} | {layout} | {tflop:.3g} "
+                          f"| {t_ours:.3f} | {t_theirs:.3f} | {t_ours / t_theirs:.3f} | {tflop / t_ours:.3g} "
+                          f"| {ours['step_peak_mb']:.0f} / {theirs['step_peak_mb']:.0f} "
+                          f"| {ours['weights_mb']:.0f} / {theirs['weights_mb']:.0f} | {err:.1e} |", flush=True)
+    print(f"\nOne CFG step = one U-Net call on batch 2; median of {args.runs} runs after {args.warmup} warm-up; "
+          f"{args.threads} threads; torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The image commands' work (``unfog generate | img2img | inpaint``): check the inputs, load the
+models, draw each image with a progress bar, and save it as a PNG carrying its parameters.
+
+Image i of a batch is drawn on its own with seed ``seed + i``, as A1111 seeds a batch, so any
+image is reproduced alone from its PNG (``--from``). With an SDXL refiner the base runs the first
+``refiner_start`` of the steps and hands its latents to the refiner, on one sigma schedule.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from ..conditioning import READOUTS
+from ..diffusion import SPACINGS, resolve_sampler
+from ..diffusion.schedules import check_choice
+from .images import read_parameters
+from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
+                      parse_parameters, sampler_name, schedule_type, settings_from_parameters)
+from .stable_diffusion import StableDiffusion
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_STRENGTH = 0.75
+VERSION_TAG = "unfog"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One command: what to draw (``settings``), from which models and images, and where to.
+    ``source``: the parsed parameters of a ``--from`` PNG, to compare its models with these."""
+
+    mode: Mode
+    settings: Settings
+    model: Path
+    init: Path | None = None
+    mask: Path | None = None
+    refiner: Path | None = None
+    family: str | None = None
+    prediction: str | None = None
+    dtype: str = "fp32"
+    device: str | None = None
+    batch_size: int = 1
+    output: str | None = None
+    overwrite: bool = False
+    source: dict[str, str] | None = None
+
+
+def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
+                     warn: Callable[[str], None]) -> tuple[Settings, dict[str, str] | None]:
+    """The settings of a command: defaults, then those of the ``from_png`` image, then ``given``
+    (the options typed); with the PNG's parsed parameters."""
+    source, restored = None, {}
+    if from_png is not None:
+        text = read_parameters(from_png)
+        if text is None:
+            raise ValueError(f"{from_png} carries no generation parameters (no 'parameters' text chunk)")
+        source = parse_parameters(text)
+        usable = {k: v for k, v in source.items() if not (k == "Schedule type" and given.get("spacing"))}
+        restored = settings_from_parameters(usable, str(from_png))
+        if mode == "txt2img" and restored.pop("strength", None) is not None:
+            warn(f"{from_png} was made by img2img or inpainting (it has a Denoising strength); generate ignores it")
+    defaults = {"strength": DEFAULT_STRENGTH} if mode != "txt2img" else {}
+    settings = merge_settings(defaults, restored, given)
+    if given.get("prompt") is None and from_png is None:
+        raise ValueError("give a PROMPT, or --from IMAGE.png to take it from an image")
+    return settings, source
+
+
+def check(job: Job) -> None:
+    """The mistakes that can be found before loading anything, each a one-line ValueError."""
+    s = job.settings
+    resolve_sampler(s.sampler)
+    if s.spacing is not None:
+        check_choice("sigma spacing", s.spacing, SPACINGS)
+    check_choice("dtype", job.dtype, tuple(DTYPES))
+    if s.seed < -1:
+        raise ValueError(f"seed must be >= 0, or -1 for a random one; got {s.seed}")
+    for name, value in (("steps", s.steps), ("batch size", job.batch_size), ("clip skip", s.clip_skip),
+                        ("width", s.width), ("height", s.height)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if job.mode == "txt2img" and (job.init or job.mask):
+        raise ValueError("generate takes no init image or mask; use img2img or inpaint")
+    if job.mode != "txt2img" and not 0 < s.strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {s.strength}")
+    if job.refiner is not None and job.mode == "inpaint":
+        raise ValueError("--refiner works with generate and img2img, not inpaint")
+    if job.refiner is not None and not 0 < s.refiner_start < 1:
+        raise ValueError(f"--refiner-start must be in (0, 1), got {s.refiner_start}")
+    for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", job.init), ("mask", job.mask)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
+    """Draw and save the job's images; yields each file as it is written."""
+    check(job)
+    target = OutputTarget.parse(job.output, job.batch_size, job.overwrite)
+    init, mask = _input_images(job)
+    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    load = dict(dtype=DTYPES[job.dtype], device=device, prediction=job.prediction)
+    pipe = StableDiffusion.load(job.model, family=job.family, **load)
+    if pipe.inpainting_unet and job.mode != "inpaint":
+        raise ValueError(f"{job.model} is an inpainting model (9 input channels): use unfog inpaint --init IMAGE "
+                         "--mask MASK")
+    refiner = None if job.refiner is None else _load_refiner(pipe, job.refiner, load)
+    model_id, refiner_id = ModelId.of(job.model), job.refiner and ModelId.of(job.refiner)
+    _compare_models(job, model_id, refiner_id, warn)
+
+    s = job.settings
+    seed = secrets.randbelow(2**32) if s.seed == -1 else s.seed
+    width = s.width or (init.width if init else pipe.default_size)
+    height = s.height or (init.height if init else pipe.default_size)
+    if init is not None and init.size != (width, height):
+        init = init.resize((width, height), Image.LANCZOS)
+        mask = None if mask is None else mask.resize((width, height), Image.NEAREST)
+    for i in range(job.batch_size):
+        one = replace(s, seed=seed + i, width=width, height=height)
+        image = _draw(pipe, refiner, one, init, mask, f"image {i + 1}/{job.batch_size}")
+        yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id))
+
+
+def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None) -> str:
+    """The parameters text of an image drawn by ``pipe`` with settings ``s`` (size and seed final)."""
+    from .. import __version__
+
+    clip_skip = s.clip_skip or READOUTS[pipe.family][0].clip_skip
+    values = {
+        "Steps": s.steps, "Sampler": sampler_name(s.sampler),
+        "Schedule type": schedule_type(pipe.spacing_for(s.sampler, s.spacing)), "CFG scale": s.cfg_scale,
+        "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
+        "Denoising strength": s.strength, "Clip skip": clip_skip,
+        "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
+        "Version": f"{VERSION_TAG} {__version__}",
+    }
+    return format_parameters(s.prompt, s.negative_prompt, values)
+
+
+def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, init, mask, desc: str) -> Image.Image:
+    """One image: the base alone, or the base then the refiner on the same sigmas."""
+    spacing = pipe.spacing_for(s.sampler, s.spacing)  # the refiner must step on the base's schedule
+    common = dict(steps=s.steps, sampler=s.sampler, spacing=spacing, cfg_scale=s.cfg_scale, seed=s.seed,
+                  clip_skip=s.clip_skip)
+    inputs = dict(width=s.width, height=s.height)
+    if init is not None:
+        inputs |= dict(init_image=init, mask=mask, strength=s.strength)
+    end = None if refiner is None else s.refiner_start
+    steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
+    with StepProgress(steps, desc) as bar:
+        out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end,
+                   output="pil" if refiner is None else "latent", callback=bar.callback)
+    if refiner is None:
+        return out[0]
+    steps = len(refiner.sigmas(s.steps, s.sampler, spacing, denoising_start=end)) - 1
+    with StepProgress(steps, desc + " (refiner)") as bar:
+        return refiner(s.prompt, s.negative_prompt, **common, latents=out, denoising_start=end,
+                       callback=bar.callback)[0]
+
+
+def _input_images(job: Job) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image (RGB) and mask (greyscale) of img2img / inpainting, which must match in size."""
+    if job.mode == "txt2img":
+        return None, None
+    if job.init is None:
+        raise ValueError(f"{'img2img' if job.mode == 'img2img' else 'inpaint'} needs --init IMAGE")
+    if job.mode == "inpaint" and job.mask is None:
+        raise ValueError("inpaint needs --mask MASK (white = repaint, black = keep)")
+    init = _open(job.init, "init image").convert("RGB")
+    mask = None if job.mask is None else _open(job.mask, "mask").convert("L")
+    if mask is not None and mask.size != init.size:
+        raise ValueError(f"the mask {job.mask} is {mask.width}x{mask.height} but the init image {job.init} is "
+                         f"{init.width}x{init.height} (width x height); give a mask of the image's size")
+    return init, mask
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"the {what} {path} is not an image that can be read: {err}") from None
+
+
+def _load_refiner(base: StableDiffusion, path: Path, load: dict) -> StableDiffusion:
+    """The SDXL refiner at ``path``, checked to fit ``base``."""
+    if base.family != "sdxl":
+        raise ValueError(f"--refiner needs an SDXL base model, but --model is {base.family}")
+    refiner = StableDiffusion.load(path, **load)
+    if refiner.family != "sdxl_refiner":
+        raise ValueError(f"--refiner {path} is {refiner.family}, not an SDXL refiner")
+    if refiner.vae.config.latent_channels != base.vae.config.latent_channels:
+        raise ValueError(f"--refiner {path} works on {refiner.vae.config.latent_channels}-channel latents, the base on "
+                         f"{base.vae.config.latent_channels}")
+    return refiner
+
+
+def _compare_models(job: Job, model: ModelId, refiner: ModelId | None, warn: Callable[[str], None]) -> None:
+    """With ``--from``: warn where the image was made with other models than these."""
+    if job.source is None:
+        return
+    made = job.source.get("Model hash", "")
+    if len(made) == len(model.hash or "") and made.lower() != model.hash:  # A1111's old 8-digit hashes differ
+        warn(f"the image was made with model {job.source.get('Model', '?')} [{made}]; --model is {model}, "
+             "so the result will differ")
+    if job.source.get("Refiner") and refiner is None:
+        warn(f"the image was made with the refiner {job.source['Refiner']}; pass --refiner to use it too")
+    elif refiner is not None and job.source.get("Refiner") and str(refiner) != job.source["Refiner"]:
+        warn(f"the image was made with the refiner {job.source['Refiner']}; --refiner is {refiner}")
