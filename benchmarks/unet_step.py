@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))  # diffusers_twin: the diffusers config of a UNetConfig
+sys.path.insert(0, str(ROOT / "tests" / "parity"))  # oracles.diffusers_twin: the diffusers config of a UNetConfig
+sys.path.insert(0, str(ROOT / "tests"))  # model_checks, imported by oracles
 
 from unfog.conditioning import sdxl_vector_cond  # noqa: E402
 from unfog.models.presets import SD15, SDXL_BASE  # noqa: E402
@@ -98,7 +99,7 @@ def build(side: str, cfg: UNetConfig, dtype: torch.dtype) -> torch.nn.Module:
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from test_unet import diffusers_twin
+    from oracles import diffusers_twin  # tests/parity/oracles.py
 
     extra = {}
     if cfg.num_classes == "sequential":

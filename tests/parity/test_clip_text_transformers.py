@@ -28,12 +28,7 @@ BOS, EOS = VOCAB - 2, VOCAB - 1
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def hf_config(activation: str, eos_token_id: int, projection_dim: int = PROJ) -> transformers.CLIPTextConfig:

@@ -2,13 +2,12 @@
 ~1,400 varied prompts, with either padding convention.
 
 The oracle is built the way diffusers' ``tokenizer`` folders are: ``vocab.json`` + ``merges.txt``,
-written here from OpenAI's BPE file by CLIP's construction (independently of our code).
+written from OpenAI's BPE file by CLIP's construction, independently of our code
+(``write_tokenizer_folder`` in tests/model_checks.py).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -18,34 +17,10 @@ import transformers
 
 from unfog.models.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: prompt_corpus
+from model_checks import write_tokenizer_folder  # noqa: E402
 from prompt_corpus import prompt_corpus  # noqa: E402
-
-BPE_FILE = Path(__file__).resolve().parents[2] / "src/unfog/weights/bpe_simple_vocab_16e6.txt.gz"
-
-
-def write_tokenizer_folder(folder: Path) -> Path:
-    """OpenAI CLIP's vocabulary construction: the 256 byte characters, each with "</w>", the
-    first 48,894 merges joined, then the two special tokens (49,408 entries)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_chars = [chr(c) for c in cs]
-    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    merges_txt = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    (folder / "merges.txt").write_text(merges_txt, encoding="utf-8")
-    return folder
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:

@@ -97,14 +97,7 @@ CASES_64D = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of small tensor ops: intra-op threads only add synchronisation, which on a busy
-    2-core machine makes these tests ~10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

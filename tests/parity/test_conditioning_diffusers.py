@@ -9,16 +9,15 @@
   diffusers ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``.
 
 The encoders are transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` with the real
-vocabulary and small widths, loaded into ours with ``convert_transformers_clip_text``; the
-tokenizers are transformers' ``CLIPTokenizer`` built from OpenAI's BPE file (as in
-``test_clip_tokenizer_transformers.py``), the second one padding with "!" (id 0) as diffusers'
-SDXL ``tokenizer_2`` folders do.
+vocabulary and small widths, loaded into ours with ``convert_transformers_clip_text``
+(``clip_pair`` in oracles.py); the tokenizers are transformers' ``CLIPTokenizer`` built from
+OpenAI's BPE file (as in ``test_clip_tokenizer_transformers.py``), the second one padding with "!"
+(id 0) as diffusers' SDXL ``tokenizer_2`` folders do.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,15 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from unfog.checkpoint.convert import convert_transformers_clip_text
 from unfog.conditioning import encode_prompt, sdxl_refiner_vector_cond, sdxl_vector_cond
-from unfog.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from unfog.models.tokenizer import CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: the tokenizer folder writer
-from model_checks import randomize_  # noqa: E402
-from test_clip_tokenizer_transformers import write_tokenizer_folder  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
+from model_checks import write_tokenizer_folder  # noqa: E402
+from oracles import clip_pair, with_text_model_alias  # noqa: E402
 
-VOCAB, LAYERS, PROJ = 49408, 3, 40
+PROJ = 40
 TOL = 1e-5
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars, highly detailed, 8k",
@@ -53,12 +50,7 @@ PROMPTS = [
 NEGATIVE = "blurry, low quality, watermark"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -79,32 +71,6 @@ def hf_tokenizer_2(folder):
 @pytest.fixture(scope="module")
 def ours_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_bpe_file()
-
-
-def clip_pair(width: int, heads: int, activation: str, projection: int | None, seed: int):
-    """A random transformers CLIP text model and our encoder holding the same weights."""
-    config = transformers.CLIPTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act=activation,
-        projection_dim=projection or 512,
-        bos_token_id=49406,
-        eos_token_id=2,  # the legacy (argmax) pooling of the official configs
-        attn_implementation="eager",
-    )
-    cls = transformers.CLIPTextModel if projection is None else transformers.CLIPTextModelWithProjection
-    ref = randomize_(cls(config), seed=seed).eval()
-    ours = CLIPTextEncoder(
-        CLIPTextConfig(
-            width=width, layers=LAYERS, heads=heads, activation=activation, projection_dim=projection
-        )
-    ).eval()
-    ours.load_state_dict(convert_transformers_clip_text(ref.state_dict()), strict=True)
-    return ref, ours
 
 
 @pytest.fixture(scope="module")
@@ -133,18 +99,6 @@ def tiny_unet(n_ids: int) -> UNet2DConditionModel:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=PROJ + n_ids * 256,
     ).eval()
-
-
-def with_text_model_alias(model: transformers.CLIPTextModel) -> transformers.CLIPTextModel:
-    """transformers >= 5.6 flattened ``CLIPTextModel`` (no ``.text_model``; transformers#46285), but
-    diffusers 0.42.1's SD 1.x ``encode_prompt`` still reads ``text_encoder.text_model.
-    final_layer_norm`` when clip_skip is set and raises AttributeError (diffusers#14124, open).
-    Give the model that attribute, pointing at its own ``final_layer_norm``; diffusers' computation
-    is otherwise untouched. (A plain attribute, not a submodule, so the module tree is unchanged.)"""
-    if "text_model" not in dir(model):
-        alias = types.SimpleNamespace(final_layer_norm=model.final_layer_norm)
-        object.__setattr__(model, "text_model", alias)
-    return model
 
 
 def sd1_pipeline(clip_l, hf_tokenizer) -> StableDiffusionPipeline:
@@ -242,19 +196,23 @@ def test_sdxl_empty_negative_is_zeros_as_force_zeros_for_empty_prompt(
     assert (ours.negative_context == 0).all() and (ours.negative_pooled == 0).all()
 
 
-def test_sdxl_refiner_encode_prompt(big_g, hf_tokenizer_2, ours_tokenizer):
-    pipe = StableDiffusionXLImg2ImgPipeline(
+def refiner_pipeline(big_g, hf_tokenizer_2, unet=None, **options) -> StableDiffusionXLImg2ImgPipeline:
+    return StableDiffusionXLImg2ImgPipeline(
         vae=None,
         text_encoder=None,
         text_encoder_2=big_g[0],
         tokenizer=None,
         tokenizer_2=hf_tokenizer_2,
-        unet=None,
+        unet=unet,
         scheduler=EulerDiscreteScheduler(steps_offset=1),
         requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
         add_watermarker=False,
+        **options,
     )
+
+
+def test_sdxl_refiner_encode_prompt(big_g, hf_tokenizer_2, ours_tokenizer):
+    pipe = refiner_pipeline(big_g, hf_tokenizer_2, force_zeros_for_empty_prompt=False)
     negatives = [NEGATIVE] * len(PROMPTS)
     with torch.no_grad():
         theirs = pipe.encode_prompt(PROMPTS, negative_prompt=negatives, device="cpu")
@@ -302,17 +260,7 @@ def test_sdxl_base_vector_cond(clip_l, big_g, hf_tokenizer, hf_tokenizer_2, orig
 
 def test_sdxl_refiner_vector_cond(big_g, hf_tokenizer_2):
     unet = tiny_unet(5)
-    pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=None,
-        text_encoder=None,
-        text_encoder_2=big_g[0],
-        tokenizer=None,
-        tokenizer_2=hf_tokenizer_2,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(steps_offset=1),
-        requires_aesthetics_score=True,
-        add_watermarker=False,
-    )
+    pipe = refiner_pipeline(big_g, hf_tokenizer_2, unet=unet)
     original, crop, target = (896, 1152), (16, 8), (1024, 1024)
     ids, neg_ids = pipe._get_add_time_ids(
         original, crop, target, 6.0, 2.5, original, crop, target, torch.float32,

@@ -29,20 +29,13 @@ from unfog.models.vae import SD_VAE, AutoencoderKL
 from unfog.nn.embeddings import timestep_embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of model_checks
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_checks import randomize_, rel_err  # noqa: E402
-from test_clip_tokenizer_transformers import write_tokenizer_folder  # noqa: E402
+from model_checks import randomize_, rel_err, write_tokenizer_folder  # noqa: E402
 
 RTOL = 1e-4
 WIDTH, POOLED, TIME_DIM = 32, 32, 8  # text width; SDXL-like pooled width and size-embedding width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def clip(activation: str, eos_token_id: int, projection: bool):

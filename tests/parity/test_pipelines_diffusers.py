@@ -44,15 +44,18 @@ from unfog.models.unet import UNet
 from unfog.models.vae import TINY_VAE, AutoencoderKL
 from unfog.pipelines import StableDiffusion
 
-TESTS = Path(__file__).resolve().parents[1]
-for folder in (TESTS, TESTS / "parity", TESTS / "unit"):
-    sys.path.insert(0, str(folder))
-from model_checks import randomize_, rel_err  # noqa: E402
-from test_clip_tokenizer_transformers import write_tokenizer_folder  # noqa: E402
-from test_conditioning_diffusers import PROJ, clip_pair, with_text_model_alias  # noqa: E402
-from test_unet import diffusers_twin, load_into_diffusers  # noqa: E402
-from test_vae_diffusers import to_diffusers as vae_to_diffusers  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
+from model_checks import randomize_, rel_err, write_tokenizer_folder  # noqa: E402
+from oracles import (  # noqa: E402
+    clip_pair,
+    diffusers_twin,
+    load_into_diffusers,
+    vae_to_diffusers,
+    with_text_model_alias,
+)
 
+PROJ = 40  # bigG-like projection width (pooled text embedding)
 RTOL = 1e-4
 SIZE = 16  # pixels; TINY_VAE halves it: 8 x 8 latents
 STEPS = 6
@@ -69,12 +72,7 @@ SDXL_UNET = replace(TINY, context_dim=32 + 48, use_linear_projection=True, num_c
 REFINER_UNET = replace(SDXL_UNET, context_dim=48, adm_in_channels=PROJ + 5 * 256)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # --- models --------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import diffusers
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of model_checks
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
 from model_checks import randomize_, rel_err  # noqa: E402
+from oracles import vae_to_diffusers  # noqa: E402
 
 from unfog.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -36,42 +36,14 @@ CASES = [  # config, image size
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def diffusers_config(cfg: VAEConfig) -> dict:
-    levels = len(cfg.channel_mult)
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=cfg.level_channels,
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=32,
-        scaling_factor=cfg.scaling_factor,
-    )
-
-
-def to_diffusers(ours: AutoencoderKL) -> diffusers.AutoencoderKL:
-    config = diffusers_config(ours.config)
-    checkpoint = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
-    theirs = diffusers.AutoencoderKL(**config).eval()
-    theirs.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, config), strict=True)
-    return theirs
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("cfg, size", CASES)
 @torch.no_grad()
 def test_encode_decode_match_diffusers(cfg, size):
     ours = randomize_(AutoencoderKL(cfg), seed=1).eval()
-    theirs = to_diffusers(ours)
+    theirs = vae_to_diffusers(ours)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, size, size, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
 

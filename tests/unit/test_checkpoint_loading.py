@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,9 @@ from unfog.checkpoint.components import MODULES
 from unfog.checkpoint.detect import FAMILIES, detect_family, get_family
 from unfog.checkpoint.loader import IGNORED, load_components, split_components
 
-LAYOUTS = Path(__file__).resolve().parents[3] / "shared/fixtures/checkpoint-layouts"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+from model_checks import LAYOUTS, read_layout  # noqa: E402
+
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_CLIP, SD2_CLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 XL_CLIP_L, XL_BIGG, REFINER_BIGG = (
@@ -54,23 +57,7 @@ SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float3
 POOL_OFFSETS = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def read_layout(name: str) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of a fixture file (``[]`` is a scalar)."""
-    layout = {}
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, dims = line.split()
-            dims = dims.strip("[]")
-            layout[key] = tuple(int(d) for d in dims.split(",")) if dims else ()
-    return layout
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- writing fake checkpoints

@@ -30,7 +30,7 @@ from unfog.models.clip_text import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of model_checks
-from model_checks import LAYOUTS, randomize_  # noqa: E402
+from model_checks import randomize_, read_layout  # noqa: E402
 
 # fixture file -> (our config, whether the file is in OpenCLIP naming, the tensors it carries
 # that are not weights of the encoder)
@@ -43,23 +43,7 @@ OFFICIAL_LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def read_layout(name: str) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a fixture file of ``name [d0,d1,...]`` lines (``[]`` = scalar)."""
-    layout = {}
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, shape = line.split()
-            dims = shape.strip("[]")
-            layout[key] = tuple(int(d) for d in dims.split(",")) if dims else ()
-    return layout
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def random_ids(batch: int, n: int, cfg: CLIPTextConfig, seed: int = 0) -> torch.Tensor:

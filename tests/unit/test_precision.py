@@ -33,12 +33,7 @@ SDXL_LIKE = replace(TINY, num_heads=None, num_head_channels=16, use_linear_proje
                     adm_in_channels=24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class TensorLog(TorchDispatchMode):

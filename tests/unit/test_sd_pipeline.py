@@ -31,12 +31,7 @@ SIZE = 16  # pixels; 8 x 8 latents
 UNET = replace(TINY, context_dim=TINY_CLIP.width)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,25 @@ validation, and numerical parity with diffusers' UNet2DConditionModel on the sam
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 import unfog.models.unet as unet_module
 from unfog.models.presets import DIGITS, PRESETS, SD15, TINY, get_preset
-from unfog.models.unet import UNet, UNetConfig
+from unfog.models.unet import UNet
 from unfog.nn.attention import AttentionBlock
 from unfog.nn.blocks import ResBlock
 from unfog.nn.embeddings import timestep_embedding
 
-LAYOUTS = Path(__file__).parents[2].parent / "shared/fixtures/checkpoint-layouts"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))  # tests/parity: oracles
+from model_checks import layout_mismatch, randomize_, rel_err  # noqa: E402
+from oracles import diffusers_twin, load_into_diffusers  # noqa: E402
 
 OFFICIAL_LAYOUTS = {
     "SD15": "UNET-v1-SD",
@@ -32,42 +34,7 @@ OFFICIAL_LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: one thread is as fast, and it avoids oversubscribing a shared CPU
-    (2 threads contending with other processes made this file 4x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def read_layout(name: str) -> set[tuple[str, tuple[int, ...]]]:
-    """{(tensor name, shape)} from a fixture file of ``name [d0,d1,...]`` lines."""
-    entries = set()
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, shape = line.split()
-            entries.add((key, tuple(int(d) for d in shape.strip("[]").split(","))))
-    return entries
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter (including the zero-initialised ones) a random, well-scaled value:
-    matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise + (1.0 if name.endswith("weight") else 0.0))
-    return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- official layouts
@@ -77,13 +44,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_state_dict_matches_official_layout(preset):
     with torch.device("meta"):
         model = UNet(PRESETS[preset])
-    ours = {(k, tuple(v.shape)) for k, v in model.state_dict().items()}
-    official = read_layout(OFFICIAL_LAYOUTS[preset])
-    missing, unexpected = sorted(official - ours), sorted(ours - official)
-    assert not missing and not unexpected, (
-        f"{preset}: {len(missing)} missing, e.g. {missing[:5]}; "
-        f"{len(unexpected)} unexpected, e.g. {unexpected[:5]}"
-    )
+    mismatch = layout_mismatch(model, OFFICIAL_LAYOUTS[preset])
+    assert not mismatch, f"{preset}: {mismatch}"
 
 
 def test_get_preset():
@@ -245,37 +207,6 @@ def test_upsample_to_twice_the_size_is_plain_doubling():
 
 
 # ---------------------------------------------------------------- parity with diffusers
-
-
-def diffusers_twin(cfg: UNetConfig, **extra) -> UNet2DConditionModel:
-    """diffusers' UNet2DConditionModel with the same architecture as ``cfg``."""
-    chans = [cfg.model_channels * m for m in cfg.channel_mult]
-    # diffusers gives the middle block the depth of the deepest level.
-    assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)
-    attn = [d > 0 for d in cfg.transformer_depth]
-    if cfg.num_heads is not None:
-        heads = [cfg.num_heads] * len(chans)  # diffusers' "attention_head_dim" is a head count
-    else:
-        heads = [c // cfg.num_head_channels for c in chans]
-    return UNet2DConditionModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(chans),
-        layers_per_block=cfg.num_res_blocks,
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=tuple(heads),
-        transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
-        use_linear_projection=cfg.use_linear_projection,
-        **extra,
-    ).eval()
-
-
-def load_into_diffusers(ours: UNet, twin: UNet2DConditionModel) -> None:
-    ldm = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
-    converted = convert_ldm_unet_checkpoint(ldm, dict(twin.config))
-    twin.load_state_dict(converted, strict=True)
 
 
 SD1_LIKE = replace(TINY, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0))

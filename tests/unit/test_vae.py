@@ -25,13 +25,7 @@ from unfog.models.vae import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one thread is as fast and does not oversubscribe a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def test_every_norm_is_ldm_groupnorm():
     with torch.device("meta"):
         model = AutoencoderKL(SD_VAE)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-    official = [k for k, _ in read_layout("VAE-v1-SD") if k.split(".")[-2].startswith("norm")]
+    official = [k for k in read_layout("VAE-v1-SD") if k.split(".")[-2].startswith("norm")]
     assert len(norms) == len(official) / 2  # one weight and one bias each
     assert all(n.num_groups == 32 and n.eps == 1e-6 for n in norms)
 

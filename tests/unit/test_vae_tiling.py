@@ -22,12 +22,7 @@ TILES = Tiling("always", tile=32, overlap=8)  # on TINY_VAE (f = 2): 64 px tiles
 F_TINY = TINY_VAE.downsample_factor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
