@@ -24,7 +24,7 @@ venv: $(VENV)/.base
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
-	$(VENV)/bin/unfog sample --out demo.png --overwrite
+	$(VENV)/bin/unfog sample --per-class 4 --out demo.png --overwrite
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q

@@ -48,6 +48,6 @@ def test_unguided_and_guided_differ_and_guidance_helps(pipe):
 def test_make_demo_command(tmp_path):
     """What `make demo` runs: the default model, a grid of all ten digits, a PNG with parameters."""
     out = tmp_path / "demo.png"
-    subprocess.run([sys.executable, "-m", "unfog.cli", "sample", "--out", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "unfog.cli", "sample", "--per-class", "4", "--out", str(out)], check=True,
                    capture_output=True)
     assert "classes 0,1,2,3,4,5,6,7,8,9" in read_parameters(out)
