@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 import types
+from itertools import chain
 from pathlib import Path
 
 import diffusers
+import torch
 import transformers
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -32,8 +34,12 @@ CLIP_VOCAB, CLIP_LAYERS = 49408, 3  # clip_pair: the real vocabulary, three laye
 def diffusers_twin(cfg: UNetConfig, **extra) -> diffusers.UNet2DConditionModel:
     """diffusers' UNet2DConditionModel with the same architecture as ``cfg``."""
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
-    # diffusers gives the middle block the depth of the deepest level.
-    assert cfg.transformer_depth_middle == max(cfg.transformer_depth[-1], 1)
+    # diffusers gives the middle block the depth of the deepest level (the last entry of
+    # transformer_layers_per_block); a level without attention ignores its entry, so there the
+    # entry can carry the middle depth (the SDXL refiner: levels (0, 4, 4, 0), middle 4).
+    mid = cfg.transformer_depth_middle
+    assert mid >= 1 and cfg.transformer_depth[-1] in (0, mid)
+    depths = tuple(d or mid for d in cfg.transformer_depth)
     attn = [d > 0 for d in cfg.transformer_depth]
     if cfg.num_heads is not None:
         heads = [cfg.num_heads] * len(chans)  # diffusers' "attention_head_dim" is a head count
@@ -48,17 +54,31 @@ def diffusers_twin(cfg: UNetConfig, **extra) -> diffusers.UNet2DConditionModel:
         layers_per_block=cfg.num_res_blocks,
         cross_attention_dim=cfg.context_dim,
         attention_head_dim=tuple(heads),
-        transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
+        transformer_layers_per_block=depths,
         use_linear_projection=cfg.use_linear_projection,
         **extra,
     ).eval()
 
 
-def load_into_diffusers(ours: UNet, twin: diffusers.UNet2DConditionModel) -> None:
-    """Our U-Net's weights, in the official LDM names, through diffusers' single-file converter."""
+def load_into_diffusers(ours: UNet, twin: diffusers.UNet2DConditionModel, assign: bool = False) -> None:
+    """Our U-Net's weights, in the official LDM names, through diffusers' single-file converter.
+    ``assign=True`` makes ``twin`` take the converted tensors themselves (see ``shared_twin``)."""
     ldm = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
     converted = convert_ldm_unet_checkpoint(ldm, dict(twin.config))
-    twin.load_state_dict(converted, strict=True)
+    twin.load_state_dict(converted, strict=True, assign=assign)
+
+
+def shared_twin(ours: UNet, **extra) -> diffusers.UNet2DConditionModel:
+    """diffusers' twin of ``ours`` that holds ``ours``'s own weight tensors: built on the meta
+    device (no memory), then loaded with ``assign=True`` from diffusers' converter, which only
+    renames, so the pair costs the memory of one model (SDXL: 10.3 GB in float32, not 20.6).
+    Writing to either model's weights writes to the other's."""
+    with torch.device("meta"):
+        twin = diffusers_twin(ours.config, **extra)
+    load_into_diffusers(ours, twin, assign=True)
+    left = [name for name, t in chain(twin.named_parameters(), twin.named_buffers()) if t.is_meta]
+    assert not left, f"still on the meta device after loading: {left[:5]}"
+    return twin
 
 
 # ---------------------------------------------------------------- VAE
