@@ -117,12 +117,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_samplers(args: argparse.Namespace) -> None:
-    from .diffusion.registry import SAMPLERS, _ALIASES
+    from .diffusion.registry import SAMPLERS, valid_names
 
     for name, fn in SAMPLERS.items():
         doc = (fn.__doc__ or "").strip().split("\n")[0]
         print(f"{name:20s} {doc}")
-    print("\nalso accepted: " + ", ".join(sorted(_ALIASES)) + " (add ' Karras', ' Exponential' or ' SGM Uniform')")
+    print("\nalso accepted: " + ", ".join(n for n in valid_names() if n not in SAMPLERS) + " (add ' Karras', ' Exponential' or ' SGM Uniform')")
 
 
 def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
