@@ -304,10 +304,37 @@ def test_bare_pickle_is_refused_unread(tmp_path):
     assert not marker.exists()
 
 
-def test_legacy_torch_format_is_refused_with_advice(tmp_path):
-    path = tmp_path / "old.pt"
-    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match=r"legacy \(pre-1\.6, non-zip\).*safetensors"):
+def test_legacy_format_matches_torch_load(tmp_path):
+    """The pre-1.6 stream format (pytorch-fid's Inception weights use it) reads like torch.load."""
+    path = tmp_path / "old.pth"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.save({**_weights(), **net.state_dict()}, path, _use_new_zipfile_serialization=False)
+    tensors, meta = load_state_dict(path)
+    _assert_same(tensors, torch.load(path, weights_only=True))
+    assert meta == {}
+    ptr = tensors["base"].untyped_storage().data_ptr()
+    assert all(tensors[k].untyped_storage().data_ptr() == ptr for k in ("transposed", "sliced", "column"))
+
+
+def test_legacy_format_payload_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": _Reduce(os.system, f"touch {marker}")}, path,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_legacy_format_truncated_or_oversized_names_the_file(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save({"w": torch.randn(1000)}, path, _use_new_zipfile_serialization=False)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 100])  # storage bytes cut short
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*legacy.*ends 100 bytes early"):
+        load_state_dict(path)
+    path.write_bytes(whole[: len(whole) - 3000])  # the storage cannot fit: refused before allocating
+    with pytest.raises(ValueError, match="does not fit in the rest of the file"):
         load_state_dict(path)
 
 

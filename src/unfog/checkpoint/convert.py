@@ -35,27 +35,58 @@ Table = tuple[tuple[str, str, Op], ...]
 # contrastive ``logit_scale``.
 CLIP_TEXT_IGNORED = frozenset({"embeddings.position_ids", "logit_scale"})
 
+# One OpenCLIP residual block -> one CLIP encoder layer (the same in the text and image towers).
+_RESBLOCK: Table = (
+    ("ln_1.weight", "layer_norm1.weight", "same"),
+    ("ln_1.bias", "layer_norm1.bias", "same"),
+    ("attn.in_proj_weight", "self_attn.{qkv}_proj.weight", "qkv"),
+    ("attn.in_proj_bias", "self_attn.{qkv}_proj.bias", "qkv"),
+    ("attn.out_proj.weight", "self_attn.out_proj.weight", "same"),
+    ("attn.out_proj.bias", "self_attn.out_proj.bias", "same"),
+    ("ln_2.weight", "layer_norm2.weight", "same"),
+    ("ln_2.bias", "layer_norm2.bias", "same"),
+    ("mlp.c_fc.weight", "mlp.fc1.weight", "same"),
+    ("mlp.c_fc.bias", "mlp.fc1.bias", "same"),
+    ("mlp.c_proj.weight", "mlp.fc2.weight", "same"),
+    ("mlp.c_proj.bias", "mlp.fc2.bias", "same"),
+)
+
+
+def _resblocks(src: str, dst: str) -> Table:
+    return tuple((src + a, dst + b, op) for a, b, op in _RESBLOCK)
+
+
 # OpenCLIP text tower (SD 2.x, SDXL encoder 2) -> canonical (OpenAI/transformers) naming.
-_BLOCK, _LAYER = "transformer.resblocks.{i}.", "encoder.layers.{i}."
 OPENCLIP_TEXT: Table = (
     ("token_embedding.weight", "embeddings.token_embedding.weight", "same"),
     ("positional_embedding", "embeddings.position_embedding.weight", "same"),
-    (_BLOCK + "ln_1.weight", _LAYER + "layer_norm1.weight", "same"),
-    (_BLOCK + "ln_1.bias", _LAYER + "layer_norm1.bias", "same"),
-    (_BLOCK + "attn.in_proj_weight", _LAYER + "self_attn.{qkv}_proj.weight", "qkv"),
-    (_BLOCK + "attn.in_proj_bias", _LAYER + "self_attn.{qkv}_proj.bias", "qkv"),
-    (_BLOCK + "attn.out_proj.weight", _LAYER + "self_attn.out_proj.weight", "same"),
-    (_BLOCK + "attn.out_proj.bias", _LAYER + "self_attn.out_proj.bias", "same"),
-    (_BLOCK + "ln_2.weight", _LAYER + "layer_norm2.weight", "same"),
-    (_BLOCK + "ln_2.bias", _LAYER + "layer_norm2.bias", "same"),
-    (_BLOCK + "mlp.c_fc.weight", _LAYER + "mlp.fc1.weight", "same"),
-    (_BLOCK + "mlp.c_fc.bias", _LAYER + "mlp.fc1.bias", "same"),
-    (_BLOCK + "mlp.c_proj.weight", _LAYER + "mlp.fc2.weight", "same"),
-    (_BLOCK + "mlp.c_proj.bias", _LAYER + "mlp.fc2.bias", "same"),
+    *_resblocks("transformer.resblocks.{i}.", "encoder.layers.{i}."),
     ("ln_final.weight", "final_layer_norm.weight", "same"),
     ("ln_final.bias", "final_layer_norm.bias", "same"),
     ("text_projection", "text_projection.weight", "T"),
 )
+
+# A whole OpenCLIP / OpenAI CLIP model -> transformers' CLIPModel naming (unfog.metrics.clip_model):
+# the image tower under ``visual.``, the text tower at the top level, both raw ``x @ P``
+# projections transposed into Linear weights.
+OPENCLIP_VISION: Table = (
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", "same"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding", "same"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", "same"),
+    ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight", "same"),
+    ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias", "same"),
+    *_resblocks("visual.transformer.resblocks.{i}.", "vision_model.encoder.layers.{i}."),
+    ("visual.ln_post.weight", "vision_model.post_layernorm.weight", "same"),
+    ("visual.ln_post.bias", "vision_model.post_layernorm.bias", "same"),
+    ("visual.proj", "visual_projection.weight", "T"),
+)
+OPENCLIP_CLIP: Table = (
+    *OPENCLIP_VISION,
+    *((src, dst if dst == "text_projection.weight" else "text_model." + dst, op) for src, dst, op in OPENCLIP_TEXT),
+    ("logit_scale", "logit_scale", "same"),
+)
+# OpenAI's own CLIP files (the JIT archives' state dicts) also hold three hyper-parameters.
+OPENAI_CLIP_IGNORED = frozenset({"input_resolution", "context_length", "vocab_size"})
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -133,6 +164,13 @@ def convert_openclip_text(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     transposed into a Linear weight, ``logit_scale`` dropped."""
     return apply_table(state_dict, OPENCLIP_TEXT, CLIP_TEXT_IGNORED, "OpenCLIP text")
 
+
+
+def convert_openclip_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole OpenCLIP (or OpenAI CLIP) model, prefix stripped, in transformers' ``CLIPModel``
+    naming: both towers' fused ``in_proj`` split into q/k/v, ``visual.proj`` and ``text_projection``
+    transposed into Linear weights, ``logit_scale`` kept."""
+    return apply_table(state_dict, OPENCLIP_CLIP, OPENAI_CLIP_IGNORED, "OpenCLIP CLIP model")
 
 def convert_to_openclip_text(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``CLIPTextEncoder``'s state dict in OpenCLIP naming (the inverse, without logit_scale)."""

@@ -73,7 +73,8 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of any model file people have: safetensors or a ``torch.save`` zip.
+    """Tensors and metadata of any model file people have: safetensors or a ``torch.save`` file
+    (a zip archive, or the legacy pre-1.6 stream).
 
     The extension must be one we accept; the format is then read from the file's first bytes, so a
     renamed file (a safetensors file called ``.ckpt``) still loads: byte 8 of a safetensors file opens
@@ -90,4 +91,4 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         head = f.read(9)
     if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         return load_safetensors(path)
-    return load_pickle_checkpoint(path)  # names legacy, bare-pickle and corrupt files clearly
+    return load_pickle_checkpoint(path)  # zip or legacy; names bare-pickle and corrupt files clearly

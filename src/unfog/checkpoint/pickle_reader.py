@@ -10,6 +10,18 @@ Since PyTorch 1.6, ``torch.save`` writes a zip archive::
 Tensors appear in ``data.pkl`` as ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``, where
 the storage is a *persistent id* ``('storage', <dtype>Storage, key, location, numel)``.
 
+Files written before PyTorch 1.6 (or with ``_use_new_zipfile_serialization=False``) use the
+*legacy* format, one stream of five pickles and the raw storages::
+
+    pickle(magic number 0x1950a86a20f9469cfc6c)  pickle(protocol 1001)  pickle(sys_info dict)
+    pickle(the object graph)      persistent ids ('storage', <dtype>Storage, key, location, numel, None)
+    pickle(sorted list of storage keys)
+    per key, in that order: int64 numel, then numel * itemsize raw bytes
+
+pytorch-fid's FID Inception weights (2019) are such a file. Both formats go through the same
+restricted unpickler; a legacy storage is allocated when the graph names it (only if the bytes
+left in the file can hold it) and filled from the stream afterwards.
+
 Why this is safe
 ----------------
 A pickle can only run code by calling an object, and the only way for a pickle to name an object is
@@ -240,9 +252,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        # zip format: 5 entries; legacy format: a 6th, the view metadata, None unless the file holds
+        # a storage view (a pre-0.4 feature no model file uses).
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise ValueError(f"unsupported persistent id {pid!r} (expected a 'storage' record)")
-        _, storage_type, key, _location, numel = pid  # location ('cpu', 'cuda:0') is ignored: all on CPU
+        if len(pid) == 6 and pid[5] is not None:
+            raise ValueError(f"storage {pid[2]!r} is a view of another storage (pre-0.4 torch); not supported")
+        _, storage_type, key, _location, numel = pid[:5]  # location ('cpu', 'cuda:0') is ignored: all on CPU
         if not isinstance(storage_type, _StorageType):
             raise ValueError(
                 f"storage {key!r} has type {storage_type!r}; supported: {', '.join(_STORAGE_DTYPES)}"
@@ -294,18 +310,14 @@ class _StorageReader:
         return self.cache[key]
 
 
-def _sniff(path: Path) -> None:
-    """Raise a clear error for files that are not torch zip archives."""
+def _sniff(path: Path) -> str:
+    """"zip" or "legacy"; a clear error for files that are neither."""
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
     if head.startswith(_ZIP_MAGIC):
-        return
+        return "zip"
     if head == _LEGACY_MAGIC:
-        raise ValueError(
-            f"{path} uses PyTorch's legacy (pre-1.6, non-zip) torch.save format, which unfog does "
-            f"not read. Convert it to .safetensors with PyTorch (torch.load, then "
-            f"safetensors.torch.save_file) if you trust it."
-        )
+        return "legacy"
     if head[:1] == b"\x80":
         raise ValueError(
             f"{path} is a bare pickle, not a torch.save zip archive; unfog does not read bare "
@@ -337,6 +349,83 @@ def _byteorder(zf: zipfile.ZipFile, prefix: str, path: Path) -> str:
     return order
 
 
+# ---------------------------------------------------------------------------------------------
+# The legacy (pre-1.6) stream.
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+class _LegacyStorages:
+    """Allocates each storage the graph names (zero-filled, within the bytes left in the file),
+    then fills them in key order from the stream that follows the pickles."""
+
+    def __init__(self, budget: int):
+        self.budget = budget  # bytes the file still has room for
+        self.storages: dict[str, _Storage] = {}
+
+    def __call__(self, key: str, dtype: torch.dtype, numel: int) -> _Storage:
+        if key in self.storages:
+            cached = self.storages[key]
+            if cached.data.dtype != dtype or cached.data.numel() != numel:
+                raise ValueError(f"storage {key!r} is referenced with two different dtypes or sizes")
+            return cached
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        self.budget -= nbytes + 8
+        if self.budget < 0:
+            raise ValueError(f"storage {key!r} of {nbytes} bytes does not fit in the rest of the file")
+        data = torch.zeros(numel, dtype=dtype)  # filled in place by fill(); views made now see it
+        self.storages[key] = _Storage(key, data)
+        return self.storages[key]
+
+    def fill(self, f, keys: Any, byteorder: str) -> None:
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise ValueError("the storage key list is malformed")
+        if sorted(keys) != sorted(self.storages):
+            raise ValueError(f"the file lists storages {sorted(keys)[:5]}..., its tensors use "
+                             f"{sorted(self.storages)[:5]}...")
+        for key in keys:
+            data = self.storages[key].data
+            numel = int.from_bytes(_read_exactly(f, 8), byteorder, signed=True)
+            if numel != data.numel():
+                raise ValueError(f"storage {key!r} holds {numel} elements in the stream, {data.numel()} in the pickle")
+            raw = bytearray(_read_exactly(f, numel * data.element_size()))
+            if numel == 0:
+                continue
+            if byteorder != sys.byteorder and data.element_size() > 1:
+                view = torch.frombuffer(raw, dtype=torch.uint8).view(numel, data.element_size()).flip(1)
+                data.copy_(view.contiguous().view(data.dtype).view(numel))
+            else:
+                data.copy_(torch.frombuffer(raw, dtype=data.dtype))
+
+
+def _read_exactly(f, n: int) -> bytes:
+    raw = f.read(n)
+    if len(raw) != n:
+        raise ValueError(f"the file ends {n - len(raw)} bytes early")
+    return raw
+
+
+def _load_legacy(path: Path) -> Any:
+    """The object graph of a legacy ``torch.save`` file, tensors filled."""
+
+    def no_storage(key: str, dtype: torch.dtype, numel: int) -> _Storage:
+        raise ValueError("a storage record appears outside the object graph")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = [_RestrictedUnpickler(f, no_storage, path).load() for _ in range(3)]
+        magic, protocol, sys_info = header
+        if magic != _LEGACY_MAGIC_NUMBER or protocol != _LEGACY_PROTOCOL or not isinstance(sys_info, dict):
+            raise ValueError(f"unexpected legacy header (magic {magic!r}, protocol {protocol!r})")
+        byteorder = "little" if sys_info.get("little_endian", True) else "big"
+        storages = _LegacyStorages(budget=size - f.tell())
+        obj = _RestrictedUnpickler(f, storages, path).load()
+        keys = _RestrictedUnpickler(f, no_storage, path).load()
+        storages.fill(f, keys, byteorder)
+    return obj
+
+
 def _split(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors of the state dict, plain top-level values as metadata; drop (and log) the rest."""
     if not isinstance(obj, dict):
@@ -359,15 +448,25 @@ def _split(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def load_pickle_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and plain metadata of a ``torch.save`` zip checkpoint, read without running code.
+    """Tensors and plain metadata of a ``torch.save`` checkpoint (zip, or the legacy pre-1.6
+    format), read without running code.
 
     Raises :class:`UnsafeCheckpointError` if the pickle names any global outside the allow-list,
-    and ``ValueError`` naming the file for legacy, bare-pickle, truncated or corrupt files.
+    and ``ValueError`` naming the file for bare-pickle, truncated or corrupt files.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    _sniff(path)
+    if _sniff(path) == "legacy":
+        try:
+            return _split(_load_legacy(path), path)
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, RuntimeError, OSError) as err:
+            raise ValueError(
+                f"{path} is not a readable legacy torch checkpoint (truncated or corrupt?): {err}"
+            ) from err
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:

@@ -30,7 +30,7 @@ pooled output is the final-normed state of the end-of-text token.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,11 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     layer_norm_eps: float = 1e-5
     trained_layers: int | None = None
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of each layer's MLP."""
+        return self.mlp_ratio * self.width
 
     @property
     def depth(self) -> int:
@@ -148,37 +153,51 @@ class CLIPEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:n]  # (B, N, W)
 
 
-class CLIPAttention(nn.Module):
-    """Multi-head self-attention with biased ``q_proj``/``k_proj``/``v_proj``/``out_proj``."""
+class LayerShape(Protocol):
+    """What a CLIP transformer layer needs from its tower's config (text or vision)."""
 
-    def __init__(self, width: int, heads: int):
+    width: int
+    heads: int
+    activation: Activation
+    layer_norm_eps: float
+
+    @property
+    def mlp_width(self) -> int: ...
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biased ``q_proj``/``k_proj``/``v_proj``/``out_proj``;
+    causal (the text tower) or over all positions (the vision tower, ``causal=False``)."""
+
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # x: (B, N, W); mask: (B, 1, N, N) bool, True = may attend; None = causal only
+        # x: (B, N, W); mask: (B, 1, N, N) bool, True = may attend; None = causal only (or no mask)
         q = _split_heads(self.q_proj(x), self.heads)  # (B, H, N, D)
         k = _split_heads(self.k_proj(x), self.heads)  # (B, H, N, D)
         v = _split_heads(self.v_proj(x), self.heads)  # (B, H, N, D)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(_merge_heads(out))  # (B, N, W)
 
 
 class CLIPMLP(nn.Module):
-    """``fc2(act(fc1(x)))`` with a hidden width of ``mlp_ratio * width``."""
+    """``fc2(act(fc1(x)))`` with a hidden width of ``cfg.mlp_width``."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: LayerShape):
         super().__init__()
         self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
-        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))  # (B, N, W)
@@ -187,10 +206,10 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer layer: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: LayerShape, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
@@ -202,9 +221,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of ``layers`` encoder layers (its own module, for the ``encoder.layers`` keys)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: LayerShape, layers: int, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg, causal) for _ in range(layers))
 
 
 class CLIPTextEncoder(nn.Module):
@@ -214,7 +233,7 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
-        self.encoder = CLIPEncoder(config)
+        self.encoder = CLIPEncoder(config, config.layers)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.text_projection: nn.Linear | None = None
         if config.projection_dim is not None:
