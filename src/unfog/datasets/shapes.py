@@ -1,0 +1,348 @@
+"""``shapes``: a procedural captioned data set of coloured circles, squares and triangles.
+
+Every item is an RGB image (64 x 64 by default) of one to three objects with known attributes
+on a plain or lightly textured light background, and a caption drawn from templates and
+paraphrases. The data set is ours, needs no download and is exactly reproducible: item ``i`` of
+a set with seed ``s`` is drawn from ``numpy.random.Generator(PCG64([s, i]))``, so it is the same
+image and caption on every machine, and any item can be made on its own, on the fly.
+
+Scenes come in six categories that mirror GenEval (Ghosh et al., 2023), so that a model trained
+here can be scored by the deterministic analyzer in ``unfog.metrics.shapes_analyzer``:
+
+    single_object  one object                          "a red circle"
+    two_objects    two objects of different shapes     "a circle and a square"
+    counting       two or three objects of one shape   "three squares", "two blue triangles"
+    colors         one object, its colour named        "a green square"
+    position       two objects and a relation          "a circle to the left of a square"
+    color_attr     two shapes with two colours         "a red circle and a blue square"
+
+Geometry, chosen so that the analyzer can tell the shapes apart from their pixels alone: squares
+are axis-aligned, triangles are upright isosceles with base = height, and every object has a
+d x d bounding box (d = 14 or 22 px at 64 x 64, scaled with the canvas). Boxes keep a margin of
+``margin(canvas)`` pixels from each other and from the image edge, so objects never touch, and a
+``position`` relation is unambiguous: the objects are separated along the relation's axis (a gap
+between their boxes) and that axis dominates, |d_axis| >= 1.5 |d_other|.
+
+Objects are drawn at 4x resolution with PIL and box-filtered down (antialiased edges), then
+composited over the background by their coverage. The caption and prompt grammar live in
+``shapes_text``; this module re-exports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from .shapes_text import (
+    BACKGROUNDS,
+    CATEGORIES,
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Background,
+    ObjectSpec,
+    PromptSpec,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    caption,
+    check_choice,
+    evaluation_prompts,
+    parse_prompt,
+    prompt_for,
+    spec_for,
+)
+
+__all__ = [
+    "BACKGROUNDS", "CATEGORIES", "COLORS", "RELATIONS", "SHAPES", "SIZES", "TEXTURES",
+    "Background", "ObjectSpec", "PromptSpec", "Scene", "ShapeObject", "ShapesConfig", "ShapesDataset",
+    "caption", "collate_shapes", "diameter", "evaluation_prompts", "make_item", "margin", "parse_prompt",
+    "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict", "spec_for",
+    "to_tensor", "write_shapes",
+]
+
+REFERENCE_CANVAS = 64
+DIAMETERS = {"small": 14, "large": 22}  # px of the d x d bounding box at 64 x 64
+SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down
+TEXTURE_AMPLITUDE = 10.0  # +- this many 8-bit levels of noise or gradient on a textured background
+MAX_PLACEMENT_TRIES = 400  # positions tried per draw of sizes; sizes are redrawn if none fits
+DOMINANCE = 1.5  # position scenes: |d_axis| >= DOMINANCE * |d_other|
+SCENES_FILE = "scenes.jsonl"
+
+
+def diameter(size_name: str, canvas: int) -> float:
+    """Side of an object's bounding box in pixels: 14 / 22 px at 64, in proportion elsewhere."""
+    check_choice("size", size_name, SIZES)
+    return DIAMETERS[size_name] * canvas / REFERENCE_CANVAS
+
+
+def margin(canvas: int) -> float:
+    """Minimum gap, in pixels, between two objects' boxes and between a box and the image edge."""
+    return max(2.0, 2.0 * canvas / REFERENCE_CANVAS)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def _quantise(v: float) -> float:
+    """Positions are multiples of 1/SUPERSAMPLE px, so the 4x drawing grid holds them exactly."""
+    return round(v * SUPERSAMPLE) / SUPERSAMPLE
+
+
+def _gaps(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float]:
+    """(horizontal, vertical) gap between the boxes of two (x, y, d) objects; negative = overlap."""
+    half = (a[2] + b[2]) / 2
+    return abs(a[0] - b[0]) - half, abs(a[1] - b[1]) - half
+
+
+def _relation_holds(a: tuple[float, float, float], b: tuple[float, float, float], relation: str,
+                    gap: float) -> bool:
+    """True if object a is <relation> object b, clearly: separated along the axis, axis dominant."""
+    dx, dy = a[0] - b[0], a[1] - b[1]  # image coordinates: y grows downwards
+    gx, gy = _gaps(a, b)
+    if relation in ("left of", "right of"):
+        sign_ok = dx < 0 if relation == "left of" else dx > 0
+        return sign_ok and gx >= gap and abs(dx) >= DOMINANCE * abs(dy)
+    sign_ok = dy < 0 if relation == "above" else dy > 0
+    return sign_ok and gy >= gap and abs(dy) >= DOMINANCE * abs(dx)
+
+
+def _place(rng: np.random.Generator, diameters: list[float], canvas: int,
+           relation: str | None) -> list[tuple[float, float]] | None:
+    """Centres for boxes of the given sides, none overlapping (rejection sampling), or None."""
+    m = margin(canvas)
+    for _ in range(MAX_PLACEMENT_TRIES):
+        placed: list[tuple[float, float, float]] = []
+        for d in diameters:
+            lo, hi = m + d / 2, canvas - m - d / 2
+            x, y = _quantise(rng.uniform(lo, hi)), _quantise(rng.uniform(lo, hi))
+            if all(max(_gaps((x, y, d), p)) >= m for p in placed):
+                placed.append((x, y, d))
+            else:
+                break
+        if len(placed) < len(diameters):
+            continue
+        if relation is not None and not _relation_holds(placed[0], placed[1], relation, m):
+            continue
+        return [(x, y) for x, y, _ in placed]
+    return None
+
+
+def _attributes(rng: np.random.Generator, category: str, config: ShapesConfig
+                ) -> tuple[list[str], list[str], str | None]:
+    """Shapes and colours of a scene's objects, and its relation, for one category."""
+    def pick(options: tuple[str, ...], k: int = 1, distinct: bool = False) -> list[str]:
+        return [options[j] for j in rng.choice(len(options), size=k, replace=not distinct)]
+
+    color_names = tuple(COLORS)
+    if category in ("single_object", "colors"):
+        return pick(SHAPES), pick(color_names), None
+    if category == "counting":
+        n = int(rng.integers(2, 4))
+        shapes = pick(SHAPES) * n
+        same = rng.random() < config.counting_same_color
+        return shapes, pick(color_names) * n if same else pick(color_names, n), None
+    shapes = pick(SHAPES, 2, distinct=True)
+    colors = pick(color_names, 2, distinct=category == "color_attr")
+    relation = pick(RELATIONS)[0] if category == "position" else None
+    return shapes, colors, relation
+
+
+def _sample_background(rng: np.random.Generator, config: ShapesConfig) -> Background:
+    name = tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    texture = "plain"
+    if rng.random() < config.textured_fraction:
+        texture = TEXTURES[1 + int(rng.integers(len(TEXTURES) - 1))]
+    return Background(name, texture, int(rng.integers(2**31)))
+
+
+def sample_scene(rng: np.random.Generator, canvas: int = 64, config: ShapesConfig = ShapesConfig(),
+                 category: str | None = None) -> Scene:
+    """A random scene on a ``canvas`` x ``canvas`` image; ``category`` None draws one from ``config``."""
+    if not isinstance(canvas, int) or canvas < 16:
+        raise ValueError(f"canvas must be an int >= 16 pixels, got {canvas!r}")
+    if category is None:
+        p = np.asarray(config.weights if config.weights is not None else [1.0] * len(config.categories))
+        category = config.categories[int(rng.choice(len(config.categories), p=p / p.sum()))]
+    check_choice("category", category, CATEGORIES)
+    shapes, colors, relation = _attributes(rng, category, config)
+    while True:  # three large objects may not fit; then the sizes are drawn again
+        sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in shapes]
+        centres = _place(rng, [diameter(s, canvas) for s in sizes], canvas, relation)
+        if centres is not None:
+            break
+    objects = tuple(ShapeObject(sh, c, sz, x, y) for sh, c, sz, (x, y) in zip(shapes, colors, sizes, centres))
+    return Scene(category, objects, _sample_background(rng, config), canvas, relation)
+
+
+def make_item(index: int, canvas: int = 64, seed: int = 0, config: ShapesConfig = ShapesConfig()
+              ) -> tuple[Scene, str]:
+    """Scene and caption of item ``index`` of the set (canvas, seed, config): always the same."""
+    if not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}")
+    rng = np.random.Generator(np.random.PCG64([seed, int(index)]))
+    scene = sample_scene(rng, canvas, config)
+    return scene, caption(scene, rng, config)
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def _background(bg: Background, size: int) -> np.ndarray:
+    """(size, size, 3) float64: the background colour plus its texture."""
+    check_choice("texture", bg.texture, TEXTURES)
+    base = np.broadcast_to(np.asarray(BACKGROUNDS[bg.name], dtype=np.float64), (size, size, 3))
+    rng = np.random.Generator(np.random.PCG64(bg.seed))
+    if bg.texture == "noise":  # grey (luminance) noise, independent per pixel
+        return base + rng.uniform(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE, (size, size, 1))
+    if bg.texture == "gradient":  # a linear ramp from -A to +A along a random direction
+        theta = rng.uniform(0, 2 * math.pi)
+        t = (np.arange(size) + 0.5) / size * 2 - 1  # (size,) in (-1, 1)
+        ramp = (math.cos(theta) * t[None, :] + math.sin(theta) * t[:, None]) / math.sqrt(2)
+        return base + TEXTURE_AMPLITUDE * ramp[..., None]
+    return base.copy()
+
+
+def _coverage(obj: ShapeObject, d: float, scale: float, size: int) -> np.ndarray:
+    """(size, size) float64 in [0, 1]: the fraction of each pixel the object covers."""
+    s = SUPERSAMPLE * scale  # scene pixels -> supersampled pixels
+    x0, y0, x1, y1 = ((obj.x - d / 2) * s, (obj.y - d / 2) * s, (obj.x + d / 2) * s, (obj.y + d / 2) * s)
+    hi = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(hi)
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=255)  # PIL boxes include their last pixel
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
+    elif obj.shape == "triangle":  # upright isosceles: apex at the top centre, base at the bottom
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    else:
+        check_choice("shape", obj.shape, SHAPES)
+    low = hi.resize((size, size), resample=Image.Resampling.BOX)
+    return np.asarray(low, dtype=np.float64) / 255.0
+
+
+def render(scene: Scene, size: int | None = None) -> np.ndarray:
+    """The scene as an (H, W, 3) uint8 RGB array, H = W = ``size`` (default: the scene's canvas).
+
+    A pure function of the scene: the background texture's randomness is the scene's own seed.
+    """
+    size = scene.canvas if size is None else size
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    scale = size / scene.canvas
+    img = _background(scene.background, size)  # (H, W, 3)
+    for obj in scene.objects:
+        check_choice("color", obj.color, tuple(COLORS))
+        alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size)[..., None]  # (H, W, 1)
+        img = img * (1 - alpha) + np.asarray(COLORS[obj.color], dtype=np.float64) * alpha
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------ torch Dataset
+
+
+class ShapesDataset(Dataset):
+    """``length`` procedural items: ``{"image": (3, size, size) float32 in [-1, 1], "caption": str,
+    "scene": Scene}``, generated on the fly; item i is the same on every call and machine.
+
+    Batch it with ``collate_fn=collate_shapes`` (torch's default collate cannot batch a Scene).
+    """
+
+    def __init__(self, length: int, size: int = 64, seed: int = 0, config: ShapesConfig = ShapesConfig()):
+        if not isinstance(length, int) or length <= 0:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        if not isinstance(size, int) or size < 16:
+            raise ValueError(f"size must be an int >= 16 pixels, got {size!r}")
+        self.length, self.size, self.seed, self.config = length, size, seed, config
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -self.length <= i < self.length:
+            raise IndexError(f"index {i} out of range for a data set of {self.length}")
+        scene, text = make_item(i % self.length, self.size, self.seed, self.config)
+        return {"image": to_tensor(render(scene)), "caption": text, "scene": scene}
+
+    def __repr__(self) -> str:
+        return f"ShapesDataset(length={self.length}, size={self.size}, seed={self.seed})"
+
+
+def collate_shapes(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch: images stacked (B, 3, H, W); captions and scenes as lists."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "scene": [it["scene"] for it in items],
+    }
+
+
+# ----------------------------------------------------------------------------------- on disk
+
+
+def scene_to_dict(scene: Scene) -> dict[str, Any]:
+    return asdict(scene)
+
+
+def scene_from_dict(d: dict[str, Any]) -> Scene:
+    return Scene(
+        category=d["category"],
+        objects=tuple(ShapeObject(**o) for o in d["objects"]),
+        background=Background(**d["background"]),
+        canvas=int(d["canvas"]),
+        relation=d.get("relation"),
+    )
+
+
+def write_shapes(folder: str | Path, n: int, size: int = 64, seed: int = 0,
+                 config: ShapesConfig = ShapesConfig(), *, overwrite: bool = False) -> Path:
+    """Write items 0..n-1 as ``000000.png`` + ``000000.txt`` (kohya caption convention) and a
+    ``scenes.jsonl`` with one ``{"file_name", "caption", "scene"}`` line per image.
+
+    Refuses (FileExistsError) a folder that is not empty unless ``overwrite=True``; even then
+    only files of these names are replaced, nothing else is deleted. Returns the folder.
+    """
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} is not empty; pass overwrite=True to write into it anyway")
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(n - 1)))
+    lines = []
+    for i in range(n):
+        scene, text = make_item(i, size, seed, config)
+        stem = f"{i:0{width}d}"
+        Image.fromarray(render(scene)).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+        lines.append(json.dumps({"file_name": f"{stem}.png", "caption": text, "scene": scene_to_dict(scene)}))
+    (folder / SCENES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_scenes(folder: str | Path) -> list[tuple[str, str, Scene]]:
+    """(file name, caption, scene) for every line of a folder's ``scenes.jsonl``."""
+    rows = []
+    with (Path(folder) / SCENES_FILE).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows.append((row["file_name"], row["caption"], scene_from_dict(row["scene"])))
+    return rows
