@@ -8,11 +8,12 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-DEFAULT_MODEL = "digits.safetensors"  # shipped in unfog/weights/
+DEFAULT_MODEL = "digits.safetensors"  # shipped in unfog/weights/: `unfog sample`'s default
+DEFAULT_TEXT_MODEL = "shapes.safetensors"  # shipped in unfog/weights/: `unfog generate`'s default
 
 
-def default_model_path() -> Path:
-    return Path(str(resources.files("unfog") / "weights" / DEFAULT_MODEL))
+def default_model_path(name: str = DEFAULT_MODEL) -> Path:
+    return Path(str(resources.files("unfog") / "weights" / name))
 
 
 def _parse_classes(text: str) -> list[int]:
@@ -85,8 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .pipelines.generate import Job, resolve_settings, run
 
     given = {field: getattr(args, option) for option, field in SETTINGS_OPTIONS.items() if hasattr(args, option)}
-    settings, source = resolve_settings(args.mode, given, args.from_png, _warn)
-    job = Job(args.mode, settings, Path(args.model), init=_path(args, "init"), mask=_path(args, "mask"),
+    model = Path(args.model) if args.model else default_model_path(DEFAULT_TEXT_MODEL)
+    settings, source = resolve_settings(args.mode, given, args.from_png, _warn, model=model)
+    job = Job(args.mode, settings, model, init=_path(args, "init"), mask=_path(args, "mask"),
               refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
               device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
               source=source)
@@ -131,7 +133,8 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.set_defaults(func=cmd_generate, mode=mode)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (A1111 syntax: (word:1.2), BREAK); "
                    "optional with --from")
-    p.add_argument("--model", required=True, help="checkpoint: a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("--model", default=None, help="checkpoint: a .safetensors / .ckpt file or a diffusers folder "
+                   "(default: the built-in shapes model, 64 x 64, trained by unfog on the `shapes` data set)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     p.add_argument("--sampler", default=None, help="sampler, ours or A1111's (default 'DPM++ 2M Karras'); "

@@ -38,7 +38,7 @@ def test_epoch_batches_resume_replays_order():
 
 
 def test_unknown_key_and_bad_values(tmp_path):
-    with pytest.raises(ValueError, match="unknown config key.*valid keys: data, image_size"):
+    with pytest.raises(ValueError, match="unknown config key.*valid keys: task, data, image_size"):
         load_config("configs/digits.json", ["learning_rate=1"])
     with pytest.raises(ValueError, match="valid choices: eps, v, x0"):
         load_config("configs/digits.json", ["prediction=epsilon"])

@@ -56,6 +56,14 @@ def offset_noise(shape: torch.Size, strength: float, generator: torch.Generator 
     return noise + strength * append_dims(shift, len(shape))
 
 
+def draw_noise(shape: torch.Size, schedule: DiscreteSchedule, config: LossConfig,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The random draws of a training step, on the CPU: timesteps t (B,) ~ U{0..T-1}, then the
+    noise (B, ...) with the config's offset noise."""
+    t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=generator)
+    return t, offset_noise(shape, config.offset_noise, generator)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     prediction: Prediction = "eps"
@@ -75,13 +83,18 @@ def diffusion_loss(
     config: LossConfig = LossConfig(),
     *,
     generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
     **model_kwargs,
 ) -> Tensor:
-    """Mean training loss over a batch: draw t ~ U{0..T-1} and the noise, noise x0, and compare
-    ``model(x_t, t, **model_kwargs)`` with the target of ``config.prediction``."""
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator).to(x0.device)
-    noise = offset_noise(x0.shape, config.offset_noise, generator).to(x0.device, x0.dtype)
+    """Mean training loss over a batch: draw t ~ U{0..T-1} and the noise (or take ``t`` and
+    ``noise`` from ``draw_noise``, as distributed training does for its slice of a global batch),
+    noise x0, and compare ``model(x_t, t, **model_kwargs)`` with the target of ``config.prediction``."""
+    if (t is None) != (noise is None):
+        raise ValueError("give both t and noise, or neither")
+    if t is None:
+        t, noise = draw_noise(x0.shape, schedule, config, generator)
+    t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
     x_t = q_sample(x0, t, noise, schedule)
     sigma = schedule.sigmas.to(x0.device)[t].to(x0.dtype)
     target = network_target(x0, noise, sigma, config.prediction)

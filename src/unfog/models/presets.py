@@ -90,6 +90,23 @@ DIGITS = UNetConfig(
     dropout=0.1,
 )
 
+# Latent text-to-image model for 64 x 64 `shapes` images (4 x 16 x 16 latents of an f4 VAE):
+# SD2/XL-style cross-attention (linear projections, 32-wide heads) at the 8x8 and 4x4 levels and
+# in the middle; the context width is the small text encoder's (set by the trainer).
+SHAPES = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=64,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    transformer_depth=(0, 1, 1),
+    transformer_depth_middle=1,
+    num_heads=None,
+    num_head_channels=32,
+    context_dim=128,
+    use_linear_projection=True,
+)
+
 PRESETS: dict[str, UNetConfig] = {
     "SD15": SD15,
     "SD15_INPAINT": SD15_INPAINT,
@@ -99,6 +116,7 @@ PRESETS: dict[str, UNetConfig] = {
     "SDXL_REFINER": SDXL_REFINER,
     "TINY": TINY,
     "DIGITS": DIGITS,
+    "SHAPES": SHAPES,
 }
 
 

@@ -192,3 +192,47 @@ def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
             merged.append(symbols[i])
             i += 1
     return merged
+
+
+class SubVocabTokenizer(CLIPTokenizer):
+    """CLIP's BPE with its ids renumbered onto a kept subset, for small models trained from scratch.
+
+    A 49,408-row embedding is most of a small text encoder (6.3 M parameters at width 128), and
+    a model trained on a closed caption grammar only ever sees a few hundred of those tokens.
+    This tokenizer splits text exactly as ``base`` does and then maps each CLIP id to its rank
+    in ``kept_ids`` plus one; id 0 stands for every token outside the subset ("unknown"). The
+    start/end-of-text tokens are always kept and, being CLIP's two largest ids, stay the two
+    largest here, so the encoder's "argmax" pooling still finds the end of text. The kept ids
+    are what a model file stores; the BPE itself is the copy shipped with unfog.
+    """
+
+    UNKNOWN_ID = 0
+
+    def __init__(self, base: CLIPTokenizer, kept_ids: Sequence[int]):
+        # The BPE state (merges, byte alphabet, cache) stays in ``base``; ``encode`` maps its ids.
+        self.base = base
+        always = {base.bos_id, base.eos_id, base.vocab[",</w>"]}  # the prompt chunker looks up ","
+        self.kept_ids = tuple(sorted(set(int(i) for i in kept_ids) | always))
+        if self.kept_ids[0] < 0 or self.kept_ids[-1] >= len(base.vocab):
+            raise ValueError(f"kept_ids must lie in 0..{len(base.vocab) - 1}")
+        self._compact = {clip_id: rank + 1 for rank, clip_id in enumerate(self.kept_ids)}
+        self.vocab = {token: self._compact[i] for token, i in base.vocab.items() if i in self._compact}
+        self.bos_id, self.eos_id = self._compact[base.bos_id], self._compact[base.eos_id]
+
+    @classmethod
+    def from_texts(cls, base: CLIPTokenizer, texts: Sequence[str]) -> SubVocabTokenizer:
+        """Keep every token that occurs in ``texts`` (e.g. all captions a data set can produce)."""
+        return cls(base, sorted({i for text in texts for i in base.encode(text)}))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.kept_ids) + 1  # + the unknown id
+
+    def encode(self, text: str) -> list[int]:
+        return [self._compact.get(i, self.UNKNOWN_ID) for i in self.base.encode(text)]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The pre-tokens of ``text`` with at least one token outside the subset."""
+        return [piece for segment in _SPECIAL.split(text) if segment not in (BOS, EOS)
+                for piece in pre_tokenize(segment)
+                if any(i not in self._compact for i in self.base._bpe_cached(piece))]

@@ -87,7 +87,11 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)  # (..., dim_out) each
-        return a * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return a * F.gelu(gate)
+        # Inference: multiply into gelu's output instead of allocating a third (..., dim_out)
+        # tensor; this is the widest activation of SD/SDXL (dim_out = 4 x channels).
+        return F.gelu(gate).mul_(a)
 
 
 class FeedForward(nn.Module):

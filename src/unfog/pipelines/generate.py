@@ -21,7 +21,9 @@ from PIL import Image
 from ..conditioning import READOUTS
 from ..diffusion import SPACINGS, resolve_sampler
 from ..diffusion.schedules import check_choice
+from ..models.tokenizer import SubVocabTokenizer
 from .images import read_parameters
+from .latent_model import recommended_settings
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
                       parse_parameters, sampler_name, schedule_type, settings_from_parameters)
 from .stable_diffusion import StableDiffusion
@@ -54,8 +56,10 @@ class Job:
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
-                     warn: Callable[[str], None]) -> tuple[Settings, dict[str, str] | None]:
-    """The settings of a command: defaults, then those of the ``from_png`` image, then ``given``
+                     warn: Callable[[str], None], model: str | Path | None = None
+                     ) -> tuple[Settings, dict[str, str] | None]:
+    """The settings of a command: defaults, then the settings the ``model`` file recommends (unfog's
+    own text-to-image models store them), then those of the ``from_png`` image, then ``given``
     (the options typed); with the PNG's parsed parameters."""
     source, restored = None, {}
     if from_png is not None:
@@ -68,7 +72,8 @@ def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path 
         if mode == "txt2img" and restored.pop("strength", None) is not None:
             warn(f"{from_png} was made by img2img or inpainting (it has a Denoising strength); generate ignores it")
     defaults = {"strength": DEFAULT_STRENGTH} if mode != "txt2img" else {}
-    settings = merge_settings(defaults, restored, given)
+    recommended = {} if model is None else recommended_settings(model)
+    settings = merge_settings(defaults, recommended, restored, given)
     if given.get("prompt") is None and from_png is None:
         raise ValueError("give a PROMPT, or --from IMAGE.png to take it from an image")
     return settings, source
@@ -118,6 +123,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     refiner = None if job.refiner is None else _load_refiner(pipe, job.refiner, load)
     model_id, refiner_id = ModelId.of(job.model), job.refiner and ModelId.of(job.refiner)
     _compare_models(job, model_id, refiner_id, warn)
+    _check_vocabulary(pipe, job.settings, warn)
 
     s = job.settings
     seed = secrets.randbelow(2**32) if s.seed == -1 else s.seed
@@ -130,6 +136,16 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
         one = replace(s, seed=seed + i, width=width, height=height)
         image = _draw(pipe, refiner, one, init, mask, f"image {i + 1}/{job.batch_size}")
         yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id))
+
+
+def _check_vocabulary(pipe: StableDiffusion, s: Settings, warn: Callable[[str], None]) -> None:
+    """Models trained from scratch on a closed caption set know only its words: say which are not."""
+    if not isinstance(pipe.tokenizer, SubVocabTokenizer):
+        return
+    unknown = sorted({w for text in (s.prompt, s.negative_prompt) for w in pipe.tokenizer.unknown_words(text)})
+    if unknown:
+        warn(f"outside this model's training domain: {', '.join(unknown)} (never seen in its captions, so they "
+             "read as one 'unknown' token); the image is drawn anyway")
 
 
 def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None) -> str:

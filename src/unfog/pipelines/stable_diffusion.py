@@ -55,12 +55,14 @@ class StableDiffusion:
     schedule, prediction, spacing, steps_offset: the model's scheduler config (SD's by default).
     vae_dtype: the VAE's dtype policy (``precision.resolve_vae_dtype``): "auto" casts the VAE to
         float32 for a float16 U-Net (fp16 VAE decoders overflow), else to the U-Net's dtype.
+    native_size: the default image side (None: the family's, 512 / 768 / 1024); unfog's own
+        text-to-image models set the size they were trained at.
     """
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: Family, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
-                 steps_offset: int = 1, vae_dtype: VAEDtype = "auto"):
+                 steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None):
         check_choice("family", family, tuple(ENCODERS))
         vae = vae.to(resolve_vae_dtype(next(unet.parameters()).dtype, vae_dtype))
         self.unet, self.vae, self.tokenizer, self.family = unet.eval(), vae.eval(), tokenizer, family
@@ -76,6 +78,7 @@ class StableDiffusion:
         self.schedule = schedule or sd_schedule()
         self.prediction = check_choice("prediction type", prediction, PREDICTIONS)
         self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
+        self.native_size = native_size
 
     @classmethod
     def from_components(cls, c, tokenizer=None, vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
@@ -106,9 +109,12 @@ class StableDiffusion:
         unfog's own pixel models (``unfog train``) are not Stable Diffusion checkpoints: a ValueError
         points to ``PixelDiffusion.load``."""
         from ..checkpoint import load_components
+        from .latent_model import is_text2image_model, load_text2image
         from .pixel import is_pixel_model
 
         path = Path(path)
+        if is_text2image_model(path):
+            return load_text2image(path, dtype, device)
         if is_pixel_model(path):
             raise ValueError(f"{path} is an unfog pixel model, not a Stable Diffusion checkpoint; load it with "
                              f"PixelDiffusion.load or `unfog sample --model {path}`")
@@ -143,6 +149,8 @@ class StableDiffusion:
 
     @property
     def default_size(self) -> int:
+        if self.native_size is not None:
+            return self.native_size
         if self.family.startswith("sdxl"):
             return 1024
         return 768 if self.family == "sd2" and self.prediction == "v" else 512

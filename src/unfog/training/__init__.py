@@ -1,6 +1,6 @@
-"""Training: configs, data order, EMA, resumable state and the loop."""
+"""Training: configs, the loop and its trainers (pixel U-Net, autoencoder, text-to-image)."""
 
 from .config import TrainConfig, load_config
-from .loop import Trainer, train
+from .loop import Trainer, make_trainer, train
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "train"]
+__all__ = ["TrainConfig", "Trainer", "load_config", "make_trainer", "train"]

@@ -12,11 +12,32 @@ from ..diffusion.registry import resolve_sampler
 from ..diffusion.schedules import BETA_SCHEDULES, check_choice
 
 
+TASKS = ("pixel", "autoencoder", "text2image")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    # data: "digits" (scikit-learn's handwritten digits, class-conditional) or an image folder
+    # task: "pixel" (a pixel-space U-Net; class-conditional on digits), "autoencoder" (the KL
+    # VAE of a latent model, stage 1) or "text2image" (a latent U-Net with cross-attention on a
+    # text encoder, stage 2, on the latents of a trained autoencoder)
+    task: str = "pixel"
+    # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
+    # procedural captioned set, ``data_size`` items from ``seed``) or an image folder
     data: str = "digits"
     image_size: int = 16
+    data_size: int = 50_000
+    center_crop: bool = True  # image folders: centre crops, else random crops
+    # autoencoder (stage 1): the VAEConfig fields to change from TINY_VAE, and the LDM loss
+    vae_overrides: dict[str, Any] = field(default_factory=dict)
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # > 0: a patch discriminator's hinge loss, from step disc_start
+    disc_start: int = 0
+    # text2image (stage 2): the trained autoencoder file, the text encoder (CLIPTextConfig fields
+    # to change from the small default) and whether it trains with the U-Net (as in LDM)
+    vae_model: str | None = None
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    train_text_encoder: bool = True
+    model_dtype: str = "fp32"  # precision of the weights in model.safetensors (the states keep fp32)
     # model: a U-Net preset and the fields of its UNetConfig to change
     model: str = "DIGITS"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +75,17 @@ class TrainConfig:
         check_choice("prediction type", self.prediction, PREDICTIONS)
         check_choice("precision", self.precision, ("bf16", "fp32"))
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("task", self.task, TASKS)
+        check_choice("model_dtype", self.model_dtype, ("fp32", "fp16", "bf16"))
+        if self.task == "text2image" and self.vae_model is None:
+            raise ValueError("task 'text2image' trains on the latents of an autoencoder: set vae_model to the "
+                             "model.safetensors of an 'autoencoder' run")
+        if self.task != "pixel" and self.data == "digits":
+            raise ValueError(f"task {self.task!r} needs RGB data: 'shapes' or an image folder, not 'digits'")
+        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
+            raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
+        if self.data_size < 1:
+            raise ValueError(f"data_size must be >= 1, got {self.data_size}")
         resolve_sampler(self.sample_sampler)
         for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
                      "save_every", "keep_last", "sample_steps"):
@@ -109,7 +141,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 # Settings that do not change the training trajectory; a resumed run may change them freely.
-RESUMABLE_CHANGES = ("steps", "log_every", "sample_every", "save_every", "keep_last", "sample_sampler",
+RESUMABLE_CHANGES = ("steps", "model_dtype", "log_every", "sample_every", "save_every", "keep_last", "sample_sampler",
                      "sample_steps", "sample_cfg_scale")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,3 +71,45 @@ def make_data(name: str, image_size: int, channels: int) -> LabelledImages:
     if not Path(name).exists():
         raise FileNotFoundError(f"data set {name!r} is neither 'digits' nor an existing folder")
     return LabelledImages(ImageFolderDataset(name, image_size, channels=channels), None)
+
+
+class CaptionedImages:
+    """Images (N, 3, H, W) in [-1, 1] with captions, indexable by a batch of indices.
+    ``caption_of(i)``: item i's caption without loading its image."""
+
+    def __init__(self, dataset: Dataset, caption_of: Callable[[int], str]):
+        self.dataset, self.caption_of = dataset, caption_of
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, list[str]]:
+        items = [self.dataset[int(i)] for i in idx]
+        return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+    def captions(self, limit: int = 20_000) -> list[str]:
+        """Captions of up to ``limit`` items (spread over the set): the text a tokenizer must cover."""
+        step = max(1, len(self.dataset) // limit)
+        return [self.caption_of(i) for i in range(0, len(self.dataset), step)]
+
+
+def make_captioned_data(name: str, image_size: int, size: int, seed: int, center_crop: bool = True,
+                        need_captions: bool = True) -> CaptionedImages:
+    """"shapes" -> ``size`` procedural items from ``seed``; otherwise a captioned image folder."""
+    if name == "shapes":
+        from ..datasets.shapes import ShapesDataset, make_item
+
+        return CaptionedImages(ShapesDataset(size, size=image_size, seed=seed),
+                               lambda i: make_item(i, image_size, seed)[1])
+    from ..datasets.folder import ImageFolderDataset
+
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"data set {name!r} is neither 'shapes' nor an existing folder")
+    data = ImageFolderDataset(name, image_size, channels=3, center_crop=center_crop)
+    if need_captions:
+        uncaptioned = [i for i, text in enumerate(data.captions) if not text]
+        if uncaptioned:
+            raise ValueError(f"{name}: {len(uncaptioned)} of {len(data)} images have no caption; a text-to-image "
+                             "model needs one per image: a same-name .txt file beside it (kohya) or a "
+                             "metadata.jsonl with file_name and text (Hugging Face imagefolder)")
+    return CaptionedImages(data, data.captions.__getitem__)

@@ -1,4 +1,4 @@
-"""`unfog train`: the training loop for pixel-space diffusion models.
+"""`unfog train`: the training loop, and the trainer of pixel-space diffusion models.
 
 AdamW with linear LR warm-up, gradient clipping, EMA of the weights, bf16 autocast, condition
 dropout for classifier-free guidance, periodic sample grids, and atomic, resumable states.
@@ -7,24 +7,23 @@ dropout for classifier-free guidance, periodic sample grids, and atomic, resumab
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..diffusion import DiscreteSchedule
-from ..diffusion.losses import LossConfig, diffusion_loss
+from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.presets import get_preset
 from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.pixel import PixelDiffusion, PixelModelInfo
 from .config import TrainConfig, config_differences
-from .data import EpochBatches, LabelledImages, make_data
-from .ema import EMA
-from .state import list_states, load_state, save_state
+from .base import BaseTrainer
+from .data import LabelledImages, make_data
+from .state import list_states, load_state
 
 
 def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNetConfig:
@@ -37,80 +36,35 @@ def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNe
         raise ValueError(f"model_overrides: {err}; valid keys: {', '.join(UNetConfig.__dataclass_fields__)}") from None
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.lr_schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
+class Trainer(BaseTrainer):
+    """A pixel-space U-Net: class-conditional on digits (with a null class for CFG), or
+    unconditional on an image folder."""
 
-
-class Trainer:
-    def __init__(self, config: TrainConfig, device: str | None = None):
-        self.config = config
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def build(self) -> None:
+        config = self.config
         channels = 1 if config.data == "digits" else 3
         self.data = make_data(config.data, config.image_size, channels)
         torch.manual_seed(config.seed)  # initial weights and dropout
-        self.model = UNet(unet_config(config, self.data, channels)).to(self.device)
-        self.ema = EMA(self.model, config.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
-        self.batches = EpochBatches(len(self.data), config.batch_size, config.seed)
-        self.noise_gen = torch.Generator().manual_seed(config.seed + 1)  # timesteps, noise, label dropout
-        self.schedule = DiscreteSchedule.make(config.schedule, config.num_timesteps, zero_terminal_snr=config.zero_terminal_snr)
-        self.loss_config = LossConfig(config.prediction, config.min_snr_gamma, config.offset_noise)
+        self.unet = UNet(unet_config(config, self.data, channels)).to(self.device)
         self.info = PixelModelInfo(config.image_size, channels, config.schedule, config.num_timesteps,
                                    config.zero_terminal_snr, config.prediction, self.data.num_classes,
                                    tuple(str(k) for k in range(self.data.num_classes)) if self.data.num_classes else None)
-        self.step = 0
-        self.out = Path(config.out_dir)
 
-    # ---- one optimisation step ------------------------------------------------------------------
-    def train_step(self) -> float:
-        x0, y = self.data.batch(self.batches.next())
+    def trainable(self) -> nn.Module:
+        return self.unet
+
+    def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
+        g, b, mine = self.noise_gen, idx.numel(), self.world.local_slice(idx.numel())
+        x0, y = self.data.batch(idx[mine])
         kwargs = {}
-        if y is not None:
-            drop = torch.rand(y.shape[0], generator=self.noise_gen) < self.config.cond_dropout
+        if y is not None:  # label dropout: the null class trains the unconditional model
+            drop = torch.rand(b, generator=g)[mine] < self.config.cond_dropout
             kwargs["y"] = torch.where(drop, self.data.num_classes, y).to(self.device)
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            loss = diffusion_loss(self.model, x0.to(self.device), self.schedule, self.loss_config,
-                                  generator=self.noise_gen, **kwargs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.lr_sched.step()
-        self.ema.update(self.model)
-        self.step += 1
-        return loss.item()
+        t, noise = draw_noise((b, *x0.shape[1:]), self.schedule, self.loss_config, g)
+        return diffusion_loss(model, x0.to(self.device), self.schedule, self.loss_config,
+                              t=t[mine], noise=noise[mine], **kwargs)
 
-    # ---- state ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step, "config": self.config.to_dict(), "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "lr_sched": self.lr_sched.state_dict(), "batches": self.batches.state_dict(),
-            "noise_gen": self.noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_sched.load_state_dict(state["lr_sched"])
-        self.batches.load_state_dict(state["batches"])
-        self.noise_gen.set_state(state["noise_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-    def save(self) -> None:
-        save_state(self.out / "states", self.step, self.state_dict(), self.config.keep_last)
+    def save_model(self) -> None:
         self.ema_pipeline().save(self.out / "model.safetensors",
                                  extra={"train_config": self.config.to_dict(), "step": self.step})
 
@@ -133,7 +87,20 @@ class Trainer:
                  overwrite=True)
 
 
-def _resume(trainer: Trainer, force: bool) -> None:
+def make_trainer(config: TrainConfig, device: str | None = None) -> BaseTrainer:
+    """The trainer of the config's task."""
+    if config.task == "autoencoder":
+        from .autoencoder import AutoencoderTrainer
+
+        return AutoencoderTrainer(config, device)
+    if config.task == "text2image":
+        from .text2image import TextToImageTrainer
+
+        return TextToImageTrainer(config, device)
+    return Trainer(config, device)
+
+
+def _resume(trainer: BaseTrainer, force: bool) -> None:
     states = list_states(trainer.out / "states")
     if not states:
         raise FileNotFoundError(f"nothing to resume: no training state in {trainer.out / 'states'}")
@@ -147,21 +114,24 @@ def _resume(trainer: Trainer, force: bool) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False,
           progress: bool = True, device: str | None = None) -> Path:
-    """Train (or resume) the run of ``config``; returns the path of the final model file."""
+    """Train (or resume) the run of ``config``; returns the path of the final model file.
+    Under torchrun every process calls this; rank 0 alone writes files and shows progress."""
     out = Path(config.out_dir)
     if list_states(out / "states") and not (resume or overwrite):
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it "
                               "or --overwrite to start again")
-    trainer = Trainer(config, device)
+    trainer = make_trainer(config, device)
+    main = trainer.world.is_main
     if resume:
         _resume(trainer, force)
-    elif overwrite:
+    elif overwrite and main:
         for old in list_states(out / "states"):
             old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    log = (out / "log.jsonl").open("a")
-    bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="train", unit="it")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    log = (out / "log.jsonl").open("a") if main else None
+    bar = tqdm(total=config.steps, initial=trainer.step, disable=not (progress and main), desc="train", unit="it")
     smooth, t0 = None, time.perf_counter()
     try:
         while trainer.step < config.steps:
@@ -169,7 +139,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{trainer.lr_sched.get_last_lr()[0]:.2e}")
-            if trainer.step % config.log_every == 0:
+            if log is not None and trainer.step % config.log_every == 0:
                 log.write(json.dumps({"step": trainer.step, "loss": loss, "loss_smooth": smooth,
                                       "lr": trainer.lr_sched.get_last_lr()[0],
                                       "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
@@ -177,14 +147,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             last = trainer.step == config.steps
             if trainer.step % config.save_every == 0 or last:
                 trainer.save()
-            if trainer.step % config.sample_every == 0 or last:
+            if main and (trainer.step % config.sample_every == 0 or last):
                 trainer.sample_grid()
     except KeyboardInterrupt:
         trainer.save()
         bar.close()
-        print(f"\ninterrupted: state saved at step {trainer.step} in {out / 'states'}; resume with --resume")
+        if main:
+            print(f"\ninterrupted: state saved at step {trainer.step} in {out / 'states'}; resume with --resume")
         raise
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return out / "model.safetensors"

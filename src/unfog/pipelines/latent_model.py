@@ -1,0 +1,133 @@
+"""unfog's own latent text-to-image models (``unfog train``, task "text2image"): one file.
+
+The file is one safetensors file holding the three trained networks under prefixes
+(``unet.``, ``vae.``, ``text_encoder.``) and the tokenizer's kept CLIP ids
+(``tokenizer.kept_ids``, see ``SubVocabTokenizer``); the metadata holds each network's config,
+the noise schedule and prediction type, and the native image size. It loads as a
+``StableDiffusion`` pipeline of the "sd1" family (one CLIP-style encoder whose last layer is
+the context), so txt2img, img2img, inpainting, long prompts and emphasis all work on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.io import load_safetensors, save_safetensors
+from ..diffusion import DiscreteSchedule
+from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
+from ..models.unet import UNet, UNetConfig
+from ..models.vae import AutoencoderKL, VAEConfig
+
+FORMAT = "unfog.text2image.v1"
+VAE_FORMAT = "unfog.autoencoder.v1"
+PARTS = ("unet", "vae", "text_encoder")
+
+
+@dataclass(frozen=True)
+class LatentModelInfo:
+    image_size: int  # the side the model was trained at, its default
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"
+
+    def make_schedule(self) -> DiscreteSchedule:
+        return DiscreteSchedule.make(self.schedule, self.num_timesteps, self.beta_start, self.beta_end,
+                                     zero_terminal_snr=self.zero_terminal_snr)
+
+
+def _format_of(path: Path) -> str | None:
+    """The ``format`` metadata of a safetensors file (header only), or None."""
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None  # the loader says what is wrong with it
+    raw = meta.get("format")
+    return json.loads(raw) if raw else None
+
+
+def is_text2image_model(path: str | Path) -> bool:
+    return _format_of(Path(path)) == FORMAT
+
+
+def recommended_settings(path: str | Path) -> dict[str, Any]:
+    """The sampling settings a text-to-image model file recommends (its ``defaults`` metadata:
+    sampler, steps, cfg_scale), or {} for any other file."""
+    path = Path(path)
+    if _format_of(path) != FORMAT:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("defaults")
+    return json.loads(raw) if raw else {}
+
+
+def save_text2image(path: str | Path, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,
+                    tokenizer: SubVocabTokenizer, info: LatentModelInfo, extra: dict[str, Any] | None = None,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Write the model file (atomically). ``dtype`` is the stored precision of the weights."""
+    tensors = {f"{name}.{k}": v.detach().to("cpu", dtype) for name, module in
+               (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)) for k, v in module.state_dict().items()}
+    tensors["tokenizer.kept_ids"] = torch.tensor(tokenizer.kept_ids, dtype=torch.int64)
+    meta = {"format": FORMAT, "unet": asdict(unet.config), "vae": asdict(vae.config),
+            "text_encoder": asdict(text_encoder.config), "info": asdict(info), **(extra or {})}
+    save_safetensors(path, tensors, meta)
+
+
+def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(unet, vae, text_encoder, tokenizer, info, metadata) of a text-to-image model file."""
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an unfog text-to-image model (metadata format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    modules = {"unet": UNet(UNetConfig(**meta["unet"])), "vae": AutoencoderKL(VAEConfig(**meta["vae"])),
+               "text_encoder": CLIPTextEncoder(CLIPTextConfig(**meta["text_encoder"]))}
+    for name, module in modules.items():
+        part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        module.load_state_dict(part, strict=True)
+        module.to(dtype).eval()
+    tokenizer = SubVocabTokenizer(CLIPTokenizer.from_bpe_file(), tensors["tokenizer.kept_ids"].tolist())
+    return modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, LatentModelInfo(**meta["info"]), meta
+
+
+def load_text2image(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The ``StableDiffusion`` pipeline of an unfog text-to-image model file."""
+    from .stable_diffusion import StableDiffusion
+
+    unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
+    return StableDiffusion(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
+                           prediction=info.prediction, native_size=info.image_size).to(device)
+
+
+def save_autoencoder(path: str | Path, vae: AutoencoderKL, extra: dict[str, Any] | None = None) -> None:
+    """A trained autoencoder (stage 1): its weights and config, the scaling factor included."""
+    save_safetensors(path, {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+                     {"format": VAE_FORMAT, "vae": asdict(vae.config), **(extra or {})})
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder file not found: {path} (train one with a config whose task is "
+                                "'autoencoder', e.g. `unfog train configs/shapes_vae.json`)")
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != VAE_FORMAT:
+        raise ValueError(f"{path} is not an unfog autoencoder (metadata format {meta.get('format')!r}, "
+                         f"expected {VAE_FORMAT!r})")
+    vae = AutoencoderKL(VAEConfig(**meta["vae"]))
+    vae.load_state_dict(tensors, strict=True)
+    return vae.eval()

@@ -1,0 +1,238 @@
+"""Latent text-to-image training: the autoencoder stage, the text-to-image stage, the model file,
+exact resume (also after SIGKILL), and data-parallel training under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import unfog
+from unfog.conditioning import encode_prompt
+from unfog.models.tokenizer import CLIPTokenizer, SubVocabTokenizer
+from unfog.models.vae import DiagonalGaussian
+from unfog.pipelines.generate import Job, run
+from unfog.pipelines.latent_model import load_autoencoder, load_parts, recommended_settings
+from unfog.pipelines.outputs import Settings
+from unfog.training import load_config, make_trainer, train
+from unfog.training.autoencoder import kl_to_standard_normal
+
+ROOT = Path(__file__).resolve().parents[2]
+VAE = ["task=autoencoder", "data=shapes", "image_size=32", "data_size=64", "batch_size=4", "precision=fp32",
+       'vae_overrides={"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1}', "warmup_steps=1",
+       "log_every=1", "lr=0.001"]
+T2I = ["task=text2image", "data=shapes", "image_size=32", "data_size=64", "batch_size=4", "precision=fp32",
+       "model=TINY", 'text_encoder={"width": 32, "layers": 2, "heads": 2}', "prediction=v", "schedule=scaled_linear",
+       "warmup_steps=1", "log_every=1", "sample_steps=2", "sample_every=1000", "lr=0.001"]
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    return train(load_config(None, VAE + ["steps=2", f"out_dir={out}"]), progress=False)
+
+
+def t2i_config(vae_file, out, *extra):
+    return load_config(None, T2I + [f"vae_model={vae_file}", f"out_dir={out}", *extra])
+
+
+# ---- tokenizer and conditioning -------------------------------------------------------------------------
+
+
+def test_sub_vocabulary_renumbers_clip_ids():
+    base = CLIPTokenizer.from_bpe_file()
+    tok = SubVocabTokenizer.from_texts(base, ["a red circle above a blue square"])
+    kept = list(tok.kept_ids)
+    text = "a blue circle above a red square"  # every token seen
+    assert tok.encode(text) == [kept.index(i) + 1 for i in base.encode(text)]
+    assert tok.eos_id == tok.vocab_size - 1 == max(tok.vocab.values())  # argmax pooling finds the end
+    assert tok.encode("a green cat")[0] == kept.index(base.encode("a")[0]) + 1
+    assert tok.encode("a green cat")[1:] == [0, 0]  # unknown
+    assert tok.unknown_words("a green cat, red") == ["green", "cat"]
+
+
+def test_training_context_is_the_pipelines_context(vae_file, tmp_path):
+    trainer = make_trainer(t2i_config(vae_file, tmp_path / "run"))
+    te, tok = trainer.net.text_encoder.eval(), trainer.tokenizer
+    captions = ["a red circle to the left of a blue square", ""]
+    with torch.no_grad():
+        trained_on = te(tok(captions, pad="eos").input_ids).last_hidden_state
+        at_inference = encode_prompt("sd1", [te], tok, captions).context
+    torch.testing.assert_close(trained_on, at_inference, rtol=0, atol=0)
+
+
+# ---- autoencoder ---------------------------------------------------------------------------------------
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    moments = torch.randn(3, 8, 4, 4, generator=g)
+    q = DiagonalGaussian(moments)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(q.mean, q.std),
+                                            torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    torch.testing.assert_close(kl_to_standard_normal(q), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autoencoder_file_scales_latents_to_unit_std(vae_file):
+    vae = load_autoencoder(vae_file)
+    from unfog.datasets.shapes import ShapesDataset
+
+    data = ShapesDataset(48, size=32, seed=123)  # other images than the ones it was measured on
+    x = torch.stack([data[i]["image"] for i in range(48)])
+    with torch.no_grad():
+        z = vae.encode(x).sample(torch.Generator().manual_seed(1)) * vae.config.scaling_factor
+    assert 0.8 < z.std().item() < 1.25
+    meta = json.loads((Path(vae_file).parent / "config.json").read_text())
+    assert meta["task"] == "autoencoder"
+
+
+def test_autoencoder_with_discriminator_trains_and_resumes(tmp_path):
+    cfg = load_config(None, VAE + ["steps=2", "disc_weight=0.1", f"out_dir={tmp_path / 'run'}", "save_every=1"])
+    train(cfg, progress=False)
+    state = torch.load(sorted((tmp_path / "run" / "states").iterdir())[-1], weights_only=True)
+    assert {"disc", "disc_opt"} <= set(state)
+    train(load_config(None, VAE + ["steps=3", "disc_weight=0.1", f"out_dir={tmp_path / 'run'}"]), resume=True,
+          progress=False)
+
+
+# ---- text-to-image: the file, the pipeline and bad input -----------------------------------------------
+
+
+def test_text2image_model_loads_as_a_pipeline(vae_file, tmp_path):
+    path = train(t2i_config(vae_file, tmp_path / "run", "steps=2"), progress=False)
+    pipe = unfog.load(path)
+    assert pipe.default_size == 32 and pipe.prediction == "v"
+    images = pipe(["a red circle", ""], steps=2, cfg_scale=3, seed=1, output="tensor")
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert recommended_settings(path) == {"sampler": "dpmpp_2m", "steps": 2, "cfg_scale": 2.0}
+    unet, vae, te, tok, info, meta = load_parts(path, torch.bfloat16)
+    assert next(unet.parameters()).dtype == torch.bfloat16 and info.image_size == 32 and meta["step"] == 2
+
+
+def test_generate_warns_outside_the_domain_and_accepts_an_empty_prompt(vae_file, tmp_path):
+    path = train(t2i_config(vae_file, tmp_path / "run", "steps=1"), progress=False)
+    warnings = []
+    for prompt in ("a photo of a cat", ""):
+        settings = Settings(prompt=prompt, steps=2, seed=3, sampler="euler")
+        job = Job("txt2img", settings, path, output=str(tmp_path / f"out{len(warnings)}.png"))
+        (written,) = run(job, warn=warnings.append)
+        assert written.is_file()
+    assert len(warnings) == 1 and "outside this model's training domain: cat, photo" in warnings[0]
+
+
+def test_folder_without_captions_is_an_error(vae_file, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("a red thing")
+    with pytest.raises(ValueError, match=r"2 of 3 images have no caption.*\.txt file beside it.*metadata\.jsonl"):
+        make_trainer(t2i_config(vae_file, tmp_path / "run", f"data={folder}"))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="set vae_model"):
+        load_config(None, ["task=text2image", "data=shapes"])
+    with pytest.raises(ValueError, match="valid choices: pixel, autoencoder, text2image"):
+        load_config(None, ["task=vae"])
+    with pytest.raises(ValueError, match="needs RGB data"):
+        load_config(None, ["task=autoencoder"])
+    with pytest.raises(FileNotFoundError, match="autoencoder file not found.*shapes_vae.json"):
+        make_trainer(load_config(None, ["task=text2image", "data=shapes", "vae_model=/nonexistent.safetensors"]))
+
+
+# ---- exact resume ----------------------------------------------------------------------------------------
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_text2image_resume_is_bit_identical(vae_file, tmp_path):
+    straight = train(t2i_config(vae_file, tmp_path / "a", "steps=4", "save_every=2"), progress=False)
+    train(t2i_config(vae_file, tmp_path / "b", "steps=2", "save_every=2"), progress=False)
+    resumed = train(t2i_config(vae_file, tmp_path / "b", "steps=4", "save_every=2"), resume=True, progress=False)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from unfog.cli import main; sys.exit(main())", *args]
+
+
+def _write_config(path: Path, config) -> Path:
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(vae_file, tmp_path):
+    """A run killed with SIGKILL (no handler runs) resumes from its last atomic state and ends with
+    the weights of a run that was never interrupted."""
+    steps = ["steps=40", "save_every=5", "keep_last=2"]
+    straight = train(t2i_config(vae_file, tmp_path / "a", *steps), progress=False)
+
+    cfg = _write_config(tmp_path / "b.json", t2i_config(vae_file, tmp_path / "b", *steps))
+    proc = subprocess.Popen(_cli("train", str(cfg)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    states = tmp_path / "b" / "states"
+    deadline = time.monotonic() + 120
+    while not (states / "state_00000010.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no state written in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in states.iterdir())
+    assert "state_00000040.pt" not in left  # killed in the middle of the run
+    resumed = subprocess.run(_cli("train", str(cfg), "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(straight), _weights(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- data-parallel training --------------------------------------------------------------------------
+
+
+def test_two_processes_follow_the_one_process_trajectory(vae_file, tmp_path):
+    """torchrun --nproc_per_node 2 with global batch B (gloo, CPU) against one process with batch B:
+    the same losses at every step and the same final weights, within float tolerance."""
+    steps = ["steps=4", "batch_size=4", "save_every=4"]
+    one = train(t2i_config(vae_file, tmp_path / "one", *steps), progress=False)
+    cfg = _write_config(tmp_path / "two.json", t2i_config(vae_file, tmp_path / "two", *steps))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "unfog.cli", "train", str(cfg)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    torch.testing.assert_close(torch.tensor(log("two")), torch.tensor(log("one")), rtol=1e-5, atol=1e-6)
+    # Adam normalises each update by the gradient's running RMS, so a parameter whose gradient is
+    # near zero moves by up to lr per step whatever its size, and summation-order noise in such a
+    # gradient shows in its weight. Bound the weights by a tenth of one step (lr = 1e-3) instead.
+    a, b = _weights(one), _weights(tmp_path / "two" / "model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+
+
+def test_shapes_evaluation_scores_every_category(vae_file, tmp_path):
+    from unfog.datasets.shapes_text import CATEGORIES
+    from unfog.metrics.shapes_eval import evaluate, reference_features
+
+    pipe = unfog.load(train(t2i_config(vae_file, tmp_path / "run", "steps=1"), progress=False))
+    ref, floor = reference_features(pipe.vae, 30, 32)
+    s = evaluate(pipe, per_category=2, steps=2, cfg_scale=2.0, fid_reference=ref, real_floor=floor, progress=False)
+    assert set(s.adherence) == {*CATEGORIES, "overall"} and s.num_images == 2 * len(CATEGORIES)
+    assert all(0 <= v <= 1 for v in s.adherence.values())
+    assert s.fid > floor  # one training step: far from the real images
