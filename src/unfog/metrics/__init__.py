@@ -1,6 +1,7 @@
 """Evaluation: Fréchet distance (FID), the digit classifier whose features it uses here, the
-deterministic analyzer of the ``shapes`` data set (GenEval-style prompt adherence), and the
-metric networks and formulas of FID (Inception-v3), KID and the CLIP score (see docs/metrics.md)."""
+deterministic analyzer of the ``shapes`` data set (GenEval-style prompt adherence), prompt
+adherence over both (``adherence``), and the metric networks and formulas of FID (Inception-v3),
+KID and the CLIP score (see docs/metrics.md). Runs over models: ``unfog.evaluation``."""
 
 from unfog.metrics.digits_classifier import (
     DigitClassifier,
@@ -38,6 +39,7 @@ _LAZY = {
          "load_clip_model"),
         "clip_model",
     ),
+    **dict.fromkeys(("AdherenceResult", "DOMAINS", "make_scorer", "measure_adherence", "parse_digit"), "adherence"),
     # the mean score stays `unfog.metrics.clip_score.clip_score`: its name is the submodule's
     **dict.fromkeys(("clip_preprocess", "clip_score_from_embeddings", "clip_scores"), "clip_score"),
 }

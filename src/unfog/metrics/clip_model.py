@@ -232,6 +232,13 @@ def canonical_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 _FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def weights_help() -> str:
+    """Where to get CLIP weights: the text of every error about a missing model."""
+    return ("unfog downloads nothing; download a transformers CLIP model folder, e.g. the Hugging Face "
+            "repository openai/clip-vit-large-patch14 (config.json + model.safetensors; the model of "
+            "torchmetrics' CLIP score), and pass the folder")
+
+
 def load_clip_model(
     path: str | Path,
     config: CLIPConfig | None = None,
@@ -255,7 +262,7 @@ def load_clip_model(
             raise FileNotFoundError(f"{path} holds none of {', '.join(_FOLDER_WEIGHTS)}")
         path = files[0]
     elif not path.is_file():
-        raise FileNotFoundError(f"CLIP model not found: {path}")
+        raise FileNotFoundError(f"CLIP model not found: {path}. {weights_help()}")
     elif config is None:
         raise ValueError(f"{path}: a single CLIP file carries no config; pass config= (e.g. CLIP_VIT_L14)")
     tensors, _ = load_state_dict(path)

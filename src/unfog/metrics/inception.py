@@ -302,14 +302,18 @@ class FIDInceptionV3(nn.Module):
 _BOOKKEEPING = "num_batches_tracked"  # a training counter of BatchNorm; files may or may not carry it
 
 
-def _missing_weights_message(path: Path) -> str:
+def weights_help() -> str:
+    """Where to get the FID Inception weights: the text of every error about a missing file."""
     return (
-        f"FID Inception weights not found: {path}. unfog downloads nothing; fetch pytorch-fid's "
-        f"port of the TensorFlow 2015-12-05 Inception graph from {FID_WEIGHTS_URL} (95.6 MB, "
-        f"sha256 {FID_WEIGHTS_SHA256}; torch-fidelity serves the same file as "
-        f"weights-inception-2015-12-05-6726825d.pth) and pass its path. It is read without running "
-        f"any code from it."
+        f"unfog downloads nothing; fetch pytorch-fid's port of the TensorFlow 2015-12-05 Inception "
+        f"graph from {FID_WEIGHTS_URL} (95.6 MB, sha256 {FID_WEIGHTS_SHA256}; torch-fidelity serves "
+        f"the same file as weights-inception-2015-12-05-6726825d.pth) and pass its path. It is read "
+        f"without running any code from it."
     )
+
+
+def _missing_weights_message(path: Path) -> str:
+    return f"FID Inception weights not found: {path}. {weights_help()}"
 
 
 def sha256_of(path: str | Path) -> str:
