@@ -17,6 +17,9 @@ What each family reads from its text encoder(s) (``READOUTS``)::
 
 SDXL concatenates the two encoders' states along the feature axis (768 + 1280 = 2048) and takes
 bigG's projected pooled output (``text_embeds``) of the FIRST chunk as ``pooled``.
+``with_pooled=True`` gives ``pooled`` for the other families too, from their (last) encoder
+(``pooled_output``): unfog's own text-to-image models trained with ``size_conditioning`` build
+SDXL's vector ``y`` from it while encoding prompts as "sd1".
 
 CLIP skip. ``clip_skip=N`` means A1111's "CLIP skip": the states of ``hidden_states[-N]``, so 1
 is the last layer and 2 the penultimate (then ``final_layer_norm`` for the families that use it);
@@ -42,7 +45,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
-from unfog.models.clip_text import CLIPTextEncoder
+from unfog.models.clip_text import CLIPTextEncoder, CLIPTextOutput
 from unfog.models.tokenizer import CLIPTokenizer, Padding
 from unfog.nn.embeddings import timestep_embedding
 from unfog.prompt_parser import CHUNK_LENGTH, Chunk, tokenize_prompt
@@ -61,7 +64,8 @@ class Readout:
         layer, A1111's CLIP skip): ``hidden_states[-clip_skip]`` of a whole encoder.
     final_norm: pass those states through the encoder's ``final_layer_norm``.
     pad: how a chunk is padded after its EOS ("eos" or "zero", see ``CLIPTokenizer``).
-    pooled: this encoder supplies ``pooled`` (its projected pooled output, ``text_embeds``).
+    pooled: this encoder supplies ``pooled`` (``pooled_output``: its projected pooled output
+        ``text_embeds``, or the pooled state itself when it has no projection).
     """
 
     clip_skip: int
@@ -104,6 +108,7 @@ def encode_prompt(
     clip_skip: int | None = None,
     emphasis: Emphasis = "original",
     zero_empty_negative: bool | None = None,
+    with_pooled: bool = False,
 ) -> Conditioning:
     """Prompt(s) and negative prompt(s) -> ``Conditioning`` for ``family``.
 
@@ -112,6 +117,7 @@ def encode_prompt(
     zero_empty_negative: when every negative prompt is "", use zeros for the negative context
         and pooled output instead of encoding "". Default: on for the SDXL families (A1111 does
         this for SDXL; diffusers' SDXL base does it when no negative prompt is given).
+    with_pooled: fill ``pooled`` for "sd1" / "sd2" too (the SDXL families always have it).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
@@ -128,7 +134,7 @@ def encode_prompt(
     chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in prompts]
     negative_chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in negatives]
     n_chunks = max(len(c) for c in chunks + negative_chunks)
-    args = dict(clip_skip=clip_skip, emphasis=emphasis, n_chunks=n_chunks)
+    args = dict(clip_skip=clip_skip, emphasis=emphasis, n_chunks=n_chunks, with_pooled=with_pooled)
     cond = encode_chunked(family, encoders, tokenizer, chunks, **args)
     if zero_empty_negative and all(p == "" for p in negatives):
         uncond = PromptEmbeddings(*(None if t is None else torch.zeros_like(t) for t in cond))
@@ -146,19 +152,27 @@ def encode_chunked(
     clip_skip: int | None = None,
     emphasis: Emphasis = "original",
     n_chunks: int | None = None,
+    with_pooled: bool = False,
 ) -> PromptEmbeddings:
     """Chunked prompts (``prompt_parser.tokenize_prompt``) -> ``PromptEmbeddings``, each prompt
-    given empty chunks up to ``n_chunks`` (default: the most any prompt has)."""
+    given empty chunks up to ``n_chunks`` (default: the most any prompt has). ``with_pooled``:
+    the last encoder supplies ``pooled`` whatever the family (see ``encode_prompt``)."""
     readouts = _readouts(family, encoders, clip_skip)
+    if with_pooled:
+        last = encoders[-1].config
+        if last.layers < last.depth:
+            raise ValueError(f"with_pooled needs the pooled output of a whole text encoder; this one keeps only "
+                             f"{last.layers} of its {last.depth} layers")
+        readouts = (*readouts[:-1], replace(readouts[-1], pooled=True))
     n_chunks = max(len(c) for c in chunks) if n_chunks is None else n_chunks
     contexts, pooled = [], None
     for encoder, readout in zip(encoders, readouts):
         ids, weights = chunk_tensors(chunks, n_chunks, tokenizer, readout.pad)
         device = encoder.embeddings.token_embedding.weight.device
-        context, text_embeds = encode_chunks(encoder, ids.to(device), weights.to(device), readout, emphasis)
+        context, first_pooled = encode_chunks(encoder, ids.to(device), weights.to(device), readout, emphasis)
         contexts.append(context)
         if readout.pooled:
-            pooled = text_embeds
+            pooled = first_pooled
     return PromptEmbeddings(torch.cat(contexts, dim=-1), pooled)  # (B, 77 * K, sum of widths)
 
 
@@ -194,16 +208,22 @@ def chunk_tensors(
 def encode_chunks(
     encoder: CLIPTextEncoder, ids: torch.Tensor, weights: torch.Tensor, readout: Readout, emphasis: Emphasis
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ids, weights (B, K, 77) -> context (B, 77 * K, W) and the first chunk's ``text_embeds``
-    (B, P), or None when the encoder has no projection. Chunks are encoded independently."""
+    """ids, weights (B, K, 77) -> context (B, 77 * K, W) and the first chunk's ``pooled_output``
+    (B, P). Chunks are encoded independently."""
     b, k, length = ids.shape
     out = encoder(ids.reshape(b * k, length))
     z = out.hidden_states[encoder.config.depth + 1 - readout.clip_skip]  # (B * K, 77, W); [0] = embeddings
     if readout.final_norm:
         z = encoder.final_layer_norm(z)
     z = apply_emphasis(z, weights.reshape(b * k, length), emphasis)
-    text_embeds = None if out.text_embeds is None else out.text_embeds.reshape(b, k, -1)[:, 0]  # (B, P)
-    return z.reshape(b, k * length, z.shape[-1]), text_embeds
+    first_pooled = pooled_output(out).reshape(b, k, -1)[:, 0]  # (B, P)
+    return z.reshape(b, k * length, z.shape[-1]), first_pooled
+
+
+def pooled_output(out: CLIPTextOutput) -> torch.Tensor:
+    """The pooled output a vector conditioning reads: ``text_embeds`` (B, P) when the encoder has a
+    projection, else the final-normed end-of-text state ``pooled`` (B, W)."""
+    return out.pooled if out.text_embeds is None else out.text_embeds
 
 
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -> torch.Tensor:
@@ -223,18 +243,18 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -
     return weighted * ratio.to(z.dtype)
 
 
-def sdxl_vector_cond(
-    pooled: torch.Tensor,
-    original_size: tuple[int, int],
-    crop_coords: tuple[int, int],
-    target_size: tuple[int, int],
-) -> torch.Tensor:
+Pair = tuple[int, int] | torch.Tensor  # one (a, b) for the whole batch, or a (B, 2) tensor of one per sample
+
+
+def sdxl_vector_cond(pooled: torch.Tensor, original_size: Pair, crop_coords: Pair, target_size: Pair) -> torch.Tensor:
     """SDXL base's ``y`` (B, P + 6 * 256): the pooled bigG output, then the sinusoidal embedding
     (``timestep_embedding``, 256 features) of each of original (height, width), crop (top,
     left) and target (height, width). For the official model P = 1280 and y is 2816 wide.
 
-    pooled: (B, P). The values are those of diffusers' ``add_time_ids``, in its order."""
-    return _with_fourier(pooled, [*original_size, *crop_coords, *target_size])
+    pooled: (B, P). The values are those of diffusers' ``add_time_ids``, in its order. Each pair
+    is one tuple for the whole batch (inference) or a (B, 2) tensor, one row per sample
+    (training on images of many sizes)."""
+    return _with_fourier(pooled, [original_size, crop_coords, target_size])
 
 
 def sdxl_refiner_vector_cond(
@@ -246,15 +266,24 @@ def sdxl_refiner_vector_cond(
     """The SDXL refiner's ``y`` (B, P + 5 * 256), 2560 wide for the official model: pooled, then
     the embeddings of original (height, width), crop (top, left) and the aesthetic score (A1111
     and diffusers use 6.0 for the prompt and 2.5 for the negative prompt)."""
-    return _with_fourier(pooled, [*original_size, *crop_coords, aesthetic_score])
+    return _with_fourier(pooled, [original_size, crop_coords, (aesthetic_score,)])
 
 
-def _with_fourier(pooled: torch.Tensor, values: list[float]) -> torch.Tensor:
+def _with_fourier(pooled: torch.Tensor, groups: list) -> torch.Tensor:
+    """[pooled, Fourier features of every value]: each group is a tuple of numbers for the whole
+    batch or a (B, k) tensor of one row per sample."""
     if pooled.ndim != 2:
         raise ValueError(f"pooled must be (batch, features), got shape {tuple(pooled.shape)}")
-    v = torch.tensor(values, dtype=torch.float32, device=pooled.device)  # (n,)
-    emb = timestep_embedding(v, SIZE_EMBED_DIM).reshape(1, -1)  # (1, n * 256)
-    return torch.cat([pooled, emb.to(pooled.dtype).expand(pooled.shape[0], -1)], dim=-1)
+    b = pooled.shape[0]
+    rows = [torch.as_tensor(g, dtype=torch.float32).to(pooled.device) for g in groups]
+    rows = [r.reshape(1, -1) if r.ndim < 2 else r for r in rows]  # (1, k) or (B, k)
+    if any(r.ndim != 2 or r.shape[0] not in (1, b) for r in rows):
+        raise ValueError(f"sizes must be pairs or (batch, 2) tensors for a batch of {b}, got shapes "
+                         f"{[tuple(torch.as_tensor(g).shape) for g in groups]}")
+    n_rows = max(r.shape[0] for r in rows)  # 1 when the values are the whole batch's
+    v = torch.cat([r.expand(n_rows, -1) for r in rows], dim=1)  # (1 | B, n)
+    emb = timestep_embedding(v.flatten(), SIZE_EMBED_DIM).reshape(v.shape[0], -1)  # (1 | B, n * 256)
+    return torch.cat([pooled, emb.to(pooled.dtype).expand(b, -1)], dim=-1)
 
 
 def _readouts(family: str, encoders: Sequence[CLIPTextEncoder], clip_skip: int | None) -> tuple[Readout, ...]:

@@ -265,6 +265,19 @@ def test_sd1_emphasis_on_an_encoder(tok, clip_l):
     assert torch.allclose(cond.negative_context[0], neg, atol=1e-6)
 
 
+def test_with_pooled_gives_sd1_the_first_chunks_pooled_output(tok, clip_l, big_g):
+    prompt = cats(80)  # two chunks: the first is pooled
+    with torch.no_grad():
+        plain = encode_prompt("sd1", [clip_l], tok, prompt, "dog")
+        cond = encode_prompt("sd1", [clip_l], tok, prompt, "dog", with_pooled=True)
+        first = clip_l(torch.tensor([padded(tok, [CAT] * 75, EOS_ID), padded(tok, tok.encode("dog"), EOS_ID)]))
+        projected = encode_prompt("sd2", [big_g], tok, prompt, with_pooled=True)
+    assert plain.pooled is None and torch.equal(cond.context, plain.context)
+    assert torch.allclose(cond.pooled, first.pooled[:1], atol=1e-6)  # no projection: the EOS state
+    assert torch.allclose(cond.negative_pooled, first.pooled[1:], atol=1e-6)
+    assert projected.pooled.shape == (1, 40)  # a projection: text_embeds
+
+
 def test_long_prompt_chunks_and_negative_padding(tok, clip_l):
     prompt = cats(80) + " (dog:1.2)"  # chunks: 75 cats | 5 cats + dog
     with torch.no_grad():

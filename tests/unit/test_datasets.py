@@ -135,7 +135,8 @@ def test_folder_items(mixed_folder, channels):
     assert len(ds) == 7 and ds.skipped == ()
     for i in range(len(ds)):
         item = ds[i]
-        assert set(item) == {"image", "caption"}
+        assert set(item) == {"image", "caption", "original_size", "crop_top_left", "target_size"}
+        assert item["original_size"] == ds.sizes[i] and item["target_size"] == (16, 16)
         x = item["image"]
         assert x.shape == (channels, 16, 16) and x.dtype == torch.float32
         assert x.min() >= -1.0 and x.max() <= 1.0

@@ -1,10 +1,14 @@
 """A folder of images, optionally captioned, as a torch Dataset for training.
 
 Every PNG / JPEG / WebP file under ``root`` (recursively; hidden files and folders are
-ignored) becomes one item ``{"image": (C, size, size) float32 in [-1, 1], "caption": str}``.
+ignored) becomes one item ``{"image": (C, size, size) float32 in [-1, 1], "caption": str,
+"original_size": (h, w), "crop_top_left": (top, left), "target_size": (size, size)}``.
 An image of any size is resized so its shorter side is ``size`` (bicubic) and then cropped
 to ``size`` x ``size``: centred, or at a random position if ``center_crop=False`` (the
-diffusers training-script convention).
+diffusers training-script convention). ``item(i, target=(h, w))`` crops to another size (an
+aspect-ratio bucket, ``buckets.py``): the image is resized to cover it, then cropped. The sizes
+are SDXL's micro-conditioning: ``original_size`` is the file's (after its EXIF rotation),
+``crop_top_left`` the crop's offset in the resized image, ``target_size`` the crop's size.
 
 Captions, optional (``""`` where none is found), come from either convention:
 
@@ -20,8 +24,9 @@ training run an hour later. A full decode (not just PIL's ``verify()``, which do
 JPEG or WebP pixel data) catches truncated files; JPEGs are decoded at reduced scale to keep
 this cheap.
 
-Randomness (``random_flip``, ``center_crop=False``) draws from torch's global generator,
-which ``torch.manual_seed`` and the DataLoader's per-worker seeding control.
+Randomness (``random_flip``, ``center_crop=False``) draws from the ``generator`` given to
+``item``, else (indexing) from torch's global generator, which ``torch.manual_seed`` and the
+DataLoader's per-worker seeding control.
 """
 
 from __future__ import annotations
@@ -94,15 +99,22 @@ def _caption_for(path: Path, metadata: dict[Path, str]) -> str:
     return metadata.get(path.resolve(), "")
 
 
-def _check_readable(path: Path, size: int) -> str | None:
-    """None if the file decodes fully, else the reason it does not."""
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _probe(path: Path, size: int) -> tuple[tuple[int, int] | None, str | None]:
+    """((height, width) after the EXIF rotation, None) if the file decodes fully, else
+    (None, the reason it does not)."""
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+                w, h = h, w
             img.draft("RGB", (size, size))  # JPEG only: decode at 1/2..1/8 scale; no-op otherwise
             img.load()
     except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError, ...
-        return f"{type(e).__name__}: {e}"
-    return None
+        return None, f"{type(e).__name__}: {e}"
+    return (h, w), None
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
@@ -116,18 +128,22 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+def _resize_to_cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """The smallest (aspect-preserving, bicubic) resize that covers ``target`` (height, width);
+    for a square target, the shorter side becomes its side."""
+    (w, h), (th, tw) = img.size, target
+    scale = max(tw / w, th / h)
+    new = (max(tw, round(w * scale)), max(th, round(h * scale)))
     return img if new == (w, h) else img.resize(new, resample=Image.Resampling.BICUBIC)
 
 
 class ImageFolderDataset(Dataset):
-    """Images (and captions) under ``root``: item = ``{"image": (C, size, size), "caption": str}``.
+    """Images (and captions) under ``root``: item = ``{"image": (C, size, size), "caption": str,
+    "original_size", "crop_top_left", "target_size"}`` (see the module docstring).
 
-    Attributes: ``files`` (the readable images, sorted), ``captions`` (one per file),
-    ``skipped`` (a ``SkippedFile`` per unreadable file).
+    Attributes: ``files`` (the readable images, sorted), ``captions`` (one per file), ``sizes``
+    ((height, width) of each file, EXIF rotation applied), ``skipped`` (a ``SkippedFile`` per
+    unreadable file).
     """
 
     def __init__(
@@ -154,11 +170,12 @@ class ImageFolderDataset(Dataset):
 
         self.root, self.size, self.channels = root, size, channels
         self.center_crop, self.random_flip = center_crop, random_flip
-        files, skipped = [], []
+        files, sizes, skipped = [], [], []
         for path in candidates:
-            reason = _check_readable(path, size)
+            hw, reason = _probe(path, size)
             if reason is None:
                 files.append(path)
+                sizes.append(hw)
             else:
                 skipped.append(SkippedFile(path, reason))
         if not files:
@@ -174,35 +191,49 @@ class ImageFolderDataset(Dataset):
         metadata = _read_metadata(root)
         self.files: tuple[Path, ...] = tuple(files)
         self.captions: tuple[str, ...] = tuple(_caption_for(p, metadata) for p in files)
+        self.sizes: tuple[tuple[int, int], ...] = tuple(sizes)
         self.skipped: tuple[SkippedFile, ...] = tuple(skipped)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str]:
-        return {"image": self.load_image(self.files[i]), "caption": self.captions[i]}
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | str | tuple[int, int]]:
+        return self.item(i)
 
-    def load_image(self, path: Path) -> torch.Tensor:
-        """(C, size, size) float32 in [-1, 1], with this dataset's crop and flip."""
+    def item(self, i: int, target: tuple[int, int] | None = None,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor | str | tuple[int, int]]:
+        """Item ``i`` cropped to ``target`` (height, width; default ``(size, size)``); a random
+        crop and flip draw from ``generator`` (default: torch's global generator)."""
+        image, original, crop = self.load_image(self.files[i], target, generator)
+        return {"image": image, "caption": self.captions[i], "original_size": original, "crop_top_left": crop,
+                "target_size": tuple(image.shape[-2:])}
+
+    def load_image(self, path: Path, target: tuple[int, int] | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """(C, h, w) float32 in [-1, 1] with this dataset's crop and flip, (h, w) = ``target`` or
+        (size, size); the file's (height, width); the crop's (top, left) in the resized image."""
+        th, tw = target or (self.size, self.size)
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # camera JPEGs: apply the EXIF rotation
             img = _to_mode(img, _MODE_FOR_CHANNELS[self.channels])
-        img = _resize_shorter_side(img, self.size)
-        img = img.crop(self._crop_box(*img.size))
+        original = (img.height, img.width)
+        img = _resize_to_cover(img, (th, tw))
+        top, left = self._crop_top_left(img.height - th, img.width - tw, generator)
+        img = img.crop((left, top, left + tw, top + th))
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W) or (H, W, 3)
-        x = x.reshape(self.size, self.size, self.channels).permute(2, 0, 1)  # (C, H, W)
+        x = x.reshape(th, tw, self.channels).permute(2, 0, 1)  # (C, H, W)
         x = x.float() / 127.5 - 1.0
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and torch.rand((), generator=generator) < 0.5:
             x = x.flip(-1)
-        return x
+        return x, original, (top, left)
 
-    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+    def _crop_top_left(self, spare_h: int, spare_w: int, generator: torch.Generator | None) -> tuple[int, int]:
+        """(top, left) of the crop, given how many rows and columns the resize left over."""
         if self.center_crop:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-        else:
-            left = int(torch.randint(w - self.size + 1, ()))
-            top = int(torch.randint(h - self.size + 1, ()))
-        return left, top, left + self.size, top + self.size
+            return spare_h // 2, spare_w // 2
+        left = int(torch.randint(spare_w + 1, (), generator=generator))  # left first: the order of earlier versions
+        top = int(torch.randint(spare_h + 1, (), generator=generator))
+        return top, left
 
     def __repr__(self) -> str:
         return (

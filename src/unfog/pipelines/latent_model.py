@@ -5,7 +5,9 @@ The file is one safetensors file holding the three trained networks under prefix
 (``tokenizer.kept_ids``, see ``SubVocabTokenizer``); the metadata holds each network's config,
 the noise schedule and prediction type, and the native image size. It loads as a
 ``StableDiffusion`` pipeline of the "sd1" family (one CLIP-style encoder whose last layer is
-the context), so txt2img, img2img, inpainting, long prompts and emphasis all work on it.
+the context), so txt2img, img2img, inpainting, long prompts and emphasis all work on it. A model
+trained with ``size_conditioning`` says so in ``info``; its pipeline builds SDXL's vector ``y``
+from the encoder's pooled output and the call's sizes (``StableDiffusion(size_conditioning=True)``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LatentModelInfo:
     beta_end: float = 0.012
     zero_terminal_snr: bool = False
     prediction: str = "eps"
+    size_conditioning: bool = False  # the U-Net takes SDXL's y (pooled text output + sizes)
 
     def make_schedule(self) -> DiscreteSchedule:
         return DiscreteSchedule.make(self.schedule, self.num_timesteps, self.beta_start, self.beta_end,
@@ -110,7 +113,8 @@ def load_text2image(path: str | Path, dtype: torch.dtype = torch.float32, device
 
     unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
     return StableDiffusion(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
-                           prediction=info.prediction, native_size=info.image_size).to(device)
+                           prediction=info.prediction, native_size=info.image_size,
+                           size_conditioning=info.size_conditioning).to(device)
 
 
 def save_autoencoder(path: str | Path, vae: AutoencoderKL, extra: dict[str, Any] | None = None) -> None:

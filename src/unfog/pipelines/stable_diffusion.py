@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from ..conditioning import encode_prompt
+from ..conditioning import SIZE_EMBED_DIM, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler)
 from ..diffusion.schedules import check_choice
@@ -57,12 +57,16 @@ class StableDiffusion:
         float32 for a float16 U-Net (fp16 VAE decoders overflow), else to the U-Net's dtype.
     native_size: the default image side (None: the family's, 512 / 768 / 1024); unfog's own
         text-to-image models set the size they were trained at.
+    size_conditioning: an "sd1" / "sd2" model whose U-Net also takes SDXL's vector ``y`` (unfog's
+        own models trained with ``size_conditioning``): y = [the text encoder's pooled output,
+        Fourier features of original size, crop top-left, target size], as SDXL base builds it.
     """
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: Family, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
-                 steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None):
+                 steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None,
+                 size_conditioning: bool = False):
         check_choice("family", family, tuple(ENCODERS))
         vae = vae.to(resolve_vae_dtype(next(unet.parameters()).dtype, vae_dtype))
         self.unet, self.vae, self.tokenizer, self.family = unet.eval(), vae.eval(), tokenizer, family
@@ -79,6 +83,9 @@ class StableDiffusion:
         self.prediction = check_choice("prediction type", prediction, PREDICTIONS)
         self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
         self.native_size = native_size
+        self.size_conditioning = size_conditioning
+        if size_conditioning:
+            self._check_size_conditioning()
 
     @classmethod
     def from_components(cls, c, tokenizer=None, vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
@@ -177,8 +184,9 @@ class StableDiffusion:
             step (``InpaintDenoiser``). At strength 1 the start is pure noise, as txt2img.
         hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
             with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
-        SDXL: size and crop conditioning (defaults (height, width), (0, 0), (height, width)); the
-            refiner's aesthetic scores. Other keyword arguments go to the sampler (e.g. ``eta``).
+        SDXL (and ``size_conditioning`` models): size and crop conditioning (defaults (height, width),
+            (0, 0), (height, width)); the refiner's aesthetic scores. Other keyword arguments go to
+            the sampler (e.g. ``eta``).
         """
         choice = resolve_sampler(sampler)
         check_choice("output", output, get_args(Output))
@@ -250,13 +258,27 @@ class StableDiffusion:
 
     def _conditioning(self, prompts, negative_prompt, clip_skip, per_prompt, y) -> tuple[dict, dict]:
         encoders = [getattr(self, name) for name in ENCODERS[self.family]]
-        c = encode_prompt(self.family, encoders, self.tokenizer, prompts, negative_prompt, clip_skip=clip_skip)
+        c = encode_prompt(self.family, encoders, self.tokenizer, prompts, negative_prompt, clip_skip=clip_skip,
+                          with_pooled=self.size_conditioning)
         cond, uncond = {"context": c.context}, {"context": c.negative_context}
-        if self.family in ("sdxl", "sdxl_refiner"):
-            cond["y"], uncond["y"] = vector_conditions(self.family, c.pooled, c.negative_pooled, **y)
+        if self.family in ("sdxl", "sdxl_refiner") or self.size_conditioning:
+            vector = "sdxl" if self.size_conditioning else self.family  # the base's sizes and crop
+            cond["y"], uncond["y"] = vector_conditions(vector, c.pooled, c.negative_pooled, **y)
         device = self.device
         expand = lambda d: {k: v.repeat_interleave(per_prompt, 0).to(device) for k, v in d.items()}  # noqa: E731
         return expand(cond), expand(uncond)
+
+    def _check_size_conditioning(self) -> None:
+        if self.family not in ("sd1", "sd2"):
+            raise ValueError(f"size_conditioning is for the sd1 / sd2 families (SDXL has its own), "
+                             f"got {self.family!r}")
+        te = self.text_encoder.config
+        want = (te.projection_dim or te.width) + 6 * SIZE_EMBED_DIM
+        cfg = self.unet.config
+        if cfg.num_classes != "sequential" or cfg.adm_in_channels != want:
+            raise ValueError(f"size_conditioning needs a U-Net with num_classes='sequential' and adm_in_channels "
+                             f"{want} (pooled text output + 6 * {SIZE_EMBED_DIM}), got num_classes="
+                             f"{cfg.num_classes!r}, adm_in_channels={cfg.adm_in_channels}")
 
     def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str):
         """x at sigma0, the inpainting U-Net's extra input, and the 4-channel blend (or None).

@@ -111,7 +111,8 @@ class AutoencoderTrainer(BaseTrainer):
         vae_cfg = self.net.vae.config
         side = c.image_size // vae_cfg.downsample_factor
         posterior_noise = torch.randn((b, vae_cfg.latent_channels, side, side), generator=self.noise_gen)
-        x, _ = self.data.batch(idx[mine])
+        seeds = self.data.crop_seeds(b, self.noise_gen)  # random crops only
+        x = self.data.batch(idx[mine], None if seeds is None else seeds[mine]).images
         x = x.to(self.device)
         rec, mean, logvar = model(x, posterior_noise[mine].to(self.device))
         loss = autoencoder_loss(x, rec, DiagonalGaussian(torch.cat([mean, logvar], 1)), c.kl_weight, self.perceptual)
@@ -137,13 +138,19 @@ class AutoencoderTrainer(BaseTrainer):
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
 
+    def _fixed_images(self, idx: Tensor) -> Tensor:
+        """Images ``idx`` with crops from fixed seeds: measuring and showing the model draws from
+        no training generator (a resumed run stays exact)."""
+        g = torch.Generator().manual_seed(0)
+        return self.data.batch(idx, self.data.crop_seeds(idx.numel(), g)).images
+
     @torch.no_grad()
     def scaling_factor(self, vae: AutoencoderKL) -> float:
         """1 / std of posterior samples over a fixed sample of the data (LDM's ``scale_by_std``)."""
         n = min(SCALE_SAMPLE, len(self.data))
         idx = torch.linspace(0, len(self.data) - 1, n).long()
         g = torch.Generator().manual_seed(0)
-        latents = [vae.encode(self.data.batch(chunk)[0].to(self.device)).sample(g) for chunk in idx.split(64)]
+        latents = [vae.encode(self._fixed_images(chunk).to(self.device)).sample(g) for chunk in idx.split(64)]
         return 1.0 / torch.cat(latents).float().std().item()
 
     def save_model(self) -> None:
@@ -155,7 +162,7 @@ class AutoencoderTrainer(BaseTrainer):
     @torch.no_grad()
     def sample_grid(self) -> None:
         """Top row: 8 training images; bottom row: the EMA autoencoder's reconstructions (means)."""
-        x, _ = self.data.batch(torch.arange(min(8, len(self.data))))
+        x = self._fixed_images(torch.arange(min(8, len(self.data))))
         vae = self.ema.model.vae
         rec = vae.decode(vae.encode(x.to(self.device)).mode()).clamp(-1, 1).cpu()
         grid = make_grid(torch.cat([x, rec]), nrow=x.shape[0], scale=2)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..diffusion import DiscreteSchedule
 from ..diffusion.losses import LossConfig
 from .config import TrainConfig
-from .data import EpochBatches
+from .data import BucketBatches, EpochBatches
 from .distributed import World, init_world, training_device
 from .ema import EMA
 from .state import save_state
@@ -48,7 +48,7 @@ class BaseTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.model = self.world.wrap(model, self.device)  # DDP when torchrun started several processes
-        self.batches = EpochBatches(len(self.data), config.batch_size, config.seed)
+        self.batches = self.make_batches()
         self.noise_gen = torch.Generator().manual_seed(config.seed + 1)  # every draw of the training steps
         self.step = 0
         self.out = Path(config.out_dir)
@@ -60,6 +60,10 @@ class BaseTrainer:
 
     def trainable(self) -> nn.Module:
         raise NotImplementedError
+
+    def make_batches(self) -> EpochBatches | BucketBatches:
+        """The global batches of indices, in a resumable order (``next``, ``state_dict``)."""
+        return EpochBatches(len(self.data), self.config.batch_size, self.config.seed)
 
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
         raise NotImplementedError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,10 @@ class TrainConfig:
     image_size: int = 16
     data_size: int = 50_000
     center_crop: bool = True  # image folders: centre crops, else random crops
+    # text2image on an image folder: aspect-ratio buckets (datasets/buckets.py) of area at most
+    # image_size^2 and sides multiples of bucket_step; every batch holds images of one bucket
+    buckets: bool = False
+    bucket_step: int = 64
     # autoencoder (stage 1): the VAEConfig fields to change from TINY_VAE, and the LDM loss
     vae_overrides: dict[str, Any] = field(default_factory=dict)
     kl_weight: float = 1e-6
@@ -37,6 +41,9 @@ class TrainConfig:
     vae_model: str | None = None
     text_encoder: dict[str, Any] = field(default_factory=dict)
     train_text_encoder: bool = True
+    # SDXL's micro-conditioning: the U-Net also sees y = [pooled text output, Fourier features of
+    # the image's original size, crop top-left and target size] (num_classes="sequential")
+    size_conditioning: bool = False
     model_dtype: str = "fp32"  # precision of the weights in model.safetensors (the states keep fp32)
     # model: a U-Net preset and the fields of its UNetConfig to change
     model: str = "DIGITS"
@@ -84,11 +91,16 @@ class TrainConfig:
             raise ValueError(f"task {self.task!r} needs RGB data: 'shapes' or an image folder, not 'digits'")
         if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
             raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
+        for name, on in (("buckets", self.buckets), ("size_conditioning", self.size_conditioning)):
+            if on and self.task != "text2image":
+                raise ValueError(f"{name} is an option of task 'text2image', not {self.task!r}")
+        if self.buckets and self.data in ("digits", "shapes"):
+            raise ValueError(f"buckets need an image folder of images of many shapes, not {self.data!r}")
         if self.data_size < 1:
             raise ValueError(f"data_size must be >= 1, got {self.data_size}")
         resolve_sampler(self.sample_sampler)
         for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
-                     "save_every", "keep_last", "sample_steps"):
+                     "save_every", "keep_last", "sample_steps", "bucket_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.cond_dropout < 1:
@@ -145,7 +157,14 @@ RESUMABLE_CHANGES = ("steps", "model_dtype", "log_every", "sample_every", "save_
                      "sample_steps", "sample_cfg_scale")
 
 
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(TrainConfig)}
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RESUMABLE_CHANGES) -> list[str]:
-    """Human-readable `key: old -> new` lines for the fields that differ."""
+    """Human-readable `key: old -> new` lines for the fields that differ. A field missing from
+    either (a state saved before the field existed) counts as its default."""
+    defaults = _defaults()
+    old, new = {**defaults, **old}, {**defaults, **new}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k) != new.get(k)]

@@ -1,9 +1,10 @@
-"""Training data: the data sets by name, and a resumable, deterministic batch order."""
+"""Training data: the data sets by name, and resumable, deterministic batch orders."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,6 +45,58 @@ class EpochBatches:
         self._perm = self._permutation(self.epoch)
 
 
+class BucketBatches:
+    """Batches of indices that each lie in one bucket (aspect-ratio buckets, ``datasets/buckets.py``),
+    over shuffled epochs; ``buckets[i]`` is item i's bucket.
+
+    Epoch e is a pure function of seed + e: one generator seeded with it shuffles the members of
+    each bucket (in bucket order), cuts each bucket into batches of ``batch_size``, then shuffles
+    the batches. The last ``len(bucket) % batch_size`` images of each shuffled bucket sit out that
+    epoch (batches never mix buckets and never run short, which keeps the global batch divisible
+    among torchrun's processes); the shuffle differs every epoch, so a different few sit out each
+    time. The position (epoch, position) is the whole state: resuming replays the order. A bucket
+    must fill at least one batch (``assign_buckets`` merges smaller ones away).
+    """
+
+    def __init__(self, buckets: Sequence[int], batch_size: int, seed: int):
+        if not buckets:
+            raise ValueError("the data set is empty")
+        self.batch_size, self.seed = batch_size, seed
+        ids = torch.tensor(list(buckets))
+        self.members = {int(k): torch.nonzero(ids == k).flatten() for k in torch.unique(ids)}  # sorted
+        short = {k: len(m) for k, m in self.members.items() if len(m) < batch_size}
+        if short:
+            raise ValueError(f"bucket(s) {short} (bucket: images) hold fewer images than batch_size {batch_size} "
+                             "and could never fill a batch: lower batch_size or add images")
+        self.epoch, self.position = 0, 0
+        self._order = self.epoch_batches(0)
+
+    def epoch_batches(self, epoch: int) -> list[Tensor]:
+        """The batches of ``epoch`` in order, each (batch_size,) indices of one bucket."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        batches: list[Tensor] = []
+        for members in self.members.values():
+            shuffled = members[torch.randperm(len(members), generator=g)]
+            full = len(members) // self.batch_size * self.batch_size  # the rest sit out this epoch
+            batches.extend(shuffled[:full].split(self.batch_size))
+        return [batches[int(j)] for j in torch.randperm(len(batches), generator=g)]
+
+    def next(self) -> Tensor:
+        if self.position == len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self.epoch_batches(self.epoch)
+        batch = self._order[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self.epoch_batches(self.epoch)
+
+
 class LabelledImages:
     """Images (N, C, H, W) in [-1, 1] with optional class labels, indexable by a batch of indices."""
 
@@ -73,34 +126,88 @@ def make_data(name: str, image_size: int, channels: int) -> LabelledImages:
     return LabelledImages(ImageFolderDataset(name, image_size, channels=channels), None)
 
 
-class CaptionedImages:
-    """Images (N, 3, H, W) in [-1, 1] with captions, indexable by a batch of indices.
-    ``caption_of(i)``: item i's caption without loading its image."""
+Size = tuple[int, int]  # (height, width)
+ItemLoader = Callable[[int, Size, torch.Generator | None], dict]  # (index, target size, crop generator) -> item
 
-    def __init__(self, dataset: Dataset, caption_of: Callable[[int], str]):
-        self.dataset, self.caption_of = dataset, caption_of
+
+class CaptionedBatch(NamedTuple):
+    images: Tensor  # (B, 3, h, w) in [-1, 1], all of one size
+    captions: list[str]
+    sizes: Tensor  # (B, 6) float32: original (h, w), crop top-left (top, left), target (h, w); SDXL's order
+
+
+class CaptionedImages:
+    """Captioned images, indexable by a batch of indices (``batch``), each cropped to its target
+    size: ``image_size`` squared, or its aspect-ratio bucket's (``buckets``, ``bucket_of``).
+
+    ``load_item(i, target, generator)``: item i (image, caption and its sizes, see
+    ``ImageFolderDataset.item``). ``caption_of(i)``: its caption without loading its image.
+    ``random_crops``: the items are cropped at random positions, drawn from per-item generators
+    seeded by ``crop_seeds`` (which the trainer draws from its own generator, so that a resumed
+    or distributed run crops exactly as an uninterrupted single process does).
+    """
+
+    def __init__(self, n: int, load_item: ItemLoader, caption_of: Callable[[int], str], image_size: int, *,
+                 buckets: Sequence[Size] | None = None, bucket_of: Sequence[int] | None = None,
+                 random_crops: bool = False):
+        if (buckets is None) != (bucket_of is None):
+            raise ValueError("give both buckets and bucket_of, or neither")
+        self.n, self.load_item, self.caption_of, self.image_size = n, load_item, caption_of, image_size
+        self.buckets = None if buckets is None else tuple(buckets)
+        self.bucket_of = None if bucket_of is None else tuple(bucket_of)
+        self.random_crops = random_crops
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.n
 
-    def batch(self, idx: Tensor) -> tuple[Tensor, list[str]]:
-        items = [self.dataset[int(i)] for i in idx]
-        return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+    def target_of(self, i: int) -> Size:
+        """The (height, width) item i is cropped to."""
+        if self.buckets is None:
+            return self.image_size, self.image_size
+        return self.buckets[self.bucket_of[i]]
+
+    def crop_seeds(self, n: int, generator: torch.Generator) -> Tensor | None:
+        """(n,) seeds of the random crops of a batch of n, drawn from ``generator``; None (and no
+        draw) for centre crops."""
+        return torch.randint(0, 2**62, (n,), generator=generator) if self.random_crops else None
+
+    def batch(self, idx: Tensor, seeds: Tensor | None = None) -> CaptionedBatch:
+        """Items ``idx`` (all of one target size); ``seeds`` from ``crop_seeds`` for random crops."""
+        if self.random_crops and seeds is None:
+            raise ValueError("random crops need their seeds (crop_seeds)")
+        gens = [None] * len(idx) if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
+        items = [self.load_item(int(i), self.target_of(int(i)), g) for i, g in zip(idx, gens)]
+        sizes = torch.tensor([[*it["original_size"], *it["crop_top_left"], *it["target_size"]] for it in items],
+                             dtype=torch.float32)
+        return CaptionedBatch(torch.stack([it["image"] for it in items]), [it["caption"] for it in items], sizes)
 
     def captions(self, limit: int = 20_000) -> list[str]:
         """Captions of up to ``limit`` items (spread over the set): the text a tokenizer must cover."""
-        step = max(1, len(self.dataset) // limit)
-        return [self.caption_of(i) for i in range(0, len(self.dataset), step)]
+        step = max(1, self.n // limit)
+        return [self.caption_of(i) for i in range(0, self.n, step)]
+
+
+def _square_item(item: dict, size: int) -> dict:
+    """A procedural item drawn at its size: original = target = (size, size), crop (0, 0)."""
+    return {**item, "original_size": (size, size), "crop_top_left": (0, 0), "target_size": (size, size)}
 
 
 def make_captioned_data(name: str, image_size: int, size: int, seed: int, center_crop: bool = True,
-                        need_captions: bool = True) -> CaptionedImages:
-    """"shapes" -> ``size`` procedural items from ``seed``; otherwise a captioned image folder."""
+                        need_captions: bool = True, bucket_step: int | None = None,
+                        min_bucket: int = 1) -> CaptionedImages:
+    """"shapes" -> ``size`` procedural items from ``seed``; otherwise a captioned image folder.
+    ``bucket_step``: sort the folder's images into aspect-ratio buckets of area at most
+    ``image_size``^2 and sides multiples of ``bucket_step``, each holding at least ``min_bucket``
+    images (``datasets/buckets.py``)."""
     if name == "shapes":
         from ..datasets.shapes import ShapesDataset, make_item
 
-        return CaptionedImages(ShapesDataset(size, size=image_size, seed=seed),
-                               lambda i: make_item(i, image_size, seed)[1])
+        if bucket_step is not None:
+            raise ValueError("aspect-ratio buckets need an image folder; the shapes images are all square")
+        shapes = ShapesDataset(size, size=image_size, seed=seed)
+        return CaptionedImages(size, lambda i, target, g: _square_item(shapes[i], image_size),
+                               lambda i: make_item(i, image_size, seed)[1], image_size)
+    from ..datasets.buckets import assign_buckets, make_buckets
     from ..datasets.folder import ImageFolderDataset
 
     if not Path(name).is_dir():
@@ -112,4 +219,9 @@ def make_captioned_data(name: str, image_size: int, size: int, seed: int, center
             raise ValueError(f"{name}: {len(uncaptioned)} of {len(data)} images have no caption; a text-to-image "
                              "model needs one per image: a same-name .txt file beside it (kohya) or a "
                              "metadata.jsonl with file_name and text (Hugging Face imagefolder)")
-    return CaptionedImages(data, data.captions.__getitem__)
+    buckets = bucket_of = None
+    if bucket_step is not None:
+        buckets = make_buckets(image_size * image_size, bucket_step)
+        bucket_of = assign_buckets(data.sizes, buckets, min_bucket)
+    return CaptionedImages(len(data), data.item, data.captions.__getitem__, image_size, buckets=buckets,
+                           bucket_of=bucket_of, random_crops=not center_crop)

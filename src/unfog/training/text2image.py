@@ -9,6 +9,14 @@ images are encoded to latents z = scaling_factor * (mean + std * n), and the usu
 loss is taken on z. The tokenizer is CLIP's BPE restricted to the tokens of the training
 captions (``SubVocabTokenizer``), and the prompt is encoded exactly as the "sd1" pipeline
 encodes it at inference (77 tokens, padded with end-of-text, last layer normed).
+
+Options (docs/training.md, "Buckets, crops and size conditioning"): ``buckets`` trains an image
+folder in aspect-ratio buckets, each batch one bucket (``BucketBatches``); ``size_conditioning``
+adds SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the U-Net gets
+y = [pooled text output, Fourier features of original (h, w), crop (top, left), target (h, w)]
+per sample. A dropped caption is "" for the pooled output too (not zeros, as SDXL's training
+drops it): the unconditional y is then exactly what the pipeline builds for an empty negative
+prompt, the same rule the context follows. The sizes are never dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from ..conditioning import SIZE_EMBED_DIM, pooled_output, sdxl_vector_cond
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.presets import get_preset
@@ -28,7 +37,7 @@ from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, save_tex
 from ..pipelines.stable_diffusion import StableDiffusion
 from .base import BaseTrainer
 from .config import TrainConfig
-from .data import make_captioned_data
+from .data import BucketBatches, EpochBatches, make_captioned_data
 
 MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The small text transformer of the models we train (the vocabulary size comes from the data).
@@ -38,22 +47,37 @@ GRID_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow c
                 "a green square above a yellow triangle", "")
 
 
+def size_condition(pooled: Tensor, sizes: Tensor) -> Tensor:
+    """SDXL's y (B, P + 6 * 256) for per-sample sizes (B, 6): original (h, w), crop (top, left),
+    target (h, w) (``CaptionedBatch.sizes``)."""
+    return sdxl_vector_cond(pooled, sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
+
+
+def pooled_width(text_cfg: CLIPTextConfig) -> int:
+    """Width of the text encoder's ``pooled_output``: its projection's, else its own."""
+    return text_cfg.projection_dim or text_cfg.width
+
+
 class TextToImage(nn.Module):
-    """The trained networks as one module (one DDP wrapper, one EMA): ids -> context -> U-Net."""
+    """The trained networks as one module (one DDP wrapper, one EMA): ids -> context (and, with
+    per-sample ``sizes``, SDXL's vector y) -> U-Net."""
 
     def __init__(self, unet: UNet, text_encoder: CLIPTextEncoder):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, x: Tensor, t: Tensor, input_ids: Tensor) -> Tensor:
-        context = self.text_encoder(input_ids).last_hidden_state  # (B, 77, width)
-        return self.unet(x, t, context.to(x.dtype))
+    def forward(self, x: Tensor, t: Tensor, input_ids: Tensor, sizes: Tensor | None = None) -> Tensor:
+        out = self.text_encoder(input_ids)
+        context = out.last_hidden_state  # (B, 77, width)
+        y = None if sizes is None else size_condition(pooled_output(out), sizes)  # (B, P + 6 * 256)
+        return self.unet(x, t, context.to(x.dtype), y)
 
 
 class TextToImageTrainer(BaseTrainer):
     def build(self) -> None:
         c = self.config
-        self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop)
+        self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
+                                        bucket_step=c.bucket_step if c.buckets else None, min_bucket=c.batch_size)
         self.vae = load_autoencoder(c.vae_model).to(self.device).requires_grad_(False)
         # The vocabulary: every token of the captions (and of the grid prompts), in a fixed order.
         self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(),
@@ -62,38 +86,63 @@ class TextToImageTrainer(BaseTrainer):
         text_cfg = _override(text_cfg, c.text_encoder, "text_encoder")
         latent = self.vae.config.latent_channels
         unet_cfg = replace(get_preset(c.model), in_channels=latent, out_channels=latent, context_dim=text_cfg.width)
+        if c.size_conditioning:
+            unet_cfg = replace(unet_cfg, num_classes="sequential",
+                               adm_in_channels=pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM)
         unet_cfg = _override(unet_cfg, c.model_overrides, "model_overrides")
+        self._check_shapes(unet_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
         self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg)).to(self.device)
         self.net.text_encoder.requires_grad_(c.train_text_encoder)
         self.info = LatentModelInfo(c.image_size, c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr,
-                                    prediction=c.prediction)
-        self.latent_side = c.image_size // self.vae.config.downsample_factor
+                                    prediction=c.prediction, size_conditioning=c.size_conditioning)
+
+    def _check_shapes(self, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig) -> None:
+        c = self.config
+        if c.size_conditioning and (unet_cfg.num_classes != "sequential"
+                                    or unet_cfg.adm_in_channels != pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM):
+            raise ValueError("size_conditioning sets the U-Net's num_classes to 'sequential' and adm_in_channels to "
+                             f"{pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM}: leave both out of model_overrides")
+        multiple = self.vae.config.downsample_factor * 2 ** (len(unet_cfg.channel_mult) - 1)
+        if c.buckets and c.bucket_step % multiple:
+            raise ValueError(f"bucket_step {c.bucket_step} must be a multiple of {multiple} (the autoencoder's factor "
+                             f"{self.vae.config.downsample_factor} times the U-Net's downsampling "
+                             f"{2 ** (len(unet_cfg.channel_mult) - 1)}), so that every bucket's latents halve evenly")
 
     def trainable(self) -> nn.Module:
         return self.net
 
+    def make_batches(self) -> EpochBatches | BucketBatches:
+        if self.data.bucket_of is None:
+            return super().make_batches()
+        return BucketBatches(self.data.bucket_of, self.config.batch_size, self.config.seed)
+
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
         c, g, b = self.config, self.noise_gen, idx.numel()
-        latent_shape = (b, self.vae.config.latent_channels, self.latent_side, self.latent_side)
+        h, w = self.data.target_of(int(idx[0]))  # a batch is of one size (one bucket)
+        f = self.vae.config.downsample_factor
+        latent_shape = (b, self.vae.config.latent_channels, h // f, w // f)
         # Every draw is made for the global batch, in a fixed order, then sliced (distributed.py).
         drop = torch.rand(b, generator=g) < c.cond_dropout
         posterior_noise = torch.randn(latent_shape, generator=g)
         t, noise = draw_noise(latent_shape, self.schedule, self.loss_config, g)
+        seeds = self.data.crop_seeds(b, g)  # random crops only
         mine = self.world.local_slice(b)
-        images, captions = self.data.batch(idx[mine])
-        captions = ["" if d else text for d, text in zip(drop[mine].tolist(), captions)]
+        batch = self.data.batch(idx[mine], None if seeds is None else seeds[mine])
+        captions = ["" if d else text for d, text in zip(drop[mine].tolist(), batch.captions)]
         with torch.no_grad():
-            z = self.vae.encode(images.to(self.device))
+            z = self.vae.encode(batch.images.to(self.device))
             z = (z.mean + z.std * posterior_noise[mine].to(self.device)) * self.vae.config.scaling_factor
         ids = self.tokenizer(captions, pad="eos").input_ids.to(self.device)  # (b, 77)
-        return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine], input_ids=ids)
+        sizes = {"sizes": batch.sizes.to(self.device)} if c.size_conditioning else {}  # (b, 6)
+        return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine], input_ids=ids,
+                              **sizes)
 
     def ema_pipeline(self) -> StableDiffusion:
         net = self.ema.model
         return StableDiffusion(net.unet, self.vae, self.tokenizer, "sd1", text_encoder=net.text_encoder,
                                schedule=self.schedule, prediction=self.config.prediction,
-                               native_size=self.config.image_size)
+                               native_size=self.config.image_size, size_conditioning=self.config.size_conditioning)
 
     def save_model(self) -> None:
         net = self.ema.model
@@ -122,4 +171,4 @@ def _override(cfg, changes: dict, what: str):
         raise ValueError(f"{what}: {err}; valid keys: {', '.join(type(cfg).__dataclass_fields__)}") from None
 
 
-__all__ = ["TextToImage", "TextToImageTrainer", "SMALL_TEXT_ENCODER", "GRID_PROMPTS", "UNetConfig"]
+__all__ = ["TextToImage", "TextToImageTrainer", "SMALL_TEXT_ENCODER", "GRID_PROMPTS", "UNetConfig", "size_condition"]
