@@ -59,13 +59,30 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    meta = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v  # metadata written by other tools is plain text
-    return tensors, meta
+    return tensors, {k: _json_or_text(v) for k, v in raw.items()}
+
+
+def read_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The decoded metadata of a safetensors file, read from its header only; None for a file that
+    is not a readable ``.safetensors`` file (the loaders say what is wrong with it)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return {k: _json_or_text(v) for k, v in raw.items()}
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # metadata written by other tools is plain text
 
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)

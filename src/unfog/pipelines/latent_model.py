@@ -12,14 +12,13 @@ from the encoder's pooled output and the call's sizes (``StableDiffusion(size_co
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint.io import load_safetensors, save_safetensors
+from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import DiscreteSchedule
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
@@ -47,36 +46,15 @@ class LatentModelInfo:
                                      zero_terminal_snr=self.zero_terminal_snr)
 
 
-def _format_of(path: Path) -> str | None:
-    """The ``format`` metadata of a safetensors file (header only), or None."""
-    if not path.is_file() or path.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return None  # the loader says what is wrong with it
-    raw = meta.get("format")
-    return json.loads(raw) if raw else None
-
-
 def is_text2image_model(path: str | Path) -> bool:
-    return _format_of(Path(path)) == FORMAT
+    return (read_metadata(path) or {}).get("format") == FORMAT
 
 
 def recommended_settings(path: str | Path) -> dict[str, Any]:
     """The sampling settings a text-to-image model file recommends (its ``defaults`` metadata:
     sampler, steps, cfg_scale), or {} for any other file."""
-    path = Path(path)
-    if _format_of(path) != FORMAT:
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("defaults")
-    return json.loads(raw) if raw else {}
+    meta = read_metadata(path) or {}
+    return dict(meta.get("defaults") or {}) if meta.get("format") == FORMAT else {}
 
 
 def save_text2image(path: str | Path, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,

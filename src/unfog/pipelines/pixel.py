@@ -6,7 +6,6 @@ in the metadata, the U-Net config, the schedule, the prediction type and the cla
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint.io import load_safetensors, save_safetensors
+from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, get_sigmas, resolve_sampler
 from ..models.unet import UNet, UNetConfig
 
@@ -40,17 +39,7 @@ class PixelModelInfo:
 
 def is_pixel_model(path: str | Path) -> bool:
     """Whether ``path`` is an unfog pixel model file (read from the safetensors header only)."""
-    path = Path(path)
-    if not path.is_file() or path.suffix.lower() != ".safetensors":
-        return False
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return False  # not readable here; the loader says what is wrong with it
-    return meta.get("format") == json.dumps(FORMAT)
+    return (read_metadata(path) or {}).get("format") == FORMAT
 
 
 class PixelDiffusion:
