@@ -12,9 +12,11 @@ Each side runs in its own process, one after the other, so that only one model i
 (SDXL base is 10.3 GB in float32) and each side's memory is its own:
 - time: the median wall time of ``--runs`` calls after ``--warmup`` calls, under
   ``torch.inference_mode()``, with torch using every core (``--threads``);
-- memory: the process's peak resident set (VmHWM) during the warm-up and timed calls, less its
-  resident set once the weights are loaded (the peak is reset through /proc/self/clear_refs after
-  loading), i.e. the activations and workspace of a step; and the weights' own resident size.
+- memory: the step peak, the process's peak resident set (VmHWM) during the timed calls less its
+  resident set just before them (the peak is reset through /proc/self/clear_refs after the
+  warm-up), i.e. the activations and workspace of a step; the first-call peak, the same from the
+  moment the weights are loaded through the warm-up, which adds what the first call allocates
+  once and keeps (caches, workspace, allocator growth); and the weights' own size.
 
     python benchmarks/unet_step.py                       # the full table (see docs/benchmarks.md)
     python benchmarks/unet_step.py --quick               # tiny models, seconds: checks the script
@@ -160,12 +162,16 @@ def worker(args: argparse.Namespace) -> None:
             err = rel_err(out, torch.load(args.reference))
             if not err <= TOLERANCE[args.dtype] or not torch.isfinite(out).all():
                 sys.exit(f"diffusers and unfog disagree: max relative error {err:.2e} > {TOLERANCE[args.dtype]}")
+        first_peak = rss_mb("VmHWM") - loaded
+        settled = rss_mb()
+        Path("/proc/self/clear_refs").write_text("5")
         for _ in range(args.runs):
             start = time.perf_counter()
             call(net)
             times.append(time.perf_counter() - start)
     torch.save(out, args.output)
-    report = dict(times=times, weights_mb=loaded - before, step_peak_mb=rss_mb("VmHWM") - loaded)
+    report = dict(times=times, weights_mb=loaded - before, first_peak_mb=first_peak,
+                  step_peak_mb=rss_mb("VmHWM") - settled)
     Path(args.output).with_suffix(".json").write_text(json.dumps(report))
 
 
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: load average {load:.1f} before starting; other processes will distort the times "
               "(with every core in use, an OpenMP thread that is preempted stalls the others)\n")
     header = ("| model | size | dtype | layout | TFLOP | unfog s | diffusers s | unfog / diffusers | unfog TFLOP/s "
-              "| step peak MB unfog / diffusers | weights MB unfog / diffusers | max rel. diff |")
+              "| step peak MB unfog / diffusers | first-call peak MB unfog / diffusers | weights MB unfog / diffusers "
+              "| max rel. diff |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     start = time.perf_counter()
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"| {name}{' (quick)' if args.quick else ''} | {size} | {dtype} | {layout} | {tflop:.3g} "
                           f"| {t_ours:.3f} | {t_theirs:.3f} | {t_ours / t_theirs:.3f} | {tflop / t_ours:.3g} "
                           f"| {ours['step_peak_mb']:.0f} / {theirs['step_peak_mb']:.0f} "
+                          f"| {ours['first_peak_mb']:.0f} / {theirs['first_peak_mb']:.0f} "
                           f"| {ours['weights_mb']:.0f} / {theirs['weights_mb']:.0f} | {err:.1e} |", flush=True)
     print(f"\nOne CFG step = one U-Net call on batch 2; median of {args.runs} runs after {args.warmup} warm-up; "
           f"{args.threads} threads; torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all")
