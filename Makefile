@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   - draws a grid of all ten digits with the embedded default model -> demo.png
+#   make demo   - draws "a red circle to the left of a blue square" with the embedded default
+#                 text-to-image model -> demo.png
 #   make test   - installs the test oracles and runs the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,7 +25,7 @@ venv: $(VENV)/.base
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
-	$(VENV)/bin/unfog sample --per-class 4 --out demo.png --overwrite
+	$(VENV)/bin/unfog generate "a red circle to the left of a blue square" --seed 0 --output demo.png --overwrite
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q

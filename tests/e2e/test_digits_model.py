@@ -45,8 +45,8 @@ def test_unguided_and_guided_differ_and_guidance_helps(pipe):
     assert weak.accuracy < 0.5 < strong.accuracy  # with the null class the label is ignored
 
 
-def test_make_demo_command(tmp_path):
-    """What `make demo` runs: the default model, a grid of all ten digits, a PNG with parameters."""
+def test_sample_command(tmp_path):
+    """`unfog sample`: the default pixel model, a grid of all ten digits, a PNG with parameters."""
     out = tmp_path / "demo.png"
     subprocess.run([sys.executable, "-m", "unfog.cli", "sample", "--per-class", "4", "--out", str(out)], check=True,
                    capture_output=True)

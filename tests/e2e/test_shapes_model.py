@@ -1,0 +1,56 @@
+"""The embedded text-to-image model (`unfog generate` with no --model), scored by the
+deterministic `shapes` analyzer at its recommended settings.
+
+The issue's bars (single object >= 90%, two objects >= 60%, position >= 50%, colour attribution
+>= 50%) are NOT met by the shipped model: on 100 prompts per category it scores single object
+68%, colours 68%, counting 15%, two objects 7%, colour attribution 4%, position 1%
+(docs/benchmarks.md). These tests hold what it does reach, as regression floors about three
+standard errors below the measured values at this sample size, so a change that breaks the model
+or its loading shows."""
+
+import subprocess
+import sys
+
+import pytest
+
+import unfog
+from unfog.cli import DEFAULT_TEXT_MODEL, default_model_path
+from unfog.metrics.shapes_eval import evaluate
+from unfog.pipelines.images import read_parameters
+from unfog.pipelines.latent_model import recommended_settings
+
+PATH = default_model_path(DEFAULT_TEXT_MODEL)
+PER_CATEGORY = 40  # a standard error of about 5-8 points per category
+BARS = {"single_object": 0.45, "colors": 0.45}  # measured 0.68 and 0.68 on 100 prompts each
+MIN_OVERALL = 0.15  # measured 0.27
+
+
+@pytest.fixture(scope="module")
+def scores():
+    pipe = unfog.load(PATH)
+    return evaluate(pipe, PER_CATEGORY, seed=11, progress=False, **recommended_settings(PATH))
+
+
+def test_shipped_model_is_small_and_described():
+    assert PATH.stat().st_size <= 30_000_000
+    pipe = unfog.load(PATH)
+    assert pipe.default_size == 64 and recommended_settings(PATH)["steps"] >= 1
+
+
+@pytest.mark.parametrize("category", sorted(BARS))
+def test_adherence_per_category(scores, category):
+    assert scores.adherence[category] >= BARS[category], scores.adherence
+
+
+def test_adherence_overall(scores):
+    assert scores.adherence["overall"] >= MIN_OVERALL, scores.adherence
+
+
+def test_make_demo_command(tmp_path):
+    """What `make demo` runs: generate with the default model, a PNG with its parameters."""
+    out = tmp_path / "demo.png"
+    done = subprocess.run([sys.executable, "-m", "unfog.cli", "generate", "a red circle to the left of a blue square",
+                           "--seed", "0", "--output", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    params = read_parameters(out)
+    assert params.startswith("a red circle to the left of a blue square") and "Size: 64x64" in params
