@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..metrics.fid import feature_statistics, load_statistics
 from ..metrics.images import stack_at_size, to_unit_tensor
-from .image_sets import image_files, open_image
+from ..pipelines.images import open_image
+from .image_sets import image_files
 
 BATCH = 64
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..pipelines.images import read_parameters
+from ..pipelines.images import open_image, read_parameters
 from ..pipelines.outputs import parse_parameters
 from .generation import Cell, image_path
 
@@ -39,13 +39,6 @@ class ImageSet:
             yield [open_image(p) for p in self.paths[start : start + size]], self.prompts[start : start + size]
 
 
-def open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"{path} is not an image that can be read: {err}") from None
 
 
 def cell_set(cell: Cell, prompts: tuple[str, ...], per_prompt: int) -> ImageSet:

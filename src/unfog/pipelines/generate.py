@@ -22,7 +22,7 @@ from ..conditioning import READOUTS
 from ..diffusion import SPACINGS, resolve_sampler
 from ..diffusion.schedules import check_choice
 from ..models.tokenizer import SubVocabTokenizer
-from .images import read_parameters
+from .images import open_image, read_parameters
 from .latent_model import recommended_settings
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
                       parse_parameters, sampler_name, schedule_type, settings_from_parameters)
@@ -193,21 +193,14 @@ def _input_images(job: Job) -> tuple[Image.Image | None, Image.Image | None]:
         raise ValueError(f"{'img2img' if job.mode == 'img2img' else 'inpaint'} needs --init IMAGE")
     if job.mode == "inpaint" and job.mask is None:
         raise ValueError("inpaint needs --mask MASK (white = repaint, black = keep)")
-    init = _open(job.init, "init image").convert("RGB")
-    mask = None if job.mask is None else _open(job.mask, "mask").convert("L")
+    init = open_image(job.init, "init image").convert("RGB")
+    mask = None if job.mask is None else open_image(job.mask, "mask").convert("L")
     if mask is not None and mask.size != init.size:
         raise ValueError(f"the mask {job.mask} is {mask.width}x{mask.height} but the init image {job.init} is "
                          f"{init.width}x{init.height} (width x height); give a mask of the image's size")
     return init, mask
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"the {what} {path} is not an image that can be read: {err}") from None
 
 
 def _load_refiner(base: StableDiffusion, path: Path, load: dict) -> StableDiffusion:

@@ -61,3 +61,13 @@ def read_parameters(path: str | Path) -> str | None:
             return getattr(img, "text", {}).get("parameters")
     except (OSError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{path} is not an image that can be read: {err}") from None
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """A fully decoded image file, or a ValueError that names the file and what it was for."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"the {what} {path} is not an image that can be read: {err}") from None
