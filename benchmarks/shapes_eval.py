@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import unfog  # noqa: E402
 from unfog.datasets.shapes_text import CATEGORIES  # noqa: E402
-from unfog.metrics.shapes_eval import evaluate, reference_features  # noqa: E402
+from unfog.metrics.shapes_eval import ShapesScores, evaluate, reference_features  # noqa: E402
 from unfog.pipelines.latent_model import recommended_settings  # noqa: E402
 
 COLUMNS = (*CATEGORIES, "overall")
@@ -42,7 +42,7 @@ def header(first: str) -> str:
     return (f"| {first} | " + " | ".join(COLUMNS) + " | FID |\n|" + "---|" * (len(COLUMNS) + 2))
 
 
-def plot(results: list, key: str, path: Path, xlabel: str) -> None:
+def plot(results: list[ShapesScores], key: str, path: Path, xlabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,30 +92,28 @@ def main() -> None:
     main_run = evaluate(pipe, args.per_category, fid_reference=ref, real_floor=floor, **rec)
     print(header("settings"))
     print(row(f"{rec['sampler']}, {rec['steps']} steps, cfg {rec['cfg_scale']}", main_run))
-    report = {"model": args.model, "main": asdict(main_run), "cfg_sweep": [], "steps_sweep": []}
+    cfg_runs, steps_runs = [], []
     if not args.no_sweep:
         n = args.sweep_per_category
         ref_s, floor_s = reference_features(pipe.vae, 6 * n, size)
         print(f"\nguidance sweep ({n} prompts per category; real-vs-real floor {floor_s:.2f} at this size)\n")
         print(header("cfg scale"))
         for cfg in args.cfg_scales:
-            s = evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "cfg_scale": cfg}, progress=False)
-            report["cfg_sweep"].append(asdict(s))
-            print(row(f"{cfg:g}", s), flush=True)
-            results_cfg = report["cfg_sweep"]
+            cfg_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "cfg_scale": cfg},
+                                     progress=False))
+            print(row(f"{cfg:g}", cfg_runs[-1]), flush=True)
         print(f"\nsteps sweep ({n} prompts per category)\n")
         print(header("steps"))
         for steps in args.steps:
-            s = evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "steps": steps}, progress=False)
-            report["steps_sweep"].append(asdict(s))
-            print(row(str(steps), s), flush=True)
-        from types import SimpleNamespace
-
-        as_ns = lambda rows: [SimpleNamespace(**r) for r in rows]  # noqa: E731
-        plot(as_ns(results_cfg), "cfg_scale", Path(args.plots) / "shapes_guidance.png", "guidance scale")
-        plot(as_ns(report["steps_sweep"]), "steps", Path(args.plots) / "shapes_steps.png", "steps")
+            steps_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "steps": steps},
+                                       progress=False))
+            print(row(str(steps), steps_runs[-1]), flush=True)
+        plot(cfg_runs, "cfg_scale", Path(args.plots) / "shapes_guidance.png", "guidance scale")
+        plot(steps_runs, "steps", Path(args.plots) / "shapes_steps.png", "steps")
     print(f"\n{time.perf_counter() - t0:.0f} s in all; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.report:
+        report = {"model": args.model, "main": asdict(main_run), "cfg_sweep": [asdict(r) for r in cfg_runs],
+                  "steps_sweep": [asdict(r) for r in steps_runs]}
         Path(args.report).write_text(json.dumps(report, indent=2))
 
 

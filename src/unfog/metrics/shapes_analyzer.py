@@ -36,7 +36,6 @@ between the two centroids, within 45 degrees of the stated direction.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 

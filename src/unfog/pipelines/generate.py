@@ -23,13 +23,13 @@ from ..diffusion import SPACINGS, resolve_sampler
 from ..diffusion.schedules import check_choice
 from ..models.tokenizer import SubVocabTokenizer
 from .images import open_image, read_parameters
+from .precision import DTYPES
 from .latent_model import recommended_settings
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
                       parse_parameters, sampler_name, schedule_type, settings_from_parameters)
 from .stable_diffusion import StableDiffusion
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STRENGTH = 0.75
 VERSION_TAG = "unfog"
 

@@ -19,6 +19,7 @@ from torch import nn
 VAEDtypeName = Literal["auto", "unet", "float32", "bfloat16", "float16"]
 VAEDtype = VAEDtypeName | torch.dtype
 _NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the short names options use
 
 
 def resolve_vae_dtype(unet_dtype: torch.dtype, vae_dtype: VAEDtype = "auto") -> torch.dtype:

@@ -29,6 +29,7 @@ from ..models.vae import TINY_VAE, AutoencoderKL, DiagonalGaussian
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.latent_model import save_autoencoder
 from .base import BaseTrainer
+from .config import with_overrides
 from .data import make_captioned_data
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]
@@ -87,10 +88,7 @@ class AutoencoderTrainer(BaseTrainer):
     def build(self) -> None:
         c = self.config
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop, need_captions=False)
-        try:
-            vae_cfg = replace(TINY_VAE, **c.vae_overrides)
-        except TypeError as err:
-            raise ValueError(f"vae_overrides: {err}; valid keys: {', '.join(TINY_VAE.__dataclass_fields__)}") from None
+        vae_cfg = with_overrides(TINY_VAE, c.vae_overrides, "vae_overrides")
         if c.image_size % vae_cfg.downsample_factor:
             raise ValueError(f"image_size {c.image_size} is not a multiple of the autoencoder's downsampling "
                              f"factor {vae_cfg.downsample_factor}")

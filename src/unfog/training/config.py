@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +168,12 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RESUMABL
     old, new = {**defaults, **old}, {**defaults, **new}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k) != new.get(k)]
+
+
+def with_overrides(base, changes: dict[str, Any], what: str):
+    """``base`` (a frozen config dataclass) with the fields in ``changes`` replaced; an unknown
+    field is a ValueError naming ``what`` (the config key that held them) and the valid fields."""
+    try:
+        return replace(base, **changes)
+    except TypeError as err:
+        raise ValueError(f"{what}: {err}; valid keys: {', '.join(type(base).__dataclass_fields__)}") from None

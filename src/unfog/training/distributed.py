@@ -72,7 +72,7 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def training_device(requested: str | None, world: World | None = None) -> torch.device:
+def training_device(requested: str | None) -> torch.device:
     """The requested device, else this rank's GPU when there is one, else the CPU."""
     if requested is not None:
         return torch.device(requested)

@@ -20,7 +20,7 @@ from ..models.presets import get_preset
 from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.pixel import PixelDiffusion, PixelModelInfo
-from .config import TrainConfig, config_differences
+from .config import TrainConfig, config_differences, with_overrides
 from .base import BaseTrainer
 from .data import LabelledImages, make_data
 from .state import list_states, load_state
@@ -30,10 +30,7 @@ def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNe
     """The preset with the config's overrides; class-conditional data adds one null class."""
     classes = None if data.num_classes is None else data.num_classes + 1
     base = replace(get_preset(config.model), in_channels=channels, out_channels=channels, num_classes=classes)
-    try:
-        return replace(base, **config.model_overrides)
-    except TypeError as err:
-        raise ValueError(f"model_overrides: {err}; valid keys: {', '.join(UNetConfig.__dataclass_fields__)}") from None
+    return with_overrides(base, config.model_overrides, "model_overrides")
 
 
 class Trainer(BaseTrainer):

@@ -33,13 +33,13 @@ from ..models.presets import get_preset
 from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
 from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
+from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, save_text2image
 from ..pipelines.stable_diffusion import StableDiffusion
 from .base import BaseTrainer
-from .config import TrainConfig
+from .config import with_overrides
 from .data import BucketBatches, EpochBatches, make_captioned_data
 
-MODEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The small text transformer of the models we train (the vocabulary size comes from the data).
 SMALL_TEXT_ENCODER = CLIPTextConfig(width=128, layers=3, heads=4, activation="gelu")
 GRID_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle and a purple square",
@@ -56,6 +56,11 @@ def size_condition(pooled: Tensor, sizes: Tensor) -> Tensor:
 def pooled_width(text_cfg: CLIPTextConfig) -> int:
     """Width of the text encoder's ``pooled_output``: its projection's, else its own."""
     return text_cfg.projection_dim or text_cfg.width
+
+
+def size_condition_width(text_cfg: CLIPTextConfig) -> int:
+    """The U-Net's ``adm_in_channels`` with size conditioning: the pooled output and 6 sizes."""
+    return pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM
 
 
 class TextToImage(nn.Module):
@@ -83,13 +88,12 @@ class TextToImageTrainer(BaseTrainer):
         self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(),
                                                       [*self.data.captions(), *GRID_PROMPTS])
         text_cfg = replace(SMALL_TEXT_ENCODER, vocab_size=self.tokenizer.vocab_size, eos_token_id=self.tokenizer.eos_id)
-        text_cfg = _override(text_cfg, c.text_encoder, "text_encoder")
+        text_cfg = with_overrides(text_cfg, c.text_encoder, "text_encoder")
         latent = self.vae.config.latent_channels
         unet_cfg = replace(get_preset(c.model), in_channels=latent, out_channels=latent, context_dim=text_cfg.width)
         if c.size_conditioning:
-            unet_cfg = replace(unet_cfg, num_classes="sequential",
-                               adm_in_channels=pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM)
-        unet_cfg = _override(unet_cfg, c.model_overrides, "model_overrides")
+            unet_cfg = replace(unet_cfg, num_classes="sequential", adm_in_channels=size_condition_width(text_cfg))
+        unet_cfg = with_overrides(unet_cfg, c.model_overrides, "model_overrides")
         self._check_shapes(unet_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
         self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg)).to(self.device)
@@ -99,10 +103,10 @@ class TextToImageTrainer(BaseTrainer):
 
     def _check_shapes(self, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig) -> None:
         c = self.config
-        if c.size_conditioning and (unet_cfg.num_classes != "sequential"
-                                    or unet_cfg.adm_in_channels != pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM):
+        width = size_condition_width(text_cfg)
+        if c.size_conditioning and (unet_cfg.num_classes != "sequential" or unet_cfg.adm_in_channels != width):
             raise ValueError("size_conditioning sets the U-Net's num_classes to 'sequential' and adm_in_channels to "
-                             f"{pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM}: leave both out of model_overrides")
+                             f"{width}: leave both out of model_overrides")
         multiple = self.vae.config.downsample_factor * 2 ** (len(unet_cfg.channel_mult) - 1)
         if c.buckets and c.bucket_step % multiple:
             raise ValueError(f"bucket_step {c.bucket_step} must be a multiple of {multiple} (the autoencoder's factor "
@@ -146,11 +150,11 @@ class TextToImageTrainer(BaseTrainer):
 
     def save_model(self) -> None:
         net = self.ema.model
+        c = self.config
+        defaults = {"sampler": c.sample_sampler, "steps": c.sample_steps, "cfg_scale": c.sample_cfg_scale}
         save_text2image(self.out / "model.safetensors", net.unet, self.vae, net.text_encoder, self.tokenizer,
-                        self.info, dtype=MODEL_DTYPES[self.config.model_dtype], extra={"train_config": self.config.to_dict(), "step": self.step,
-                                          "defaults": {"sampler": self.config.sample_sampler,
-                                                       "steps": self.config.sample_steps,
-                                                       "cfg_scale": self.config.sample_cfg_scale}})
+                        self.info, dtype=DTYPES[c.model_dtype],
+                        extra={"train_config": c.to_dict(), "step": self.step, "defaults": defaults})
 
     def sample_grid(self) -> None:
         c = self.config
@@ -162,13 +166,6 @@ class TextToImageTrainer(BaseTrainer):
         save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png",
                  f"step {self.step}; columns: {' | '.join(GRID_PROMPTS[:-1])} | (empty); "
                  f"sampler {c.sample_sampler}, {c.sample_steps} steps, cfg {c.sample_cfg_scale}", overwrite=True)
-
-
-def _override(cfg, changes: dict, what: str):
-    try:
-        return replace(cfg, **changes)
-    except TypeError as err:
-        raise ValueError(f"{what}: {err}; valid keys: {', '.join(type(cfg).__dataclass_fields__)}") from None
 
 
 __all__ = ["TextToImage", "TextToImageTrainer", "SMALL_TEXT_ENCODER", "GRID_PROMPTS", "UNetConfig", "size_condition"]
