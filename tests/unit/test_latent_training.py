@@ -178,34 +178,74 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(vae_file, tmp_path):
-    """A run killed with SIGKILL (no handler runs) resumes from its last atomic state and ends with
-    the weights of a run that was never interrupted."""
-    steps = ["steps=40", "save_every=5", "keep_last=2"]
-    # Both runs are processes with the same environment (one thread): a different thread count
-    # changes float summation order, so bit-identity is only defined between like runs.
-    uninterrupted = _write_config(tmp_path / "a.json", t2i_config(vae_file, tmp_path / "a", *steps))
-    done = subprocess.run(_cli("train", str(uninterrupted)), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    straight = tmp_path / "a" / "model.safetensors"
+STOP_STEPS = ["steps=40", "save_every=5", "keep_last=2"]
 
-    cfg = _write_config(tmp_path / "b.json", t2i_config(vae_file, tmp_path / "b", *steps))
+
+@pytest.fixture(scope="module")
+def uninterrupted(vae_file, tmp_path_factory):
+    """A 40-step run in a process (one thread): the reference the interrupted runs must end at.
+    Interrupted runs are processes with the same environment: a different thread count changes
+    float summation order, so bit-identity is only defined between like runs."""
+    out = tmp_path_factory.mktemp("straight")
+    config = _write_config(out / "a.json", t2i_config(vae_file, out / "a", *STOP_STEPS))
+    done = subprocess.run(_cli("train", str(config)), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out / "a"
+
+
+def _start_and_signal(cfg: Path, states: Path, sig: int, when: str) -> subprocess.Popen:
     proc = subprocess.Popen(_cli("train", str(cfg)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    states = tmp_path / "b" / "states"
     deadline = time.monotonic() + 120
-    while not (states / "state_00000010.pt").exists():
+    while not (states / when).exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no state written in time"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def _log_losses(run: Path) -> dict[int, float]:
+    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in entries]
+    assert steps == sorted(set(steps)), f"log steps repeat or go back: {steps}"
+    return {e["step"]: e["loss"] for e in entries}
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(vae_file, uninterrupted, tmp_path):
+    """A run killed with SIGKILL (no handler runs) resumes from its last atomic state and ends with
+    the weights of a run that was never interrupted; the steps it logged past that state are
+    replaced by the resumed run's, so the log is the uninterrupted run's."""
+    cfg = _write_config(tmp_path / "b.json", t2i_config(vae_file, tmp_path / "b", *STOP_STEPS))
+    states = tmp_path / "b" / "states"
+    proc = _start_and_signal(cfg, states, signal.SIGKILL, "state_00000010.pt")
     assert proc.returncode == -signal.SIGKILL
     left = sorted(p.name for p in states.iterdir())
     assert "state_00000040.pt" not in left  # killed in the middle of the run
     resumed = subprocess.run(_cli("train", str(cfg), "--resume"), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _weights(straight), _weights(tmp_path / "b" / "model.safetensors")
+    a, b = _weights(uninterrupted / "model.safetensors"), _weights(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_losses(tmp_path / "b") == _log_losses(uninterrupted)
+
+
+def test_sigterm_saves_the_state_at_a_step_boundary_then_resume_is_bit_identical(vae_file, uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's or torchrun's stop) is handled like Ctrl-C: the current step finishes,
+    the state is saved there (not at the last multiple of save_every), the exit code is 130."""
+    cfg = _write_config(tmp_path / "c.json", t2i_config(vae_file, tmp_path / "c", *STOP_STEPS))
+    states = tmp_path / "c" / "states"
+    proc = _start_and_signal(cfg, states, signal.SIGTERM, "state_00000005.pt")
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGTERM: stopping after this step" in err and "resume with --resume" in err
+    saved = sorted(int(p.stem.split("_")[1]) for p in states.glob("state_*.pt"))
+    stopped = int(err.split("state saved at step ")[1].split()[0])
+    assert saved[-1] == stopped and 5 <= stopped < 40
+    resumed = subprocess.run(_cli("train", str(cfg), "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(uninterrupted / "model.safetensors"), _weights(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_losses(tmp_path / "c") == _log_losses(uninterrupted)
 
 
 # ---- data-parallel training --------------------------------------------------------------------------

@@ -49,6 +49,14 @@ class World:
         dist.all_reduce(t)
         return t.item() / self.size
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (so that all ranks stop at the same step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """``module`` under DistributedDataParallel when there is more than one process."""
         if not self.distributed:

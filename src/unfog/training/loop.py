@@ -7,6 +7,10 @@ dropout for classifier-free guidance, periodic sample grids, and atomic, resumab
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +113,50 @@ def _resume(trainer: BaseTrainer, force: bool) -> None:
     trainer.load_state_dict(state)
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log lines after ``step``: a killed run logs past its last saved state, and the
+    resumed run logs those steps again. Rewritten atomically (temporary file, then rename)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _StopRequests:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers, ``kill`` and torchrun send) ask the loop to
+    stop at the end of the current step, so the saved state is never that of a half-done step; a
+    second Ctrl-C stops at once (the last saved state is intact: states are written atomically)."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False,
           progress: bool = True, device: str | None = None) -> Path:
     """Train (or resume) the run of ``config``; returns the path of the final model file.
@@ -126,32 +174,35 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             old.unlink()
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "log.jsonl", trainer.step)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     log = (out / "log.jsonl").open("a") if main else None
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not (progress and main), desc="train", unit="it")
     smooth, t0 = None, time.perf_counter()
     try:
-        while trainer.step < config.steps:
-            loss = trainer.train_step()
-            smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{trainer.lr_sched.get_last_lr()[0]:.2e}")
-            if log is not None and trainer.step % config.log_every == 0:
-                log.write(json.dumps({"step": trainer.step, "loss": loss, "loss_smooth": smooth,
-                                      "lr": trainer.lr_sched.get_last_lr()[0],
-                                      "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
-                log.flush()
-            last = trainer.step == config.steps
-            if trainer.step % config.save_every == 0 or last:
-                trainer.save()
-            if main and (trainer.step % config.sample_every == 0 or last):
-                trainer.sample_grid()
-    except KeyboardInterrupt:
-        trainer.save()
-        bar.close()
-        if main:
-            print(f"\ninterrupted: state saved at step {trainer.step} in {out / 'states'}; resume with --resume")
-        raise
+        with _StopRequests() as stop:
+            while trainer.step < config.steps:
+                loss = trainer.train_step()
+                smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{trainer.lr_sched.get_last_lr()[0]:.2e}")
+                if log is not None and trainer.step % config.log_every == 0:
+                    log.write(json.dumps({"step": trainer.step, "loss": loss, "loss_smooth": smooth,
+                                          "lr": trainer.lr_sched.get_last_lr()[0],
+                                          "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
+                    log.flush()
+                last = trainer.step == config.steps
+                stopping = trainer.world.any(stop.requested is not None)
+                if trainer.step % config.save_every == 0 or last or stopping:
+                    trainer.save()
+                if main and (trainer.step % config.sample_every == 0 or last):
+                    trainer.sample_grid()
+                if stopping and not last:
+                    if main:
+                        bar.close()
+                        print(f"interrupted: state saved at step {trainer.step} in {out / 'states'}; "
+                              "resume with --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
     finally:
         bar.close()
         if log is not None:
