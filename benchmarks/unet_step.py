@@ -8,15 +8,22 @@ N(0, 1/fan_in), norm scales 1 + 0.1 N(0, 1), biases 0.1 N(0, 1)) and diffusers g
 own ``convert_ldm_unet_checkpoint``; diffusers' output is checked against unfog's (after the
 warm-up, before diffusers is timed) and a mismatch stops the benchmark.
 
-Each side runs in its own process, one after the other, so that only one model is in memory
-(SDXL base is 10.3 GB in float32) and each side's memory is its own:
-- time: the median wall time of ``--runs`` calls after ``--warmup`` calls, under
-  ``torch.inference_mode()``, with torch using every core (``--threads``);
-- memory: the step peak, the process's peak resident set (VmHWM) during the timed calls less its
-  resident set just before them (the peak is reset through /proc/self/clear_refs after the
-  warm-up), i.e. the activations and workspace of a step; the first-call peak, the same from the
-  moment the weights are loaded through the warm-up, which adds what the first call allocates
-  once and keeps (caches, workspace, allocator growth); and the weights' own size.
+Time: both sides in ONE process holding ONE copy of the weights (diffusers' converter only
+renames keys, so its model is assigned unfog's very tensors; the script checks that they share
+storage), called alternately (unfog, diffusers, diffusers, unfog, ...) under
+``torch.inference_mode()`` with torch using every core (``--threads``); the figure is the median
+of ``--runs`` calls per side after ``--warmup`` calls each. Alternating puts any drift of the
+machine (other load, clock, memory state) on both sides alike. ``--separate`` times each side
+alone in its own process instead.
+
+Memory: each side alone in its own process, one after the other, so that only one model is in
+memory (SDXL base is 10.3 GB in float32) and each side's memory is its own:
+- the step peak, the process's peak resident set (VmHWM) during a timed call less its resident
+  set just before it (the peak is reset through /proc/self/clear_refs after the warm-up), i.e.
+  the activations and workspace of a step;
+- the first-call peak, the same from the moment the weights are loaded through the warm-up,
+  which adds what the first call allocates once and keeps (caches, workspace, allocator growth);
+- and the weights' own size.
 
     python benchmarks/unet_step.py                       # the full table (see docs/benchmarks.md)
     python benchmarks/unet_step.py --quick               # tiny models, seconds: checks the script
@@ -93,8 +100,12 @@ def random_state_dict(cfg: UNetConfig, dtype: torch.dtype, seed: int = 0) -> dic
     return weights
 
 
-def build(side: str, cfg: UNetConfig, dtype: torch.dtype) -> torch.nn.Module:
-    state = random_state_dict(cfg, dtype)
+def build(side: str, cfg: UNetConfig, dtype: torch.dtype,
+          state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """One side's model on the random weights (or on ``state``, whose tensors it then shares:
+    diffusers' converter only renames keys, so two models can hold one copy of the weights)."""
+    if state is None:
+        state = random_state_dict(cfg, dtype)
     if side == "unfog":
         with torch.device("meta"):
             model = UNet(cfg)
@@ -175,6 +186,37 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.output).with_suffix(".json").write_text(json.dumps(report))
 
 
+def interleaved_worker(args: argparse.Namespace) -> None:
+    """Both sides in one process on one shared copy of the weights, called alternately (unfog,
+    diffusers, unfog, ...), so that anything else that changes over the run (other load, clock
+    speed, memory state) falls on both alike; the ratio of the medians is the time figure."""
+    torch.set_num_threads(args.threads)
+    model = (QUICK if args.quick else MODELS)[args.model]
+    dtype = DTYPES[args.dtype]
+    state = random_state_dict(model.config, dtype)
+    nets = {side: build(side, model.config, dtype, state).to(memory_format=LAYOUTS[args.layout]) for side in SIDES}
+    del state
+    shared = {p.data_ptr() for p in nets["unfog"].parameters()}
+    if {p.data_ptr() for p in nets["diffusers"].parameters()} != shared:
+        sys.exit("the two models do not share their weights")
+    calls = {side: inputs(side, model, args.size, dtype) for side in SIDES}
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    with torch.inference_mode():
+        outs = {side: calls[side](nets[side]) for side in SIDES}
+        err = rel_err(outs["diffusers"], outs["unfog"])
+        if not err <= TOLERANCE[args.dtype]:
+            sys.exit(f"diffusers and unfog disagree: max relative error {err:.2e} > {TOLERANCE[args.dtype]}")
+        for _ in range(args.warmup - 1):
+            for side in SIDES:
+                calls[side](nets[side])
+        for k in range(args.runs):
+            for side in SIDES if k % 2 == 0 else SIDES[::-1]:  # neither side always goes first
+                start = time.perf_counter()
+                calls[side](nets[side])
+                times[side].append(time.perf_counter() - start)
+    Path(args.output).write_text(json.dumps(dict(times=times, rel_err=err)))
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -192,16 +234,20 @@ def step_tflop(cfg: UNetConfig, size: int, pooled: int | None) -> float:
 
 
 def run_side(side: str, name: str, size: int, dtype: str, layout: str, args, tmp: Path,
-             reference: Path | None) -> dict:
+             reference: Path | None, runs: int) -> dict:
+    """One worker process: ``side`` is "unfog" or "diffusers" alone (memory, and the output the
+    other side is checked against), or "both" (the interleaved timing)."""
     output = tmp / f"{side}-{name}-{size}-{dtype}-{layout}.pt"
     cmd = [sys.executable, __file__, "--worker", side, "--models", name, "--sizes", str(size), "--dtypes", dtype,
            "--layouts", layout,
-           "--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--runs", str(runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--output", str(output)] + (["--quick"] if args.quick else []) + \
           (["--reference", str(reference)] if reference else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{side} {name} {size}px {dtype} failed:\n{done.stderr[-3000:]}")
+    if side == "both":
+        return json.loads(output.read_text())
     return {**json.loads(output.with_suffix(".json").read_text()), "output": output}
 
 
@@ -218,7 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     parser.add_argument("--quick", action="store_true", help="narrow, shallow models at 128 px: checks the script")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--separate", action="store_true",
+                        help="time each side alone in its own process (as memory is measured) instead of "
+                             "alternating the two in one process")
+    parser.add_argument("--worker", choices=SIDES + ("both",), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -227,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         args.side, args.model, args.dtype, args.layout = args.worker, args.models[0], args.dtypes[0], args.layouts[0]
         args.size = args.sizes[0]
-        return worker(args)
+        return interleaved_worker(args) if args.worker == "both" else worker(args)
 
     models = QUICK if args.quick else MODELS
     load = os.getloadavg()[0]
@@ -248,16 +297,22 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"--sizes must be multiples of 8 (the VAE factor), got {size}")
                 tflop = step_tflop(model.config, size, model.pooled)
                 for dtype, layout in [(d, lay) for d in args.dtypes for lay in args.layouts]:
-                    ours = run_side("unfog", name, size, dtype, layout, args, Path(tmp), None)
-                    theirs = run_side("diffusers", name, size, dtype, layout, args, Path(tmp), ours["output"])
+                    alone = 1 if not args.separate else args.runs  # memory: one settled call is enough
+                    ours = run_side("unfog", name, size, dtype, layout, args, Path(tmp), None, alone)
+                    theirs = run_side("diffusers", name, size, dtype, layout, args, Path(tmp), ours["output"], alone)
                     err = rel_err(torch.load(theirs["output"]), torch.load(ours["output"]))
-                    t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
+                    times = {"unfog": ours["times"], "diffusers": theirs["times"]}
+                    if not args.separate:
+                        times = run_side("both", name, size, dtype, layout, args, Path(tmp), None, args.runs)["times"]
+                    t_ours, t_theirs = statistics.median(times["unfog"]), statistics.median(times["diffusers"])
                     print(f"| {name}{' (quick)' if args.quick else ''} | {size} | {dtype} | {layout} | {tflop:.3g} "
                           f"| {t_ours:.3f} | {t_theirs:.3f} | {t_ours / t_theirs:.3f} | {tflop / t_ours:.3g} "
                           f"| {ours['step_peak_mb']:.0f} / {theirs['step_peak_mb']:.0f} "
                           f"| {ours['first_peak_mb']:.0f} / {theirs['first_peak_mb']:.0f} "
                           f"| {ours['weights_mb']:.0f} / {theirs['weights_mb']:.0f} | {err:.1e} |", flush=True)
-    print(f"\nOne CFG step = one U-Net call on batch 2; median of {args.runs} runs after {args.warmup} warm-up; "
+    how = "each side alone in its own process" if args.separate else "the two alternating in one process"
+    print(f"\nOne CFG step = one U-Net call on batch 2; median of {args.runs} runs after {args.warmup} warm-up, "
+          f"{how}; memory: each side alone in its own process; "
           f"{args.threads} threads; torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all")
 
 
