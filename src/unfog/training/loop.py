@@ -7,7 +7,6 @@ dropout for classifier-free guidance, periodic sample grids, and atomic, resumab
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..checkpoint.io import atomic_write
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.presets import get_preset
 from ..models.unet import UNet, UNetConfig
@@ -115,19 +115,13 @@ def _resume(trainer: BaseTrainer, force: bool) -> None:
 
 def _trim_log(path: Path, step: int) -> None:
     """Drop the log lines after ``step``: a killed run logs past its last saved state, and the
-    resumed run logs those steps again. Rewritten atomically (temporary file, then rename)."""
+    resumed run logs those steps again. Rewritten atomically."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(keep) == len(lines):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write("".join(line + "\n" for line in keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if len(keep) < len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
 class _StopRequests:
