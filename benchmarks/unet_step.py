@@ -29,6 +29,7 @@ memory (SDXL base is 10.3 GB in float32) and each side's memory is its own:
     python benchmarks/unet_step.py --quick               # tiny models, seconds: checks the script
     python benchmarks/unet_step.py --models sd15 --dtypes bf16 --sizes 512 --runs 3
     python benchmarks/unet_step.py --layouts contiguous channels_last   # also the layout unfog uses on the CPU
+    python benchmarks/unet_step.py --layouts defaults    # each side as its pipeline runs it: unfog channels-last
 """
 
 from __future__ import annotations
@@ -57,7 +58,20 @@ from unfog.models.presets import SD15, SDXL_BASE  # noqa: E402
 from unfog.models.unet import UNet, UNetConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last, "defaults": None}
+
+
+def lay_out(side: str, net: torch.nn.Module, layout: str) -> torch.nn.Module:
+    """Both models in ``layout``; "defaults": each as its own pipeline lays it out on this device
+    (unfog's ``use_device_layout``: channels-last conv weights on the CPU; diffusers' pipelines
+    leave PyTorch's contiguous default unless the user converts the U-Net)."""
+    if layout != "defaults":
+        return net.to(memory_format=LAYOUTS[layout])
+    if side == "unfog":
+        from unfog.pipelines.precision import use_device_layout
+
+        use_device_layout(net)
+    return net
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |unfog - diffusers| / max |diffusers|
 SIDES = ("unfog", "diffusers")
 
@@ -160,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.side == "diffusers":
         import diffusers.loaders.single_file_utils  # noqa: F401  (imported before the weights are measured)
     before = rss_mb()
-    net = build(args.side, model.config, dtype).to(memory_format=LAYOUTS[args.layout])
+    net = lay_out(args.side, build(args.side, model.config, dtype), args.layout)
     call = inputs(args.side, model, args.size, dtype)
     loaded = rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -194,10 +208,12 @@ def interleaved_worker(args: argparse.Namespace) -> None:
     model = (QUICK if args.quick else MODELS)[args.model]
     dtype = DTYPES[args.dtype]
     state = random_state_dict(model.config, dtype)
-    nets = {side: build(side, model.config, dtype, state).to(memory_format=LAYOUTS[args.layout]) for side in SIDES}
+    nets = {side: lay_out(side, build(side, model.config, dtype, state), args.layout) for side in SIDES}
     del state
-    shared = {p.data_ptr() for p in nets["unfog"].parameters()}
-    if {p.data_ptr() for p in nets["diffusers"].parameters()} != shared:
+    # One copy of the weights; with "defaults" unfog's 4-D conv weights are its channels-last copies.
+    shared = {p.data_ptr() for p in nets["unfog"].parameters() if args.layout != "defaults" or p.dim() != 4}
+    theirs = {p.data_ptr() for p in nets["diffusers"].parameters() if args.layout != "defaults" or p.dim() != 4}
+    if theirs != shared:
         sys.exit("the two models do not share their weights")
     calls = {side: inputs(side, model, args.size, dtype) for side in SIDES}
     times: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -259,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=list(LAYOUTS),
                         help="memory layout of both models' conv weights, hence of their activations; unfog's "
-                             "pipeline uses channels_last on the CPU (default: contiguous, PyTorch's default)")
+                             "pipeline uses channels_last on the CPU; 'defaults': each side as its own pipeline "
+                             "lays it out (default: contiguous, PyTorch's default, for both)")
     parser.add_argument("--runs", type=int, default=5, help="timed calls per side (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")

@@ -146,6 +146,28 @@ def test_config_errors():
         load_config(None, ["task=autoencoder"])
     with pytest.raises(FileNotFoundError, match="autoencoder file not found.*shapes_vae.json"):
         make_trainer(load_config(None, ["task=text2image", "data=shapes", "vae_model=/nonexistent.safetensors"]))
+    with pytest.raises(ValueError, match="shapes_options: .*'colour'.*valid keys: categories, weights"):
+        load_config(None, VAE + ['shapes_options={"colour": 1}'])
+    with pytest.raises(ValueError, match="weights must be 2 non-negative numbers"):
+        load_config(None, VAE + ['shapes_options={"categories": ["position", "colors"], "weights": [1]}'])
+    with pytest.raises(ValueError, match="shapes_options apply to data 'shapes', not '/some/folder'"):
+        load_config(None, VAE + ["data=/some/folder", 'shapes_options={"weights": [1, 1, 1, 1, 1, 1]}'])
+
+
+def test_shapes_options_reach_the_training_data(vae_file, tmp_path):
+    """A trainer on data "shapes" with shapes_options draws exactly the items of the data set
+    module with that ShapesConfig (here: position scenes only)."""
+    from unfog.datasets.shapes import make_item
+    from unfog.datasets.shapes_text import ShapesConfig
+
+    options = 'shapes_options={"categories": ["position"], "relation_word": 1.0}'
+    trainer = make_trainer(load_config(None, T2I + [options, f"vae_model={vae_file}", f"out_dir={tmp_path}"]))
+    config = ShapesConfig(categories=("position",), relation_word=1.0)
+    for i in range(16):
+        scene, caption = make_item(i, 32, 0, config)
+        assert scene.category == "position" and trainer.data.caption_of(i) == caption
+        assert trainer.data.load_item(i, (32, 32), None)["caption"] == caption
+    assert any(w in trainer.data.caption_of(0) for w in ("left", "right", "above", "below"))
 
 
 # ---- exact resume ----------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ class TrainConfig:
     image_size: int = 16
     data_size: int = 50_000
     center_crop: bool = True  # image folders: centre crops, else random crops
+    # data "shapes": the ShapesConfig fields to change (datasets/shapes_text.py), e.g.
+    # {"weights": [1, 2, 1, 1, 3, 1]} to draw two-object and position scenes more often
+    shapes_options: dict[str, Any] = field(default_factory=dict)
     # text2image on an image folder: aspect-ratio buckets (datasets/buckets.py) of area at most
     # image_size^2 and sides multiples of bucket_step; every batch holds images of one bucket
     buckets: bool = False
@@ -98,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"buckets need an image folder of images of many shapes, not {self.data!r}")
         if self.data_size < 1:
             raise ValueError(f"data_size must be >= 1, got {self.data_size}")
+        if self.shapes_options:
+            if self.data != "shapes":
+                raise ValueError(f"shapes_options apply to data 'shapes', not {self.data!r}")
+            self.shapes_config()  # an unknown field or a bad value fails here, not mid-run
         resolve_sampler(self.sample_sampler)
         for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
                      "save_every", "keep_last", "sample_steps", "bucket_step"):
@@ -109,6 +116,13 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.sample_cfg_scale < 0:
             raise ValueError(f"sample_cfg_scale must be >= 0, got {self.sample_cfg_scale}")
+
+    def shapes_config(self):
+        """The ShapesConfig of data "shapes": the defaults with ``shapes_options`` applied."""
+        from ..datasets.shapes_text import ShapesConfig
+
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in self.shapes_options.items()}
+        return with_overrides(ShapesConfig(), options, "shapes_options")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -194,19 +194,24 @@ def _square_item(item: dict, size: int) -> dict:
 
 def make_captioned_data(name: str, image_size: int, size: int, seed: int, center_crop: bool = True,
                         need_captions: bool = True, bucket_step: int | None = None,
-                        min_bucket: int = 1) -> CaptionedImages:
+                        min_bucket: int = 1, shapes_config=None) -> CaptionedImages:
     """"shapes" -> ``size`` procedural items from ``seed``; otherwise a captioned image folder.
     ``bucket_step``: sort the folder's images into aspect-ratio buckets of area at most
     ``image_size``^2 and sides multiples of ``bucket_step``, each holding at least ``min_bucket``
-    images (``datasets/buckets.py``)."""
+    images (``datasets/buckets.py``). ``shapes_config``: the ShapesConfig of "shapes" (None: the
+    defaults)."""
     if name == "shapes":
         from ..datasets.shapes import ShapesDataset, make_item
+        from ..datasets.shapes_text import ShapesConfig
 
         if bucket_step is not None:
             raise ValueError("aspect-ratio buckets need an image folder; the shapes images are all square")
-        shapes = ShapesDataset(size, size=image_size, seed=seed)
+        config = shapes_config or ShapesConfig()
+        shapes = ShapesDataset(size, size=image_size, seed=seed, config=config)
         return CaptionedImages(size, lambda i, target, g: _square_item(shapes[i], image_size),
-                               lambda i: make_item(i, image_size, seed)[1], image_size)
+                               lambda i: make_item(i, image_size, seed, config)[1], image_size)
+    if shapes_config is not None:
+        raise ValueError(f"a ShapesConfig applies to data 'shapes', not {name!r}")
     from ..datasets.buckets import assign_buckets, make_buckets
     from ..datasets.folder import ImageFolderDataset
 
