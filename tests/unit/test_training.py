@@ -1,6 +1,7 @@
 """Training: batch order, config handling, exact resume, state files."""
 
 import json
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_train_writes_model_samples_states_and_refuses_to_clobber(tmp_path):
+def test_train_writes_model_samples_states_and_refuses_to_clobber(tmp_path, capsys):
     config = tiny_config(tmp_path, "steps=3", "save_every=1", "sample_every=3", "keep_last=2")
     model = train(config, progress=False)
     run = tmp_path / "run"
@@ -94,6 +95,14 @@ def test_train_writes_model_samples_states_and_refuses_to_clobber(tmp_path):
         train(tiny_config(tmp_path, "steps=4", "lr=0.001"), resume=True, progress=False)
     train(tiny_config(tmp_path, "steps=4", "save_every=1", "sample_every=3"), resume=True, progress=False)
     assert list_states(run / "states")[-1].name == "state_00000004.pt"
+    assert [json.loads(line)["changes"] for line in (run / "resumes.jsonl").read_text().splitlines()] \
+        == [["keep_last: 2 -> 3", "steps: 3 -> 4"]]  # config.json is rewritten; the history of changes is kept
+    changed = tiny_config(tmp_path, "steps=5", "save_every=1", "sample_every=3", "lr=0.001")
+    train(changed, resume=True, force=True, progress=False)
+    assert "resuming with a changed config (--force): lr: 0.0005 -> 0.001" in capsys.readouterr().err
+    assert json.loads((run / "resumes.jsonl").read_text().splitlines()[-1]) \
+        == {"step": 4, "time": ANY, "changes": ["lr: 0.0005 -> 0.001", "steps: 4 -> 5"]}
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.001
 
 
 def test_config_differences_ignores_cadence():

@@ -101,7 +101,9 @@ def make_trainer(config: TrainConfig, device: str | None = None) -> BaseTrainer:
     return Trainer(config, device)
 
 
-def _resume(trainer: BaseTrainer, force: bool) -> None:
+def _resume(trainer: BaseTrainer, force: bool) -> list[str]:
+    """Load the latest state; returns every config change against it (cadence included), which
+    ``train`` records in ``resumes.jsonl``. A change of the trajectory needs ``force``."""
     states = list_states(trainer.out / "states")
     if not states:
         raise FileNotFoundError(f"nothing to resume: no training state in {trainer.out / 'states'}")
@@ -110,7 +112,10 @@ def _resume(trainer: BaseTrainer, force: bool) -> None:
     if diffs and not force:
         raise ValueError("the config differs from the one the run was started with: " + "; ".join(diffs)
                          + " (pass --force to resume anyway)")
+    if diffs and trainer.world.is_main:
+        print("resuming with a changed config (--force): " + "; ".join(diffs), file=sys.stderr)
     trainer.load_state_dict(state)
+    return config_differences(state["config"], trainer.config.to_dict(), ignore=())
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -161,8 +166,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                               "or --overwrite to start again")
     trainer = make_trainer(config, device)
     main = trainer.world.is_main
+    changes = None
     if resume:
-        _resume(trainer, force)
+        changes = _resume(trainer, force)
     elif overwrite and main:
         for old in list_states(out / "states"):
             old.unlink()
@@ -170,6 +176,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "log.jsonl", trainer.step)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if changes:  # config.json now holds the new config; keep the history of what changed when
+            with (out / "resumes.jsonl").open("a") as history:
+                history.write(json.dumps({"step": trainer.step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                          "changes": changes}) + "\n")
     log = (out / "log.jsonl").open("a") if main else None
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not (progress and main), desc="train", unit="it")
     smooth, t0 = None, time.perf_counter()
