@@ -53,8 +53,30 @@ def use_device_layout(*modules: nn.Module | None) -> None:
     1.1 s, and the U-Net's transformer blocks get their (B, HW, C) tokens without a copy.
     On CUDA GroupNorm wants NCHW, so there the default layout is kept.
     """
+    converted_on_cpu = False
     for module in modules:
         param = None if module is None else next(module.parameters(), None)
         if param is not None:
             cpu = param.device.type == "cpu"
             module.to(memory_format=torch.channels_last if cpu else torch.contiguous_format)
+            converted_on_cpu |= cpu
+    if converted_on_cpu:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand memory that freed tensors left in the C heap back to the OS (glibc's ``malloc_trim``).
+    Converting a model's conv weights frees the old copies one by one; glibc keeps such chunks
+    for reuse, so without this the process stays larger by up to the converted weights' size
+    (SD 1.5 in bf16: 2.2 GB resident after loading instead of 1.8). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
