@@ -60,6 +60,9 @@ from unfog.models.unet import UNet, UNetConfig  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last, "defaults": None}
 
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |unfog - diffusers| / max |diffusers|
+SIDES = ("unfog", "diffusers")
+
 
 def lay_out(side: str, net: torch.nn.Module, layout: str) -> torch.nn.Module:
     """Both models in ``layout``; "defaults": each as its own pipeline lays it out on this device
@@ -72,8 +75,6 @@ def lay_out(side: str, net: torch.nn.Module, layout: str) -> torch.nn.Module:
 
         use_device_layout(net)
     return net
-TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |unfog - diffusers| / max |diffusers|
-SIDES = ("unfog", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,10 @@ def interleaved_worker(args: argparse.Namespace) -> None:
     nets = {side: lay_out(side, build(side, model.config, dtype, state), args.layout) for side in SIDES}
     del state
     # One copy of the weights; with "defaults" unfog's 4-D conv weights are its channels-last copies.
-    shared = {p.data_ptr() for p in nets["unfog"].parameters() if args.layout != "defaults" or p.dim() != 4}
-    theirs = {p.data_ptr() for p in nets["diffusers"].parameters() if args.layout != "defaults" or p.dim() != 4}
-    if theirs != shared:
+    def storage(net):
+        return {p.data_ptr() for p in net.parameters() if args.layout != "defaults" or p.dim() != 4}
+
+    if storage(nets["unfog"]) != storage(nets["diffusers"]):
         sys.exit("the two models do not share their weights")
     calls = {side: inputs(side, model, args.size, dtype) for side in SIDES}
     times: dict[str, list[float]] = {side: [] for side in SIDES}

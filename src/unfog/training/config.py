@@ -118,9 +118,12 @@ class TrainConfig:
             raise ValueError(f"sample_cfg_scale must be >= 0, got {self.sample_cfg_scale}")
 
     def shapes_config(self):
-        """The ShapesConfig of data "shapes": the defaults with ``shapes_options`` applied."""
+        """The ShapesConfig of data "shapes": the defaults with ``shapes_options`` applied; None
+        for any other data."""
         from ..datasets.shapes_text import ShapesConfig
 
+        if self.data != "shapes":
+            return None
         options = {k: tuple(v) if isinstance(v, list) else v for k, v in self.shapes_options.items()}
         return with_overrides(ShapesConfig(), options, "shapes_options")
 

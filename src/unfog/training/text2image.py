@@ -83,7 +83,7 @@ class TextToImageTrainer(BaseTrainer):
         c = self.config
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
                                         bucket_step=c.bucket_step if c.buckets else None, min_bucket=c.batch_size,
-                                        shapes_config=c.shapes_config() if c.data == "shapes" else None)
+                                        shapes_config=c.shapes_config())
         self.vae = load_autoencoder(c.vae_model).to(self.device).requires_grad_(False)
         # The vocabulary: every token of the captions (and of the grid prompts), in a fixed order.
         self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(),
