@@ -97,6 +97,25 @@ def test_clip_text_model_quick_gelu(eos_token_id, pooling):
     assert rel_err(mine.hidden_states[-2], theirs.hidden_states[-2]) <= TOL  # penultimate
 
 
+def test_bidirectional_option_matches_transformers_layers_without_the_causal_mask():
+    """``causal=False`` (an option for encoders trained from scratch): transformers' own CLIP text
+    layers run with no mask are the oracle, and early tokens now see later ones."""
+    from dataclasses import replace
+
+    ref = randomize_(transformers.CLIPTextModel(hf_config("quick_gelu", EOS))).eval()
+    ours = CLIPTextEncoder(replace(our_config("quick_gelu", "eos_token", None), causal=False)).eval()
+    ours.load_state_dict(convert_transformers_clip_text(ref.state_dict()), strict=True)
+    ids = token_batch(pad=EOS)
+    with torch.no_grad():
+        text = getattr(ref, "text_model", ref)  # transformers 5 flattened CLIPTextModel
+        states = text.encoder(inputs_embeds=text.embeddings(input_ids=ids), attention_mask=None).last_hidden_state
+        expected = text.final_layer_norm(states)
+        mine = ours(ids).last_hidden_state
+        causal = ref(ids).last_hidden_state
+    assert rel_err(mine, expected) <= TOL
+    assert rel_err(mine[:, :5], causal[:, :5]) > 0.1  # the first tokens now depend on what follows
+
+
 def test_clip_text_model_with_projection_gelu():
     ref = randomize_(transformers.CLIPTextModelWithProjection(hf_config("gelu", 2))).eval()
     ours = CLIPTextEncoder(our_config("gelu", "argmax", PROJ)).eval()

@@ -8,7 +8,15 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from unfog.diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, network_target
-from unfog.diffusion.losses import LossConfig, diffusion_loss, min_snr_weight, offset_noise, q_sample
+from unfog.diffusion.losses import (
+    LossConfig,
+    diffusion_loss,
+    draw_timesteps,
+    min_snr_weight,
+    offset_noise,
+    q_sample,
+    timestep_probabilities,
+)
 
 SCHED = DiscreteSchedule.make("scaled_linear")
 
@@ -91,6 +99,36 @@ def test_min_snr_weights_closed_form():
     assert torch.allclose(min_snr_weight(t, SCHED, "v", 5.0), s.clamp(max=5) / (s + 1))
     assert torch.allclose(min_snr_weight(t, SCHED, "x0", 5.0), s.clamp(max=5))
     assert float(min_snr_weight(torch.tensor([999]), SCHED, "eps", 5.0)) == pytest.approx(1.0)  # low SNR: unweighted
+
+
+def test_timestep_bias_closed_form_and_draws():
+    p = timestep_probabilities(1000, "later", 4.0, 0.25)
+    assert p.sum().item() == pytest.approx(1.0)
+    assert torch.equal(p[750:], torch.full((250,), 4 / 1750, dtype=torch.float64))
+    assert torch.allclose(p[:750], torch.full((750,), 1 / 1750, dtype=torch.float64))
+    early = timestep_probabilities(1000, "earlier", 3.0, 0.1)
+    assert early[:100].sum().item() == pytest.approx(300 / 1200) and early[100:].unique().numel() == 1
+    assert torch.equal(timestep_probabilities(1000), torch.full((1000,), 1e-3, dtype=torch.float64))
+
+    n = 200_000
+    t = draw_timesteps(n, SCHED, LossConfig(timestep_bias="later", timestep_bias_multiplier=4.0),
+                       torch.Generator().manual_seed(0))
+    share, expected = (t >= 750).double().mean().item(), 4 / 7
+    assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / n)  # 5 standard errors
+    per_bin = torch.bincount(t[t >= 750] - 750, minlength=250).double()  # flat inside the boosted range
+    assert per_bin.std() / per_bin.mean() < 0.06 and t.min() >= 0 and t.max() <= 999
+    # No bias: the same uniform draws as ever, so existing runs resume and replay unchanged.
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(draw_timesteps(64, SCHED, LossConfig(), g1), torch.randint(0, 1000, (64,), generator=g2))
+
+
+def test_timestep_bias_bad_values():
+    with pytest.raises(ValueError, match="timestep bias 'late'; valid choices: none, later, earlier"):
+        LossConfig(timestep_bias="late")
+    with pytest.raises(ValueError, match="timestep_bias_multiplier must be > 0"):
+        LossConfig(timestep_bias="later", timestep_bias_multiplier=0)
+    with pytest.raises(ValueError, match=r"timestep_bias_portion must be in \(0, 1\)"):
+        LossConfig(timestep_bias="later", timestep_bias_portion=1.0)
 
 
 def test_offset_noise_statistics():

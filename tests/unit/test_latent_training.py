@@ -170,6 +170,30 @@ def test_shapes_options_reach_the_training_data(vae_file, tmp_path):
     assert any(w in trainer.data.caption_of(0) for w in ("left", "right", "above", "below"))
 
 
+def test_resume_with_other_scenes_keeps_the_vocabulary_and_other_captions_are_refused(vae_file, tmp_path):
+    """A "shapes" run's vocabulary is its caption grammar, so a forced resume that draws only
+    position scenes (fewer words) continues; a folder whose captions gained a word cannot resume
+    into the old text encoder, and says why."""
+    from PIL import Image
+
+    train(t2i_config(vae_file, tmp_path / "s", "steps=1"), progress=False)
+    narrow = t2i_config(vae_file, tmp_path / "s", "steps=2", 'shapes_options={"categories": ["position"]}')
+    assert unfog.load(train(narrow, resume=True, force=True, progress=False)).tokenizer.vocab_size \
+        == unfog.load(train(t2i_config(vae_file, tmp_path / "t", "steps=1"), progress=False)).tokenizer.vocab_size
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, text in enumerate(["a red thing", "a blue thing"]):
+        Image.new("RGB", (32, 32), (200 * (1 - i), 0, 200 * i)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(text)
+    train(t2i_config(vae_file, tmp_path / "f", "steps=1", f"data={folder}", "data_size=2", "batch_size=2"),
+          progress=False)
+    (folder / "1.txt").write_text("a dog thing")  # a word the grid prompts lack
+    changed = t2i_config(vae_file, tmp_path / "f", "steps=2", f"data={folder}", "data_size=2", "batch_size=2")
+    with pytest.raises(ValueError, match=r"cannot resume: .*only this config's captions: \['dog</w>'\]"):
+        train(changed, resume=True, force=True, progress=False)
+
+
 # ---- exact resume ----------------------------------------------------------------------------------------
 
 

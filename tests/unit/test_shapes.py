@@ -7,6 +7,7 @@ three (the figures are in docs/shapes.md).
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -248,6 +249,24 @@ def test_every_training_caption_parses_and_is_true_of_its_scene():
                              "to the left of", "on the right of", "above", "beneath", "under",
                              "one ", "two ", "three ", "small", "large") if w in text}
     assert len(used) == 15
+
+
+def test_caption_vocabulary_holds_every_caption_token():
+    """The vocabulary a text-to-image model is given for "shapes" comes from the grammar, not from
+    the scenes a run draws: every token of 3,000 captions of any category mix is in it, and each of
+    its phrases turns up in those captions (it holds nothing the captions never say)."""
+    from unfog.datasets.shapes_text import caption_vocabulary
+    from unfog.models.tokenizer import CLIPTokenizer, SubVocabTokenizer
+
+    vocabulary = caption_vocabulary()
+    tok = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(), vocabulary)
+    texts = [make_item(i, 64, seed=5)[1] for i in range(3000)]
+    texts += [make_item(i, 64, seed=6, config=ShapesConfig(categories=("position",)))[1] for i in range(300)]
+    assert all(tok.unknown_words(text) == [] for text in texts)
+    seen = " | ".join(texts)
+    assert [p for p in vocabulary if not re.search(rf"\b{p}\b", seen)] == []
+    narrow = SubVocabTokenizer.from_texts(tok.base, texts[3000:])  # position scenes alone say fewer words
+    assert narrow.vocab_size < tok.vocab_size
 
 
 def test_canonical_prompts_and_evaluation_sets():

@@ -80,6 +80,25 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_resume_with_another_learning_rate_uses_it_from_the_first_step(tmp_path):
+    """The scheduler's saved state holds the run's first lr; a (forced) resume with another lr,
+    schedule or length must train with the new one, not silently keep the old."""
+    from unfog.training.base import lr_factor
+
+    first = Trainer(tiny_config(tmp_path, "steps=6"))
+    for _ in range(3):
+        first.train_step()
+    state = first.state_dict()
+    changed = tiny_config(tmp_path, "steps=10", "lr=0.002")
+    second = Trainer(changed)
+    second.load_state_dict(state)
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * lr_factor(3, changed), rel=1e-12)
+    assert second.lr_sched.get_last_lr() == [second.optimizer.param_groups[0]["lr"]]
+    second.train_step()
+    assert second.lr_sched.get_last_lr()[0] == pytest.approx(0.002 * lr_factor(4, changed), rel=1e-12)
+    assert lr_factor(3, changed) > 0.5  # a real cosine value, not the end of the schedule
+
+
 def test_train_writes_model_samples_states_and_refuses_to_clobber(tmp_path, capsys):
     config = tiny_config(tmp_path, "steps=3", "save_every=1", "sample_every=3", "keep_last=2")
     model = train(config, progress=False)

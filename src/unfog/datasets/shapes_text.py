@@ -186,6 +186,16 @@ def noun_phrase(shape: str, color: str | None = None, size: str | None = None, c
     return " ".join([det, *words])
 
 
+def caption_vocabulary() -> list[str]:
+    """Every word and phrase a training caption (``caption``) can contain, whatever the config's
+    category weights: a text-to-image model's vocabulary comes from these, so that it does not
+    depend on which scenes a run happens to draw."""
+    phrases = [*SHAPES, *(s + "s" for s in SHAPES), *COLORS, *SIZES, *COUNT_WORDS.values(), "a", "an", "and",
+               "that is", *itertools.chain.from_iterable(RELATION_PHRASES.values()),
+               *(f.format("") for f in FRAMES), *(f"on a {b} background" for b in BACKGROUNDS)]
+    return phrases
+
+
 def _spec_text(objects: tuple[ObjectSpec, ...], relation: str | None) -> str:
     nps = [noun_phrase(o.shape, o.color, count=o.count) for o in objects]
     if relation is not None:

@@ -61,6 +61,10 @@ class CLIPTextConfig:
         Diffusion 1.5) keep 23 of OpenCLIP ViT-H's 24, as SD 2 never reads the last one. "CLIP
         skip" counts from this depth (``depth``), so the same layer is read either way. None:
         the module is the whole network.
+    causal: whether a token attends only to itself and earlier tokens, as in every CLIP text
+        tower (the default). False lets every token see the whole prompt, as T5 and BERT do: an
+        option for a text encoder trained from scratch, where the first noun of "a circle to the
+        left of a square" then knows the relation that follows it.
     """
 
     vocab_size: int = 49408
@@ -75,6 +79,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     layer_norm_eps: float = 1e-5
     trained_layers: int | None = None
+    causal: bool = True
 
     @property
     def mlp_width(self) -> int:
@@ -233,7 +238,7 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = CLIPEmbeddings(config)
-        self.encoder = CLIPEncoder(config, config.layers)
+        self.encoder = CLIPEncoder(config, config.layers, config.causal)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.text_projection: nn.Linear | None = None
         if config.projection_dim is not None:
@@ -241,8 +246,8 @@ class CLIPTextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CLIPTextOutput:
         """input_ids: (B, N) token ids, N <= max_positions; attention_mask: optional (B, N), 1 for
-        real tokens and 0 for padding, which then cannot be attended to. Causal either way, so the
-        mask changes only the states at padded positions; Stable Diffusion passes none."""
+        real tokens and 0 for padding, which then cannot be attended to. With the causal attention
+        of CLIP the mask changes only the states at padded positions; Stable Diffusion passes none."""
         self._check_ids(input_ids)
         mask = None if attention_mask is None else self._padding_mask(attention_mask)
         x = self.embeddings(input_ids)  # (B, N, W)
@@ -267,10 +272,12 @@ class CLIPTextEncoder(nn.Module):
         return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
 
     def _padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, N) keep-mask -> (B, 1, N, N) bool: causal and not a padded key."""
+        """(B, N) keep-mask -> (B, 1, N, N) bool: not a padded key (and causal, if the encoder is)."""
         n = attention_mask.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()  # (N, N)
-        return causal & attention_mask.bool()[:, None, None, :]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device)  # (N, N)
+        if self.config.causal:
+            allowed = allowed.tril()
+        return allowed & attention_mask.bool()[:, None, None, :]
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.ndim != 2:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import DiscreteSchedule
-from ..diffusion.losses import LossConfig
 from .config import TrainConfig
 from .data import BucketBatches, EpochBatches
 from .distributed import World, init_world, training_device
@@ -40,7 +39,7 @@ class BaseTrainer:
         self.world: World = init_world(self.device)
         self.schedule = DiscreteSchedule.make(config.schedule, config.num_timesteps,
                                               zero_terminal_snr=config.zero_terminal_snr)
-        self.loss_config = LossConfig(config.prediction, config.min_snr_gamma, config.offset_noise)
+        self.loss_config = config.loss_config()
         self.build()
         model = self.trainable()
         self.ema = EMA(model, config.ema_decay)
@@ -107,6 +106,12 @@ class BaseTrainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_sched"])
+        # The saved scheduler holds the learning rate the run started with; the config's wins, so
+        # that a forced resume with another lr, lr_schedule or steps uses them from its first step.
+        self.lr_sched.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * lr_factor(self.lr_sched.last_epoch, self.config)
+        self.lr_sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.batches.load_state_dict(state["batches"])
         self.noise_gen.set_state(state["noise_gen"])
         torch.set_rng_state(state["torch_rng"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diffusion.denoiser import PREDICTIONS
+from ..diffusion.losses import LossConfig
 from ..diffusion.registry import resolve_sampler
 from ..diffusion.schedules import BETA_SCHEDULES, check_choice
 
@@ -58,6 +59,11 @@ class TrainConfig:
     prediction: str = "eps"
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
+    # timesteps: "none" (uniform), "later" (the last timestep_bias_portion of them, the noisiest,
+    # drawn timestep_bias_multiplier times as often) or "earlier" (the first portion)
+    timestep_bias: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
     cond_dropout: float = 0.1  # probability of training a sample with the null class (for CFG)
     # optimisation
     steps: int = 4000
@@ -106,6 +112,7 @@ class TrainConfig:
                 raise ValueError(f"shapes_options apply to data 'shapes', not {self.data!r}")
             self.shapes_config()  # an unknown field or a bad value fails here, not mid-run
         resolve_sampler(self.sample_sampler)
+        self.loss_config()  # min_snr_gamma and the timestep bias are checked here
         for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
                      "save_every", "keep_last", "sample_steps", "bucket_step"):
             if getattr(self, name) < 1:
@@ -116,6 +123,11 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.sample_cfg_scale < 0:
             raise ValueError(f"sample_cfg_scale must be >= 0, got {self.sample_cfg_scale}")
+
+    def loss_config(self) -> LossConfig:
+        """The training objective: prediction type, Min-SNR weighting, offset noise, timestep bias."""
+        return LossConfig(self.prediction, self.min_snr_gamma, self.offset_noise, self.timestep_bias,
+                          self.timestep_bias_multiplier, self.timestep_bias_portion)
 
     def shapes_config(self):
         """The ShapesConfig of data "shapes": the defaults with ``shapes_options`` applied; None

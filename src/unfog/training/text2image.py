@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import SIZE_EMBED_DIM, pooled_output, sdxl_vector_cond
+from ..datasets.shapes_text import caption_vocabulary
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.presets import get_preset
@@ -85,9 +86,11 @@ class TextToImageTrainer(BaseTrainer):
                                         bucket_step=c.bucket_step if c.buckets else None, min_bucket=c.batch_size,
                                         shapes_config=c.shapes_config())
         self.vae = load_autoencoder(c.vae_model).to(self.device).requires_grad_(False)
-        # The vocabulary: every token of the captions (and of the grid prompts), in a fixed order.
-        self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(),
-                                                      [*self.data.captions(), *GRID_PROMPTS])
+        # The vocabulary: every token the captions can hold (and the grid prompts'), in a fixed order.
+        # For "shapes" that is its whole caption grammar, so a resumed run that draws other scenes
+        # (shapes_options) keeps the vocabulary; for a folder, the tokens of its captions.
+        texts = caption_vocabulary() if c.data == "shapes" else self.data.captions()
+        self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(), [*texts, *GRID_PROMPTS])
         text_cfg = replace(SMALL_TEXT_ENCODER, vocab_size=self.tokenizer.vocab_size, eos_token_id=self.tokenizer.eos_id)
         text_cfg = with_overrides(text_cfg, c.text_encoder, "text_encoder")
         latent = self.vae.config.latent_channels
@@ -116,6 +119,26 @@ class TextToImageTrainer(BaseTrainer):
 
     def trainable(self) -> nn.Module:
         return self.net
+
+    def extra_state(self) -> dict:
+        return {"vocabulary": list(self.tokenizer.kept_ids)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """As the base class, after checking that the run's vocabulary is this config's: the text
+        encoder's embedding rows are the tokens of that vocabulary, in order."""
+        saved = state.get("vocabulary")
+        rows = state["model"]["text_encoder.embeddings.token_embedding.weight"].shape[0]
+        if (saved is not None and tuple(saved) != self.tokenizer.kept_ids) or rows != self.tokenizer.vocab_size:
+            words = {i: w for w, i in self.tokenizer.base.vocab.items()}
+            what = ""
+            if saved is not None:
+                gone = [words[i] for i in sorted(set(saved) - set(self.tokenizer.kept_ids))]
+                new = [words[i] for i in sorted(set(self.tokenizer.kept_ids) - set(saved))]
+                what = f" (tokens only the run has: {gone[:10]}; only this config's captions: {new[:10]})"
+            raise ValueError(f"cannot resume: the run's text encoder has a vocabulary of {rows - 1} tokens, this "
+                             f"config's captions give {self.tokenizer.vocab_size - 1}{what}; resume with the data "
+                             "the run was started with")
+        super().load_state_dict(state)
 
     def make_batches(self) -> EpochBatches | BucketBatches:
         if self.data.bucket_of is None:
