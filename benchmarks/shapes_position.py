@@ -46,7 +46,8 @@ import unfog  # noqa: E402
 from unfog.conditioning import encode_prompt  # noqa: E402
 from unfog.datasets.shapes import ShapesConfig, make_item, render, spec_for, to_tensor  # noqa: E402
 from unfog.datasets.shapes_text import RELATION_PHRASES, RELATIONS  # noqa: E402
-from unfog.metrics.shapes_analyzer import analyze  # noqa: E402
+from unfog.diffusion.denoiser import Denoiser  # noqa: E402
+from unfog.metrics.shapes_analyzer import analyze, relation_holds  # noqa: E402
 from unfog.metrics.shapes_eval import generate, prompt_set  # noqa: E402
 from unfog.pipelines.latent_model import recommended_settings  # noqa: E402
 
@@ -56,11 +57,9 @@ REVERSED = {RELATION_PHRASES[a][0]: RELATION_PHRASES[b][0]
 
 
 def direction(a, b) -> str:
-    """The relation in which detected object a stands to b (the analyzer's 45-degree rule)."""
-    dx, dy = a.cx - b.cx, a.cy - b.cy
-    if abs(dx) >= abs(dy):
-        return "left of" if dx < 0 else "right of"
-    return "above" if dy < 0 else "below"
+    """The relation in which detected object a stands to b, by the analyzer's rule (on the
+    diagonal, where two hold, the horizontal one)."""
+    return next(r for r in RELATIONS if relation_holds(a, b, r))
 
 
 def directions(pipe, settings: dict, n: int) -> Counter:
@@ -148,18 +147,16 @@ def flip(pipe, n: int) -> list[tuple[int, float, float, float]]:
     z0 = latents(pipe, scenes)
     true = encode_prompt(pipe.family, [pipe.text_encoder], pipe.tokenizer, texts, "")
     other = encode_prompt(pipe.family, [pipe.text_encoder], pipe.tokenizer, [reversed_text(t) for t in texts], "")
-    schedule = pipe.schedule
+    denoise = Denoiser(pipe.unet, pipe.schedule, pipe.prediction, round_timesteps=True)  # x, sigma -> x0
     g = torch.Generator().manual_seed(0)
     rows = []
     for t in TIMESTEPS:
-        ab = schedule.alphas_cumprod[t].float()
-        xt = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=g)
-        tt = torch.full((n,), float(t))
-        f, f_rev, f_empty = (pipe.unet(xt, tt, c) for c in (true.context, other.context, true.negative_context))
-        x0 = {"v": lambda out: ab.sqrt() * xt - (1 - ab).sqrt() * out,
-              "eps": lambda out: (xt - (1 - ab).sqrt() * out) / ab.sqrt()}[pipe.prediction]
-        loss, loss_rev = (((x0(out) - z0) ** 2).mean().item() for out in (f, f_rev))
-        ratio = ((f - f_rev).flatten(1).norm(dim=1).mean() / (f - f_empty).flatten(1).norm(dim=1).mean()).item()
+        sigma = pipe.schedule.sigmas[t].float()
+        x = z0 + sigma * torch.randn(z0.shape, generator=g)
+        d, d_rev, d_empty = (denoise(x, sigma, context=c) for c in (true.context, other.context, true.negative_context))
+        loss, loss_rev = (((out - z0) ** 2).mean().item() for out in (d, d_rev))
+        # x0 = c_skip x + c_out F with one c_out per t, so this is also the ratio of the network outputs
+        ratio = ((d - d_rev).flatten(1).norm(dim=1).mean() / (d - d_empty).flatten(1).norm(dim=1).mean()).item()
         rows.append((t, loss, loss_rev, ratio))
     return rows
 

@@ -190,10 +190,9 @@ def caption_vocabulary() -> list[str]:
     """Every word and phrase a training caption (``caption``) can contain, whatever the config's
     category weights: a text-to-image model's vocabulary comes from these, so that it does not
     depend on which scenes a run happens to draw."""
-    phrases = [*SHAPES, *(s + "s" for s in SHAPES), *COLORS, *SIZES, *COUNT_WORDS.values(), "a", "an", "and",
-               "that is", *itertools.chain.from_iterable(RELATION_PHRASES.values()),
-               *(f.format("") for f in FRAMES), *(f"on a {b} background" for b in BACKGROUNDS)]
-    return phrases
+    return [*SHAPES, *(s + "s" for s in SHAPES), *COLORS, *SIZES, *COUNT_WORDS.values(), "a", "an", "and",
+            "that is", *itertools.chain.from_iterable(RELATION_PHRASES.values()),
+            *(f.format("") for f in FRAMES), *(f"on a {b} background" for b in BACKGROUNDS)]
 
 
 def _spec_text(objects: tuple[ObjectSpec, ...], relation: str | None) -> str:

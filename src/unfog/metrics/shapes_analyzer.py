@@ -324,7 +324,7 @@ def analyze(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConf
 # ------------------------------------------------------------------------------------ scoring
 
 
-def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str) -> bool:
+def relation_holds(a: DetectedObject, b: DetectedObject, relation: str) -> bool:
     """a <relation> b between centroids, within 45 degrees of the direction (y grows downwards)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if relation == "left of":
@@ -360,7 +360,7 @@ def match(found: Sequence[DetectedObject], spec: PromptSpec) -> Score:
         left = [o for o in left if all(o is not h for h in chosen[i])]
     if spec.relation is not None:
         a, b = chosen[0][0], chosen[1][0]
-        if not _relation_holds(a, b, spec.relation):
+        if not relation_holds(a, b, spec.relation):
             return Score(False, f"{_describe(a)} is not {spec.relation} {_describe(b)}")
     return Score(True, "ok")
 
