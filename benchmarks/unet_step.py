@@ -209,6 +209,8 @@ def interleaved_worker(args: argparse.Namespace) -> None:
     model = (QUICK if args.quick else MODELS)[args.model]
     dtype = DTYPES[args.dtype]
     state = random_state_dict(model.config, dtype)
+    if LAYOUTS[args.layout] is not None:  # lay out the one copy first, so that both sides keep sharing it
+        state = {k: v.to(memory_format=LAYOUTS[args.layout]) if v.dim() == 4 else v for k, v in state.items()}
     nets = {side: lay_out(side, build(side, model.config, dtype, state), args.layout) for side in SIDES}
     del state
     # One copy of the weights; with "defaults" unfog's 4-D conv weights are its channels-last copies.
