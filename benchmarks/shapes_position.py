@@ -5,7 +5,7 @@ relation word changes its predictions at all.
     python benchmarks/shapes_position.py --model runs/a/model.safetensors runs/b/model.safetensors
     python benchmarks/shapes_position.py --parts snr                      # data only, no model
 
-Three parts, each printed as a markdown table:
+Five parts, each printed as a markdown table:
 
 - ``directions``: canonical position prompts (``evaluation_prompts``, seed 0), one image each at
   the model's recommended settings; for every image that holds the two objects asked for, the
@@ -45,15 +45,14 @@ sys.path.insert(0, str(ROOT / "src"))
 import unfog  # noqa: E402
 from unfog.conditioning import encode_prompt  # noqa: E402
 from unfog.datasets.shapes import ShapesConfig, make_item, render, spec_for, to_tensor  # noqa: E402
-from unfog.datasets.shapes_text import RELATION_PHRASES, RELATIONS  # noqa: E402
+from unfog.datasets.shapes_text import INVERSE, RELATION_PHRASES, RELATIONS  # noqa: E402
 from unfog.diffusion.denoiser import Denoiser  # noqa: E402
 from unfog.metrics.shapes_analyzer import analyze, relation_holds  # noqa: E402
 from unfog.metrics.shapes_eval import generate, prompt_set  # noqa: E402
 from unfog.pipelines.latent_model import recommended_settings  # noqa: E402
 
 TIMESTEPS = (999, 950, 900, 800, 700, 500, 300)
-REVERSED = {RELATION_PHRASES[a][0]: RELATION_PHRASES[b][0]
-            for a, b in (("left of", "right of"), ("right of", "left of"), ("above", "below"), ("below", "above"))}
+REVERSED = {RELATION_PHRASES[r][0]: RELATION_PHRASES[INVERSE[r]][0] for r in RELATIONS}  # canonical phrases
 
 
 def direction(a, b) -> str:
