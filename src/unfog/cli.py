@@ -114,7 +114,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training import load_config, train
 
     config = load_config(args.config, args.overrides)
-    path = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force, device=args.device)
+    path = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force, init_from=args.init_from,
+                 device=args.device)
     print(f"model written to {path}")
 
 
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the config's out_dir")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting the run's old states")
     p.add_argument("--force", action="store_true", help="resume even if the config changed")
+    p.add_argument("--init-from", metavar="STATE", default=None,
+                   help="start a new run from another run's training state (a state_*.pt file or a run folder): "
+                        "the next stage of a curriculum; the config changes are recorded in resumes.jsonl")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train)
 

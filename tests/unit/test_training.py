@@ -156,3 +156,41 @@ def test_empty_data_folder_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "empty" in err and err.count("\n") == 1
     code = main(["train", "configs/digits.json", f"data={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'r'}"])
     assert code == 2 and "neither 'digits' nor an existing folder" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_run_from_another_runs_state(tmp_path, capsys):
+    """A curriculum stage: the new run continues the first run's trajectory exactly (weights, EMA,
+    optimizer, RNG streams, step) under its own config, and records where it came from and what
+    changed; the first run is left as it was."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    base = TINY + ["save_every=1", "sample_every=100"]
+    train(load_config("configs/digits.json", base + [f"out_dir={first_dir}", "steps=2"]), progress=False)
+    first_states = [p.read_bytes() for p in list_states(first_dir / "states")]
+
+    # the oracle: the same first run resumed in place with the new config (--resume --force)
+    oracle_dir = tmp_path / "oracle"
+    train(load_config("configs/digits.json", base + [f"out_dir={oracle_dir}", "steps=2"]), progress=False)
+    changed = ["steps=4", "lr=0.001"]
+    train(load_config("configs/digits.json", base + [f"out_dir={oracle_dir}", *changed]), resume=True, force=True,
+          progress=False)
+
+    second = load_config("configs/digits.json", base + [f"out_dir={second_dir}", *changed])
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(second, resume=True, init_from=first_dir, progress=False)
+    with pytest.raises(FileNotFoundError, match="no training state to start from in .*missing"):
+        train(second, init_from=tmp_path / "missing", progress=False)
+    train(second, init_from=first_dir, progress=False)
+    assert "starting from" in capsys.readouterr().err
+    a = torch.load(list_states(second_dir / "states")[-1], weights_only=True)
+    b = torch.load(list_states(oracle_dir / "states")[-1], weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (a["ema"]["decay"], a["ema"]["num_updates"]) == (b["ema"]["decay"], b["ema"]["num_updates"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"]["model"].values(), b["ema"]["model"].values()))
+    history = json.loads((second_dir / "resumes.jsonl").read_text())
+    assert history["step"] == 2 and history["changes"][0] == f"started from {first_dir / 'states' / 'state_00000002.pt'}"
+    assert history["changes"][1:] == ["lr: 0.0005 -> 0.001", f"out_dir: '{first_dir}' -> '{second_dir}'", "steps: 2 -> 4"]
+    assert [p.read_bytes() for p in list_states(first_dir / "states")] == first_states  # untouched
+    with pytest.raises(ValueError, match="this run's own state; use --resume"):
+        train(second, overwrite=True, init_from=second_dir, progress=False)

@@ -118,6 +118,32 @@ def _resume(trainer: BaseTrainer, force: bool) -> list[str]:
     return config_differences(state["config"], trainer.config.to_dict(), ignore=())
 
 
+def find_state(source: Path) -> Path:
+    """The training state ``source`` names: a state file, or the latest state of a run folder (its
+    ``states`` folder or the folder itself)."""
+    source = Path(source)
+    if source.is_file():
+        return source
+    for folder in (source / "states", source):
+        states = list_states(folder)
+        if states:
+            return states[-1]
+    raise FileNotFoundError(f"no training state to start from in {source}: expected a state_XXXXXXXX.pt file, "
+                            "or a run folder holding them in states/")
+
+
+def _init_from(trainer: BaseTrainer, source: Path) -> list[str]:
+    """Start a new run from another run's state (weights, EMA, optimizer, RNG streams, step): a
+    curriculum stage. Every config difference is expected there, so none needs ``force``; they are
+    returned for ``resumes.jsonl``, after the state they came from."""
+    path = find_state(source)
+    state = load_state(path)
+    trainer.load_state_dict(state)
+    if trainer.world.is_main:
+        print(f"starting from {path} (step {trainer.step})", file=sys.stderr)
+    return [f"started from {path}"] + config_differences(state["config"], trainer.config.to_dict(), ignore=())
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop the log lines after ``step``: a killed run logs past its last saved state, and the
     resumed run logs those steps again. Rewritten atomically."""
@@ -157,13 +183,22 @@ class _StopRequests:
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False,
-          progress: bool = True, device: str | None = None) -> Path:
+          init_from: str | Path | None = None, progress: bool = True, device: str | None = None) -> Path:
     """Train (or resume) the run of ``config``; returns the path of the final model file.
-    Under torchrun every process calls this; rank 0 alone writes files and shows progress."""
+    ``init_from`` (a state file or run folder) starts the run from another run's state, e.g. the
+    previous stage of a curriculum. Under torchrun every process calls this; rank 0 alone writes
+    files and shows progress."""
     out = Path(config.out_dir)
+    if resume and init_from is not None:
+        raise ValueError("--resume continues the run in out_dir and --init-from starts a new one from another "
+                         "run's state: pass one of them")
     if list_states(out / "states") and not (resume or overwrite):
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it "
                               "or --overwrite to start again")
+    if init_from is not None:
+        source = find_state(init_from)  # before anything is built or deleted: a wrong path costs nothing
+        if source.resolve().parent in ((out / "states").resolve(), out.resolve()):
+            raise ValueError(f"--init-from {init_from} is this run's own state; use --resume to continue it")
     trainer = make_trainer(config, device)
     main = trainer.world.is_main
     changes = None
@@ -172,6 +207,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     elif overwrite and main:
         for old in list_states(out / "states"):
             old.unlink()
+        if (out / "log.jsonl").exists():
+            (out / "log.jsonl").unlink()
+    if init_from is not None:
+        changes = _init_from(trainer, source)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "log.jsonl", trainer.step)
