@@ -1,6 +1,7 @@
 """Training: batch order, config handling, exact resume, state files."""
 
 import json
+from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
@@ -194,3 +195,27 @@ def test_init_from_starts_a_new_run_from_another_runs_state(tmp_path, capsys):
     assert [p.read_bytes() for p in list_states(first_dir / "states")] == first_states  # untouched
     with pytest.raises(ValueError, match="this run's own state; use --resume"):
         train(second, overwrite=True, init_from=second_dir, progress=False)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in Path("configs").glob("*.json")))
+def test_every_committed_config_is_valid(path):
+    """A committed config with a misspelt key or a bad value would fail only hours into a run."""
+    config = load_config(f"configs/{path}")
+    assert config.out_dir.startswith("runs/") and config.steps > 0
+
+
+def test_the_curriculum_stages_change_only_what_they_say():
+    """configs/shapes_curriculum_*.json are run in a chain with --init-from (docs/training.md): the
+    32 px position stage, the 64 px mixture, the anneal. Each stage differs from the one before in
+    exactly these fields; the step counts follow on."""
+    stages = [load_config(f"configs/shapes_curriculum_{name}.json").to_dict() for name in ("32", "64", "anneal")]
+    same = ("out_dir", "steps", "sample_every")  # where a stage writes, how long it runs, how often it samples
+    assert set(config_differences(stages[0], stages[1], ignore=same)) == {
+        "image_size: 32 -> 64", "ema_decay: 0.99 -> 0.995",
+        "shapes_options: {'categories': ['position'], 'relation_word': 1.0, 'color_word': 1.0, 'frame': 0.0, "
+        "'size_word': 0.0, 'textured_fraction': 0.0} -> {'weights': [1, 2, 1, 1, 4, 1]}",
+        "sample_cfg_scale: 4.0 -> 2.0"}
+    assert stages[0]["steps"] < stages[1]["steps"] < stages[2]["steps"]
+    assert set(config_differences(stages[1], stages[2], ignore=same)) == {
+        "lr_schedule: 'constant' -> 'cosine'",
+        "shapes_options: {'weights': [1, 2, 1, 1, 4, 1]} -> {'weights': [1, 2, 1, 1, 4, 1], 'color_word': 0.5}"}
