@@ -3,6 +3,7 @@
     python benchmarks/shapes_eval.py                          # defaults: 100 prompts per category
     python benchmarks/shapes_eval.py --per-category 200 --sweep-per-category 30
     python benchmarks/shapes_eval.py --model runs/shapes/model.safetensors --no-sweep
+    python benchmarks/shapes_eval.py --samplers euler_ancestral dpmpp_2m --no-sweep   # one row per sampler
 
 Prints Markdown tables (adherence per GenEval-style category and FID at the model's recommended
 settings; then the same against guidance scale and against steps) and writes a JSON report and
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import unfog  # noqa: E402
 from unfog.datasets.shapes_text import CATEGORIES  # noqa: E402
 from unfog.metrics.shapes_eval import ShapesScores, evaluate, reference_features  # noqa: E402
+from unfog.diffusion.registry import resolve_sampler  # noqa: E402
 from unfog.pipelines.latent_model import recommended_settings  # noqa: E402
 
 COLUMNS = (*CATEGORIES, "overall")
@@ -74,6 +76,9 @@ def main() -> None:
     p.add_argument("--sweep-per-category", type=int, default=30)
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
+    p.add_argument("--samplers", nargs="+", default=None,
+                   help="score the main run with each of these samplers (default: the model's recommended one); "
+                        "the sweeps use the first")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--report", default=None, help="JSON report path (default: none)")
@@ -84,14 +89,21 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = unfog.load(args.model)
     rec = {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 4.0, **recommended_settings(args.model)}
+    samplers = args.samplers or [rec["sampler"]]
+    for name in samplers:
+        resolve_sampler(name)  # an unknown name stops here, with the valid ones, before any image is drawn
+    rec["sampler"] = samplers[0]
     size = pipe.default_size
     n_ref = 6 * args.per_category
     ref, floor = reference_features(pipe.vae, n_ref, size)
     print(f"model {args.model}; recommended {rec}; FID reference: {n_ref} held-out images, "
           f"real-vs-real floor {floor:.2f}\n")
-    main_run = evaluate(pipe, args.per_category, fid_reference=ref, real_floor=floor, **rec)
     print(header("settings"))
-    print(row(f"{rec['sampler']}, {rec['steps']} steps, cfg {rec['cfg_scale']}", main_run))
+    main_runs = []
+    for name in samplers:
+        main_runs.append(evaluate(pipe, args.per_category, fid_reference=ref, real_floor=floor,
+                                  **{**rec, "sampler": name}))
+        print(row(f"{name}, {rec['steps']} steps, cfg {rec['cfg_scale']}", main_runs[-1]), flush=True)
     cfg_runs, steps_runs = [], []
     if not args.no_sweep:
         n = args.sweep_per_category
@@ -112,7 +124,8 @@ def main() -> None:
         plot(steps_runs, "steps", Path(args.plots) / "shapes_steps.png", "steps")
     print(f"\n{time.perf_counter() - t0:.0f} s in all; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.report:
-        report = {"model": args.model, "main": asdict(main_run), "cfg_sweep": [asdict(r) for r in cfg_runs],
+        report = {"model": args.model, "main": asdict(main_runs[0]),
+                  "samplers": [asdict(r) for r in main_runs], "cfg_sweep": [asdict(r) for r in cfg_runs],
                   "steps_sweep": [asdict(r) for r in steps_runs]}
         Path(args.report).write_text(json.dumps(report, indent=2))
 
