@@ -92,11 +92,11 @@ def main() -> None:
     samplers = args.samplers or [rec["sampler"]]
     for name in samplers:
         resolve_sampler(name)  # an unknown name stops here, with the valid ones, before any image is drawn
-    rec["sampler"] = samplers[0]
+    recommended, rec = rec, {**rec, "sampler": samplers[0]}
     size = pipe.default_size
     n_ref = 6 * args.per_category
     ref, floor = reference_features(pipe.vae, n_ref, size)
-    print(f"model {args.model}; recommended {rec}; FID reference: {n_ref} held-out images, "
+    print(f"model {args.model}; recommended {recommended}; FID reference: {n_ref} held-out images, "
           f"real-vs-real floor {floor:.2f}\n")
     print(header("settings"))
     main_runs = []
