@@ -2,7 +2,8 @@
 
     python scripts/plot_training.py runs/digits docs/images/digits_loss.png
     python scripts/plot_training.py runs/shapes_vae docs/images/shapes_vae_loss.png --ylabel "L1 sum + KL"
-    python scripts/plot_training.py runs/shapes_position32 runs/shapes runs/shapes_anneal docs/images/shapes_loss.png
+    python scripts/plot_training.py runs/shapes_curriculum_32 runs/shapes_curriculum_64 \
+        runs/shapes_curriculum_anneal docs/images/shapes_curriculum_loss.png --ylabel "v-prediction MSE"
 
 A resumed run appends to the same log, with its clock restarting at 0; the total time adds the
 sessions up. Several runs are the stages of a curriculum (each started with `--init-from` the

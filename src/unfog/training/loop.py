@@ -132,11 +132,10 @@ def find_state(source: Path) -> Path:
                             "or a run folder holding them in states/")
 
 
-def _init_from(trainer: BaseTrainer, source: Path) -> list[str]:
-    """Start a new run from another run's state (weights, EMA, optimizer, RNG streams, step): a
-    curriculum stage. Every config difference is expected there, so none needs ``force``; they are
-    returned for ``resumes.jsonl``, after the state they came from."""
-    path = find_state(source)
+def _init_from(trainer: BaseTrainer, path: Path) -> list[str]:
+    """Start a new run from another run's state file ``path`` (weights, EMA, optimizer, RNG
+    streams, step): a curriculum stage. Every config difference is expected there, so none needs
+    ``force``; they are returned for ``resumes.jsonl``, after the state they came from."""
     state = load_state(path)
     trainer.load_state_dict(state)
     if trainer.world.is_main:
