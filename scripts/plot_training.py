@@ -49,12 +49,12 @@ def main() -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(args.runs) > 1 else None)
-    title = " + ".join(run.name for run in args.runs)
+    title = args.runs[0].name if len(args.runs) == 1 else f"{len(args.runs)} stages"
     ax.set_title(f"{title}: {points} log points, {total / 60:.0f} min")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({points} log points, {total / 60:.0f} min of training)")
 
 
 if __name__ == "__main__":
