@@ -92,11 +92,10 @@ def main() -> None:
     samplers = args.samplers or [rec["sampler"]]
     for name in samplers:
         resolve_sampler(name)  # an unknown name stops here, with the valid ones, before any image is drawn
-    recommended, rec = rec, {**rec, "sampler": samplers[0]}
     size = pipe.default_size
     n_ref = 6 * args.per_category
     ref, floor = reference_features(pipe.vae, n_ref, size)
-    print(f"model {args.model}; recommended {recommended}; FID reference: {n_ref} held-out images, "
+    print(f"model {args.model}; recommended {rec}; FID reference: {n_ref} held-out images, "
           f"real-vs-real floor {floor:.2f}\n")
     print(header("settings"))
     main_runs = []
@@ -105,19 +104,20 @@ def main() -> None:
                                   **{**rec, "sampler": name}))
         print(row(f"{name}, {rec['steps']} steps, cfg {rec['cfg_scale']}", main_runs[-1]), flush=True)
     cfg_runs, steps_runs = [], []
+    sweep = {**rec, "sampler": samplers[0]}  # the sweeps' settings: the first sampler asked for
     if not args.no_sweep:
         n = args.sweep_per_category
         ref_s, floor_s = reference_features(pipe.vae, 6 * n, size)
         print(f"\nguidance sweep ({n} prompts per category; real-vs-real floor {floor_s:.2f} at this size)\n")
         print(header("cfg scale"))
         for cfg in args.cfg_scales:
-            cfg_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "cfg_scale": cfg},
+            cfg_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**sweep, "cfg_scale": cfg},
                                      progress=False))
             print(row(f"{cfg:g}", cfg_runs[-1]), flush=True)
         print(f"\nsteps sweep ({n} prompts per category)\n")
         print(header("steps"))
         for steps in args.steps:
-            steps_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**rec, "steps": steps},
+            steps_runs.append(evaluate(pipe, n, fid_reference=ref_s, real_floor=floor_s, **{**sweep, "steps": steps},
                                        progress=False))
             print(row(str(steps), steps_runs[-1]), flush=True)
         plot(cfg_runs, "cfg_scale", Path(args.plots) / "shapes_guidance.png", "guidance scale")
