@@ -147,24 +147,29 @@ class DiscreteSchedule:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous timestep of a noise level: linear interpolation in log(sigma) between the two
-        neighbouring discrete timesteps (as k-diffusion and diffusers do), clamped to [0, T-1]."""
+        neighbouring discrete timesteps (as k-diffusion and diffusers do), clamped to [0, T-1].
+        Computed in float64 on the CPU, where the schedule lives (not every device has float64);
+        the result is on ``sigma``'s device."""
         log_sigmas = self.sigmas.log()  # (T,)
-        log_sigma = sigma.double().clamp(min=1e-10).log()
+        log_sigma = sigma.detach().cpu().double().clamp(min=1e-10).log()
         low = torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1
         low = low.clamp(0, self.num_timesteps - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
-        return (low + w).reshape(sigma.shape).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
+        t = (low + w).reshape(sigma.shape).to(sigma.dtype if sigma.is_floating_point() else torch.float32)
+        return t.to(sigma.device)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Noise level of a (possibly fractional) timestep: linear interpolation of log(sigma) in t,
         the exact inverse of :meth:`sigma_to_t` (k-diffusion's convention; diffusers interpolates
-        sigma itself for its `linspace` spacing, which differs by < 0.3% between integers)."""
-        t = t.double().clamp(0, self.num_timesteps - 1)
+        sigma itself for its `linspace` spacing, which differs by < 0.3% between integers).
+        Float64, on ``t``'s device."""
+        device = t.device
+        t = t.detach().cpu().double().clamp(0, self.num_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - low
         log_sigmas = self.sigmas.log()
-        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp().to(device)
 
 
 def timesteps_for(spacing: Spacing, steps: int, num_timesteps: int = 1000, steps_offset: int = 1) -> Tensor:
