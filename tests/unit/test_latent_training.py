@@ -125,6 +125,60 @@ def test_generate_warns_outside_the_domain_and_accepts_an_empty_prompt(vae_file,
     assert len(warnings) == 1 and "outside this model's training domain: cat, photo" in warnings[0]
 
 
+def test_init_from_a_model_file_starts_from_its_weights_at_step_0(vae_file, tmp_path):
+    """Fine-tuning a released model: --init-from model.safetensors loads its U-Net and text encoder
+    (the oracle: the EMA weights in the source run's own training state, saved by another path),
+    the EMA starts equal to them, and step, optimizer and schedule start afresh. A file of another
+    architecture, vocabulary or autoencoder is refused, naming what differs."""
+    from PIL import Image
+
+    source = train(t2i_config(vae_file, tmp_path / "a", "steps=2", "save_every=1"), progress=False)
+    ema = torch.load(tmp_path / "a" / "states" / "state_00000002.pt", weights_only=True)["ema"]["model"]
+    trainer = make_trainer(t2i_config(vae_file, tmp_path / "b", "steps=3"))
+    assert trainer.load_weights(source) == []
+    for module in (trainer.net, trainer.ema.model):
+        state = module.state_dict()
+        assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in ema)
+    assert trainer.step == 0 and trainer.ema.num_updates == 0 and not trainer.optimizer.state
+
+    path = train(t2i_config(vae_file, tmp_path / "b", "steps=1", "prediction=eps"), init_from=source, progress=False)
+    history = json.loads((tmp_path / "b" / "resumes.jsonl").read_text())
+    assert history["step"] == 0 and history["changes"] == [f"started from the weights of {source}",
+                                                           "prediction: 'v' -> 'eps'"]
+    assert load_parts(path)[5]["step"] == 1
+
+    wider = t2i_config(vae_file, tmp_path / "c", "steps=1", 'text_encoder={"width": 48, "layers": 2, "heads": 2}')
+    with pytest.raises(ValueError, match=r"cannot start from .*U-Net: context_dim: 32 -> 48; text encoder: width: 32 -> 48"):
+        train(wider, init_from=source, progress=False)
+    other_vae = train(load_config(None, VAE + ["steps=1", f"out_dir={tmp_path / 'vae2'}"]), progress=False)
+    with pytest.raises(ValueError, match=r"autoencoder: scaling_factor"):
+        train(t2i_config(other_vae, tmp_path / "d", "steps=1"), init_from=source, progress=False)
+    folder = tmp_path / "captioned"  # a folder's vocabulary is the tokens of its captions
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 60, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a photo of a cat")
+    with pytest.raises(ValueError, match="vocabulary: the file's text encoder knows"):
+        make_trainer(t2i_config(vae_file, tmp_path / "e", f"data={folder}")).load_weights(source)
+    with pytest.raises(ValueError, match="supported for text2image runs"):
+        train(load_config(None, VAE + ["steps=1", f"out_dir={tmp_path / 'f'}"]), init_from=source, progress=False)
+
+
+def test_worker_processes_draw_the_same_batches():
+    """data_workers draws a batch's shapes scenes in parallel processes; the oracle is the same
+    batch drawn in this process, which it must equal exactly (images, captions, sizes)."""
+    from unfog.training.data import make_captioned_data
+
+    idx = torch.tensor([5, 0, 17, 3, 9, 11, 2])
+    here, pooled = (make_captioned_data("shapes", 32, 20, 4, workers=w) for w in (0, 2))
+    for _ in range(2):  # the pool serves the next batch too
+        a, b = here.batch(idx), pooled.batch(idx)
+        assert torch.equal(a.images, b.images) and a.captions == b.captions and torch.equal(a.sizes, b.sizes)
+        idx = idx.flip(0)
+    with pytest.raises(ValueError, match="data_workers must be >= 0"):
+        load_config(None, ["data_workers=-1"])
+
+
 def test_folder_without_captions_is_an_error(vae_file, tmp_path):
     from PIL import Image
 

@@ -119,6 +119,11 @@ class BaseTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.load_extra_state(state)
 
+    def load_weights(self, path: Path) -> list[str]:
+        """Start from the weights of a saved model file (``--init-from model.safetensors``)."""
+        raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs; for a "
+                         f"{self.config.task} run give a training state (a state_*.pt file or a run folder)")
+
     def extra_state(self) -> dict:
         """More state a task keeps (e.g. a discriminator and its optimiser)."""
         return {}

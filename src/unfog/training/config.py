@@ -28,6 +28,10 @@ class TrainConfig:
     image_size: int = 16
     data_size: int = 50_000
     center_crop: bool = True  # image folders: centre crops, else random crops
+    # text2image: processes that draw or load each batch's images in parallel (0: the training
+    # process). Worth it on a GPU, where drawing "shapes" scenes in one process is the bottleneck;
+    # the batches are the same for any number, so a run may resume with another.
+    data_workers: int = 0
     # data "shapes": the ShapesConfig fields to change (datasets/shapes_text.py), e.g.
     # {"weights": [1, 2, 1, 1, 3, 1]} to draw two-object and position scenes more often
     shapes_options: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +121,8 @@ class TrainConfig:
                      "save_every", "keep_last", "sample_steps", "bucket_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
@@ -182,8 +188,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 # Settings that do not change the training trajectory; a resumed run may change them freely.
-RESUMABLE_CHANGES = ("steps", "model_dtype", "log_every", "sample_every", "save_every", "keep_last", "sample_sampler",
-                     "sample_steps", "sample_cfg_scale")
+RESUMABLE_CHANGES = ("steps", "data_workers", "model_dtype", "log_every", "sample_every", "save_every", "keep_last",
+                     "sample_sampler", "sample_steps", "sample_cfg_scale")
 
 
 def _defaults() -> dict[str, Any]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -149,13 +153,15 @@ class CaptionedImages:
 
     def __init__(self, n: int, load_item: ItemLoader, caption_of: Callable[[int], str], image_size: int, *,
                  buckets: Sequence[Size] | None = None, bucket_of: Sequence[int] | None = None,
-                 random_crops: bool = False):
+                 random_crops: bool = False, workers: int = 0):
         if (buckets is None) != (bucket_of is None):
             raise ValueError("give both buckets and bucket_of, or neither")
         self.n, self.load_item, self.caption_of, self.image_size = n, load_item, caption_of, image_size
         self.buckets = None if buckets is None else tuple(buckets)
         self.bucket_of = None if bucket_of is None else tuple(bucket_of)
         self.random_crops = random_crops
+        self.workers = workers
+        self._pool = None  # the worker processes, started at the first batch
 
     def __len__(self) -> int:
         return self.n
@@ -175,16 +181,67 @@ class CaptionedImages:
         """Items ``idx`` (all of one target size); ``seeds`` from ``crop_seeds`` for random crops."""
         if self.random_crops and seeds is None:
             raise ValueError("random crops need their seeds (crop_seeds)")
-        gens = [None] * len(idx) if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
-        items = [self.load_item(int(i), self.target_of(int(i)), g) for i, g in zip(idx, gens)]
+        jobs = [(int(i), self.target_of(int(i)), None if seeds is None else int(seeds[k])) for k, i in enumerate(idx)]
+        if not self.workers:
+            return self.load_chunk(jobs)
+        # Contiguous chunks, one per worker; each comes back as one array (unpickling a tensor per
+        # image cost more than drawing it).
+        bounds = [len(jobs) * k // self.workers for k in range(self.workers + 1)]
+        chunks = [jobs[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        parts = self._worker_pool().map(_load_chunk_in_worker, chunks)
+        return CaptionedBatch(torch.from_numpy(np.concatenate([p.images for p in parts])),
+                              [c for p in parts for c in p.captions], torch.from_numpy(np.concatenate([p.sizes for p in parts])))
+
+    def load_chunk(self, jobs: list[tuple[int, Size, int | None]]) -> CaptionedBatch:
+        """The batch of items ``jobs`` (see ``load``)."""
+        items = [self.load(job) for job in jobs]
         sizes = torch.tensor([[*it["original_size"], *it["crop_top_left"], *it["target_size"]] for it in items],
                              dtype=torch.float32)
         return CaptionedBatch(torch.stack([it["image"] for it in items]), [it["caption"] for it in items], sizes)
+
+    def load(self, job: tuple[int, Size, int | None]) -> dict:
+        """Item ``(index, target size, crop seed or None)``: the same in a worker as here."""
+        i, target, seed = job
+        return self.load_item(i, target, None if seed is None else torch.Generator().manual_seed(seed))
+
+    def _worker_pool(self):
+        """``workers`` processes that load the items of each batch in parallel (the loaders are
+        deterministic per item, so the batches are those of a single process, bit for bit). They
+        are forked, inheriting this object, so the loaders need not be picklable."""
+        if self._pool is None:
+            if "fork" not in multiprocessing.get_all_start_methods():
+                raise ValueError("data_workers needs the 'fork' start method of multiprocessing, which this "
+                                 "platform lacks; set data_workers to 0")
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, _start_worker, (self,))
+            weakref.finalize(self, self._pool.terminate)
+        return self._pool
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # a process pool does not travel
 
     def captions(self, limit: int = 20_000) -> list[str]:
         """Captions of up to ``limit`` items (spread over the set): the text a tokenizer must cover."""
         step = max(1, self.n // limit)
         return [self.caption_of(i) for i in range(0, self.n, step)]
+
+
+_WORKER_DATA: CaptionedImages | None = None  # in a worker process: the data set it loads from
+
+
+def _start_worker(data: CaptionedImages) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    torch.set_num_threads(1)  # the workers are the parallelism
+    # The training process's signal handlers were forked too: a worker must end on SIGTERM (the
+    # pool's way of stopping it) and leave Ctrl-C, which the terminal sends it as well, to the trainer.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _load_chunk_in_worker(jobs: list[tuple[int, Size, int | None]]) -> CaptionedBatch:
+    """The chunk's batch with numpy arrays, which travel between processes as one buffer each."""
+    batch = _WORKER_DATA.load_chunk(jobs)
+    return CaptionedBatch(batch.images.numpy(), batch.captions, batch.sizes.numpy())
 
 
 def _square_item(item: dict, size: int) -> dict:
@@ -194,12 +251,12 @@ def _square_item(item: dict, size: int) -> dict:
 
 def make_captioned_data(name: str, image_size: int, size: int, seed: int, center_crop: bool = True,
                         need_captions: bool = True, bucket_step: int | None = None,
-                        min_bucket: int = 1, shapes_config=None) -> CaptionedImages:
+                        min_bucket: int = 1, shapes_config=None, workers: int = 0) -> CaptionedImages:
     """"shapes" -> ``size`` procedural items from ``seed``; otherwise a captioned image folder.
     ``bucket_step``: sort the folder's images into aspect-ratio buckets of area at most
     ``image_size``^2 and sides multiples of ``bucket_step``, each holding at least ``min_bucket``
     images (``datasets/buckets.py``). ``shapes_config``: the ShapesConfig of "shapes" (None: the
-    defaults)."""
+    defaults). ``workers``: processes that load each batch's items in parallel (0: this one)."""
     if name == "shapes":
         from ..datasets.shapes import ShapesDataset, make_item
         from ..datasets.shapes_text import ShapesConfig
@@ -209,7 +266,7 @@ def make_captioned_data(name: str, image_size: int, size: int, seed: int, center
         config = shapes_config or ShapesConfig()
         shapes = ShapesDataset(size, size=image_size, seed=seed, config=config)
         return CaptionedImages(size, lambda i, target, g: _square_item(shapes[i], image_size),
-                               lambda i: make_item(i, image_size, seed, config)[1], image_size)
+                               lambda i: make_item(i, image_size, seed, config)[1], image_size, workers=workers)
     if shapes_config is not None:
         raise ValueError(f"a ShapesConfig applies to data 'shapes', not {name!r}")
     from ..datasets.buckets import assign_buckets, make_buckets
@@ -229,4 +286,4 @@ def make_captioned_data(name: str, image_size: int, size: int, seed: int, center
         buckets = make_buckets(image_size * image_size, bucket_step)
         bucket_of = assign_buckets(data.sizes, buckets, min_bucket)
     return CaptionedImages(len(data), data.item, data.captions.__getitem__, image_size, buckets=buckets,
-                           bucket_of=bucket_of, random_crops=not center_crop)
+                           bucket_of=bucket_of, random_crops=not center_crop, workers=workers)

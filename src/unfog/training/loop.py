@@ -119,8 +119,8 @@ def _resume(trainer: BaseTrainer, force: bool) -> list[str]:
 
 
 def find_state(source: Path) -> Path:
-    """The training state ``source`` names: a state file, or the latest state of a run folder (its
-    ``states`` folder or the folder itself)."""
+    """The training state ``source`` names: a state file (or a model file), or the latest state of a
+    run folder (its ``states`` folder or the folder itself)."""
     source = Path(source)
     if source.is_file():
         return source
@@ -129,13 +129,19 @@ def find_state(source: Path) -> Path:
         if states:
             return states[-1]
     raise FileNotFoundError(f"no training state to start from in {source}: expected a state_XXXXXXXX.pt file, "
-                            "or a run folder holding them in states/")
+                            "a run folder holding them in states/, or a model .safetensors file")
 
 
 def _init_from(trainer: BaseTrainer, path: Path) -> list[str]:
     """Start a new run from another run's state file ``path`` (weights, EMA, optimizer, RNG
     streams, step): a curriculum stage. Every config difference is expected there, so none needs
-    ``force``; they are returned for ``resumes.jsonl``, after the state they came from."""
+    ``force``; they are returned for ``resumes.jsonl``, after the state they came from. A model
+    file (``.safetensors``) gives the weights alone, and the run starts at step 0."""
+    if path.suffix == ".safetensors":
+        changes = trainer.load_weights(path)
+        if trainer.world.is_main:
+            print(f"starting from the weights of {path} (step 0, a fresh optimizer)", file=sys.stderr)
+        return [f"started from the weights of {path}"] + changes
     state = load_state(path)
     trainer.load_state_dict(state)
     if trainer.world.is_main:

@@ -21,7 +21,8 @@ prompt, the same rule the context follows. The sizes are never dropped.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
 from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
-from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, save_text2image
+from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
 from ..pipelines.stable_diffusion import StableDiffusion
 from .base import BaseTrainer
 from .config import with_overrides
@@ -64,6 +65,12 @@ def size_condition_width(text_cfg: CLIPTextConfig) -> int:
     return pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM
 
 
+def _field_changes(theirs: dict, ours: dict) -> list[str]:
+    """"key: theirs -> ours" for each setting that differs."""
+    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)]
+
+
 class TextToImage(nn.Module):
     """The trained networks as one module (one DDP wrapper, one EMA): ids -> context (and, with
     per-sample ``sizes``, SDXL's vector y) -> U-Net."""
@@ -84,7 +91,7 @@ class TextToImageTrainer(BaseTrainer):
         c = self.config
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
                                         bucket_step=c.bucket_step if c.buckets else None, min_bucket=c.batch_size,
-                                        shapes_config=c.shapes_config())
+                                        shapes_config=c.shapes_config(), workers=c.data_workers)
         self.vae = load_autoencoder(c.vae_model).to(self.device).requires_grad_(False)
         # The vocabulary: every token the captions can hold (and the grid prompts'), in a fixed order.
         # For "shapes" that is its whole caption grammar, so a resumed run that draws other scenes
@@ -139,6 +146,30 @@ class TextToImageTrainer(BaseTrainer):
                              f"config's captions give {self.tokenizer.vocab_size - 1}{what}; resume with the data "
                              "the run was started with")
         super().load_state_dict(state)
+
+    def load_weights(self, path: Path) -> list[str]:
+        """Start from the weights of a saved model file (e.g. fine-tuning the embedded model): the
+        U-Net and the text encoder, at the file's precision; the EMA starts equal to them; the
+        optimizer, the LR schedule and the step start afresh. The file must have this config's
+        architecture, vocabulary and autoencoder (the U-Net learnt that autoencoder's latents).
+        Returns the differences of the model's settings (prediction, schedule...) for ``resumes.jsonl``."""
+        unet, vae, text_encoder, tokenizer, info, _ = load_parts(path)
+        problems = [f"{name}: {', '.join(_field_changes(asdict(theirs), asdict(ours)))}"
+                    for name, theirs, ours in (("U-Net", unet.config, self.net.unet.config),
+                                               ("text encoder", text_encoder.config, self.net.text_encoder.config),
+                                               ("autoencoder", vae.config, self.vae.config))
+                    if theirs != ours]
+        if tokenizer.kept_ids != self.tokenizer.kept_ids:
+            problems.append(f"vocabulary: the file's text encoder knows {tokenizer.vocab_size - 1} tokens, this "
+                            f"config's captions give {self.tokenizer.vocab_size - 1}")
+        if problems:
+            raise ValueError(f"cannot start from {path}: it differs from this config in " + "; ".join(problems)
+                             + " (match the config to the model it starts from: model, model_overrides, "
+                             "text_encoder, vae_model, data)")
+        self.net.unet.load_state_dict(unet.state_dict())
+        self.net.text_encoder.load_state_dict(text_encoder.state_dict())
+        self.ema.model.load_state_dict(self.net.state_dict())
+        return _field_changes(asdict(info), asdict(self.info))
 
     def make_batches(self) -> EpochBatches | BucketBatches:
         if self.data.bucket_of is None:
