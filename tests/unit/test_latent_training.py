@@ -140,6 +140,11 @@ def test_init_from_a_model_file_starts_from_its_weights_at_step_0(vae_file, tmp_
         state = module.state_dict()
         assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in ema)
     assert trainer.step == 0 and trainer.ema.num_updates == 0 and not trainer.optimizer.state
+    # the autoencoder may come from the model file itself (vae_model=<model file>): the stage-1 weights
+    own = make_trainer(t2i_config(source, tmp_path / "g", "steps=1"))
+    original = load_autoencoder(vae_file).state_dict()
+    assert all(torch.equal(own.vae.state_dict()[k], original[k]) for k in original)
+    assert own.load_weights(source) == []
 
     path = train(t2i_config(vae_file, tmp_path / "b", "steps=1", "prediction=eps"), init_from=source, progress=False)
     history = json.loads((tmp_path / "b" / "resumes.jsonl").read_text())

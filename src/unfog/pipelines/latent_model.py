@@ -102,14 +102,18 @@ def save_autoencoder(path: str | Path, vae: AutoencoderKL, extra: dict[str, Any]
 
 
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
+    """An autoencoder file (stage 1), or the autoencoder inside a text-to-image model file (in
+    float32, from the file's precision): fine-tuning the embedded model needs nothing else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder file not found: {path} (train one with a config whose task is "
                                 "'autoencoder', e.g. `unfog train configs/shapes_vae.json`)")
     tensors, meta = load_safetensors(path)
-    if meta.get("format") != VAE_FORMAT:
+    if meta.get("format") == FORMAT:
+        tensors = {k[len("vae."):]: v.float() for k, v in tensors.items() if k.startswith("vae.")}
+    elif meta.get("format") != VAE_FORMAT:
         raise ValueError(f"{path} is not an unfog autoencoder (metadata format {meta.get('format')!r}, "
-                         f"expected {VAE_FORMAT!r})")
+                         f"expected {VAE_FORMAT!r}, or a text-to-image model file, {FORMAT!r})")
     vae = AutoencoderKL(VAEConfig(**meta["vae"]))
     vae.load_state_dict(tensors, strict=True)
     return vae.eval()
