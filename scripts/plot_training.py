@@ -50,7 +50,8 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(args.runs) > 1 else None)
     title = args.runs[0].name if len(args.runs) == 1 else f"{len(args.runs)} stages"
-    ax.set_title(f"{title}: {points} log points, {total / 60:.0f} min")
+    text = f"{title}: {points} log points, {total / 60:.0f} min"
+    ax.set_title(text, fontsize=10 if len(text) > 45 else None)  # a long run name stays inside the figure
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
