@@ -206,9 +206,11 @@ def test_every_committed_config_is_valid(path):
 
 def test_the_curriculum_stages_change_only_what_they_say():
     """configs/shapes_curriculum_*.json are run in a chain with --init-from (docs/training.md): the
-    32 px position stage, the 64 px mixture, the anneal. Each stage differs from the one before in
-    exactly these fields; the step counts follow on."""
-    stages = [load_config(f"configs/shapes_curriculum_{name}.json").to_dict() for name in ("32", "64", "anneal")]
+    32 px position stage, the 64 px mixture, the anneal, round 2, and round 3 (started from round
+    2's model file, so its steps count from 0). Each stage differs from the one before in exactly
+    these fields; the step counts follow on."""
+    names = ("32", "64", "anneal", "round2", "round3_large_batch")
+    stages = [load_config(f"configs/shapes_curriculum_{name}.json").to_dict() for name in names]
     same = ("out_dir", "steps", "sample_every")  # where a stage writes, how long it runs, how often it samples
     assert set(config_differences(stages[0], stages[1], ignore=same)) == {
         "image_size: 32 -> 64", "ema_decay: 0.99 -> 0.995",
@@ -219,3 +221,13 @@ def test_the_curriculum_stages_change_only_what_they_say():
     assert set(config_differences(stages[1], stages[2], ignore=same)) == {
         "lr_schedule: 'constant' -> 'cosine'",
         "shapes_options: {'weights': [1, 2, 1, 1, 4, 1]} -> {'weights': [1, 2, 1, 1, 4, 1], 'color_word': 0.5}"}
+    assert stages[2]["steps"] < stages[3]["steps"]
+    assert set(config_differences(stages[2], stages[3], ignore=same)) == {
+        "sample_sampler: 'dpmpp_2m' -> 'euler_ancestral'",
+        "shapes_options: {'weights': [1, 2, 1, 1, 4, 1], 'color_word': 0.5} -> {'weights': [1, 3, 1, 1, 3, 1], "
+        "'color_word': 0.5}"}
+    assert set(config_differences(stages[3], stages[4], ignore=same)) == {
+        "batch_size: 64 -> 256", "lr: 0.0005 -> 0.0002", "warmup_steps: 100 -> 300", "ema_decay: 0.995 -> 0.999",
+        "min_snr_gamma: None -> 5.0", "save_every: 250 -> 500",
+        "shapes_options: {'weights': [1, 3, 1, 1, 3, 1], 'color_word': 0.5} -> {'weights': [1, 4, 1, 1, 3, 1], "
+        "'color_word': 0.5}"}
