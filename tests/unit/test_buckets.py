@@ -291,7 +291,7 @@ def test_autoencoder_random_crops_resume_bit_identically(folder, tmp_path):
     run = [f"data={folder}", "center_crop=false", "save_every=1"]
     straight = train(load_config(None, VAE + run + [f"out_dir={tmp_path / 'a'}", "steps=2"]), progress=False)
     train(load_config(None, VAE + run + [f"out_dir={tmp_path / 'b'}", "steps=1"]), progress=False)
-    resumed = train(load_config(None, VAE + run + [f"out_dir={tmp_path / 'b'}", "steps=2"]), resume=True,
-                    progress=False)
+    resumed = train(load_config(None, VAE + run + [f"out_dir={tmp_path / 'b'}", "steps=2", "data_workers=2"]),
+                    resume=True, progress=False)  # the second half loads its crops in 2 worker processes
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -182,6 +182,8 @@ def test_worker_processes_draw_the_same_batches():
         idx = idx.flip(0)
     with pytest.raises(ValueError, match="data_workers must be >= 0"):
         load_config(None, ["data_workers=-1"])
+    with pytest.raises(ValueError, match="data_workers is an option of tasks 'text2image' and 'autoencoder'"):
+        load_config(None, ["data_workers=2"])  # the default task, pixel
 
 
 def test_folder_without_captions_is_an_error(vae_file, tmp_path):

@@ -88,7 +88,7 @@ class AutoencoderTrainer(BaseTrainer):
     def build(self) -> None:
         c = self.config
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop, need_captions=False,
-                                        shapes_config=c.shapes_config())
+                                        shapes_config=c.shapes_config(), workers=c.data_workers)
         vae_cfg = with_overrides(TINY_VAE, c.vae_overrides, "vae_overrides")
         if c.image_size % vae_cfg.downsample_factor:
             raise ValueError(f"image_size {c.image_size} is not a multiple of the autoencoder's downsampling "

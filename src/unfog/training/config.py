@@ -28,8 +28,8 @@ class TrainConfig:
     image_size: int = 16
     data_size: int = 50_000
     center_crop: bool = True  # image folders: centre crops, else random crops
-    # text2image: processes that draw or load each batch's images in parallel (0: the training
-    # process). Worth it on a GPU, where drawing "shapes" scenes in one process is the bottleneck;
+    # text2image and autoencoder: processes that draw or load each batch's images in parallel (0:
+    # the training process). Worth it on a GPU, where drawing "shapes" scenes in one process is the bottleneck;
     # the batches are the same for any number, so a run may resume with another.
     data_workers: int = 0
     # data "shapes": the ShapesConfig fields to change (datasets/shapes_text.py), e.g.
@@ -123,6 +123,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
+        if self.data_workers and self.task == "pixel":
+            raise ValueError("data_workers is an option of tasks 'text2image' and 'autoencoder' (the pixel task's "
+                             "data sets are in memory); set it to 0")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:

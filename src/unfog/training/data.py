@@ -189,8 +189,9 @@ class CaptionedImages:
         bounds = [len(jobs) * k // self.workers for k in range(self.workers + 1)]
         chunks = [jobs[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
         parts = self._worker_pool().map(_load_chunk_in_worker, chunks)
-        return CaptionedBatch(torch.from_numpy(np.concatenate([p.images for p in parts])),
-                              [c for p in parts for c in p.captions], torch.from_numpy(np.concatenate([p.sizes for p in parts])))
+        images = torch.from_numpy(np.concatenate([p.images for p in parts]))
+        sizes = torch.from_numpy(np.concatenate([p.sizes for p in parts]))
+        return CaptionedBatch(images, [c for p in parts for c in p.captions], sizes)
 
     def load_chunk(self, jobs: list[tuple[int, Size, int | None]]) -> CaptionedBatch:
         """The batch of items ``jobs`` (see ``load``)."""
