@@ -69,6 +69,11 @@ def save_text2image(path: str | Path, unet: UNet, vae: AutoencoderKL, text_encod
     save_safetensors(path, tensors, meta)
 
 
+def _part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of module ``name`` in a model file, without their "name." prefix."""
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
 def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
     """(unet, vae, text_encoder, tokenizer, info, metadata) of a text-to-image model file."""
     tensors, meta = load_safetensors(path)
@@ -78,8 +83,7 @@ def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
     modules = {"unet": UNet(UNetConfig(**meta["unet"])), "vae": AutoencoderKL(VAEConfig(**meta["vae"])),
                "text_encoder": CLIPTextEncoder(CLIPTextConfig(**meta["text_encoder"]))}
     for name, module in modules.items():
-        part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        module.load_state_dict(part, strict=True)
+        module.load_state_dict(_part(tensors, name), strict=True)
         module.to(dtype).eval()
     tokenizer = SubVocabTokenizer(CLIPTokenizer.from_bpe_file(), tensors["tokenizer.kept_ids"].tolist())
     return modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, LatentModelInfo(**meta["info"]), meta
@@ -110,7 +114,7 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
                                 "'autoencoder', e.g. `unfog train configs/shapes_vae.json`)")
     tensors, meta = load_safetensors(path)
     if meta.get("format") == FORMAT:
-        tensors = {k[len("vae."):]: v.float() for k, v in tensors.items() if k.startswith("vae.")}
+        tensors = {k: v.float() for k, v in _part(tensors, "vae").items()}
     elif meta.get("format") != VAE_FORMAT:
         raise ValueError(f"{path} is not an unfog autoencoder (metadata format {meta.get('format')!r}, "
                          f"expected {VAE_FORMAT!r}, or a text-to-image model file, {FORMAT!r})")

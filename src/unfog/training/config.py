@@ -203,7 +203,11 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RESUMABL
     """Human-readable `key: old -> new` lines for the fields that differ. A field missing from
     either (a state saved before the field existed) counts as its default."""
     defaults = _defaults()
-    old, new = {**defaults, **old}, {**defaults, **new}
+    return field_differences({**defaults, **old}, {**defaults, **new}, ignore)
+
+
+def field_differences(old: dict[str, Any], new: dict[str, Any], ignore=()) -> list[str]:
+    """`key: old -> new` for each key of either dict whose values differ (a missing key is None)."""
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k) != new.get(k)]
 

@@ -39,7 +39,7 @@ from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
 from ..pipelines.stable_diffusion import StableDiffusion
 from .base import BaseTrainer
-from .config import with_overrides
+from .config import field_differences, with_overrides
 from .data import BucketBatches, EpochBatches, make_captioned_data
 
 # The small text transformer of the models we train (the vocabulary size comes from the data).
@@ -63,12 +63,6 @@ def pooled_width(text_cfg: CLIPTextConfig) -> int:
 def size_condition_width(text_cfg: CLIPTextConfig) -> int:
     """The U-Net's ``adm_in_channels`` with size conditioning: the pooled output and 6 sizes."""
     return pooled_width(text_cfg) + 6 * SIZE_EMBED_DIM
-
-
-def _field_changes(theirs: dict, ours: dict) -> list[str]:
-    """"key: theirs -> ours" for each setting that differs."""
-    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
-            if theirs.get(k) != ours.get(k)]
 
 
 class TextToImage(nn.Module):
@@ -154,7 +148,7 @@ class TextToImageTrainer(BaseTrainer):
         architecture, vocabulary and autoencoder (the U-Net learnt that autoencoder's latents).
         Returns the differences of the model's settings (prediction, schedule...) for ``resumes.jsonl``."""
         unet, vae, text_encoder, tokenizer, info, _ = load_parts(path)
-        problems = [f"{name}: {', '.join(_field_changes(asdict(theirs), asdict(ours)))}"
+        problems = [f"{name}: {', '.join(field_differences(asdict(theirs), asdict(ours)))}"
                     for name, theirs, ours in (("U-Net", unet.config, self.net.unet.config),
                                                ("text encoder", text_encoder.config, self.net.text_encoder.config),
                                                ("autoencoder", vae.config, self.vae.config))
@@ -169,7 +163,7 @@ class TextToImageTrainer(BaseTrainer):
         self.net.unet.load_state_dict(unet.state_dict())
         self.net.text_encoder.load_state_dict(text_encoder.state_dict())
         self.ema.model.load_state_dict(self.net.state_dict())
-        return _field_changes(asdict(info), asdict(self.info))
+        return field_differences(asdict(info), asdict(self.info))
 
     def make_batches(self) -> EpochBatches | BucketBatches:
         if self.data.bucket_of is None:
