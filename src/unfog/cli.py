@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     job = Job(args.mode, settings, model, init=_path(args, "init"), mask=_path(args, "mask"),
               refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
               device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
-              source=source)
+              source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
 
@@ -108,6 +108,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     if text is None:
         raise ValueError(f"{args.image} carries no generation parameters (no 'parameters' text chunk)")
     print(text)
+
+
+def cmd_lora_info(args: argparse.Namespace) -> None:
+    from .pipelines.lora import describe_lora
+
+    print(describe_lora(args.file))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -237,6 +243,8 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--from", dest="from_png", default=None, metavar="IMAGE.png",
                    help="take the prompt and settings from a PNG's parameters (the model still comes from --model)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of LoRA files for the prompt's <lora:NAME:WEIGHT> tags (repeat for several)")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
         p.add_argument("--strength", type=float, default=None, help="how much to change it, in (0, 1] (default 0.75)")
@@ -294,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     p.add_argument("image", help="a PNG written by unfog or AUTOMATIC1111")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE")
+    lora = p.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
+    p = lora.add_parser("info", help="what a LoRA file is for, its kinds, ranks, targets and training metadata")
+    p.add_argument("file", help="a LoRA / LyCORIS file (.safetensors, .pt, .ckpt)")
+    p.set_defaults(func=cmd_lora_info)
 
     p = sub.add_parser("eval", help="evaluate a model over samplers, steps and guidance scales: FID, KID, CLIP "
                        "score, prompt adherence; writes report.json, report.md and plots")

@@ -25,6 +25,7 @@ from ..models.tokenizer import SubVocabTokenizer
 from .images import open_image, read_parameters
 from .precision import DTYPES
 from .latent_model import recommended_settings
+from .lora import extract_lora_tags, find_lora, hashes_text, parse_hashes
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
                       parse_parameters, sampler_name, schedule_type, settings_from_parameters)
 from .stable_diffusion import StableDiffusion
@@ -53,6 +54,7 @@ class Job:
     output: str | None = None
     overwrite: bool = False
     source: dict[str, str] | None = None
+    lora_dirs: tuple[Path, ...] = ()
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
@@ -123,9 +125,10 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     refiner = None if job.refiner is None else _load_refiner(pipe, job.refiner, load)
     model_id, refiner_id = ModelId.of(job.model), job.refiner and ModelId.of(job.refiner)
     _compare_models(job, model_id, refiner_id, warn)
-    _check_vocabulary(pipe, job.settings, warn)
-
     s = job.settings
+    encoded = _apply_loras(pipe, s, job, warn)  # the prompts without their <lora:…> tags
+    _check_vocabulary(pipe, encoded, warn)
+
     seed = secrets.randbelow(2**32) if s.seed == -1 else s.seed
     width = s.width or (init.width if init else pipe.default_size)
     height = s.height or (init.height if init else pipe.default_size)
@@ -134,7 +137,8 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
         mask = None if mask is None else mask.resize((width, height), Image.NEAREST)
     for i in range(job.batch_size):
         one = replace(s, seed=seed + i, width=width, height=height)
-        image = _draw(pipe, refiner, one, init, mask, f"image {i + 1}/{job.batch_size}")
+        drawn = replace(encoded, seed=one.seed, width=width, height=height)
+        image = _draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}")
         yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id))
 
 
@@ -159,6 +163,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
+        "Lora hashes": hashes_text(pipe.loras) or None,
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
@@ -183,6 +188,25 @@ def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, i
     with StepProgress(steps, desc + " (refiner)") as bar:
         return refiner(s.prompt, s.negative_prompt, **common, latents=out, denoising_start=end,
                        callback=bar.callback)[0]
+
+
+def _apply_loras(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[str], None]) -> Settings:
+    """Merge the LoRAs the prompt's ``<lora:NAME:W>`` tags ask for (found in ``job.lora_dirs``);
+    with ``--from``, check each against the hash its PNG recorded. Returns the settings with the
+    tags taken out of both prompts, as the text encoder must see them (A1111 applies the tags of
+    the prompt; those of the negative prompt are removed and ignored)."""
+    prompt, tags = extract_lora_tags(s.prompt)
+    negative, ignored = extract_lora_tags(s.negative_prompt)
+    if ignored:
+        warn(f"LoRA tags in the negative prompt are ignored: {', '.join(t.name for t in ignored)}")
+    recorded = parse_hashes((job.source or {}).get("Lora hashes", ""))
+    for tag in tags:
+        path = find_lora(tag.name, job.lora_dirs)
+        applied = pipe.load_lora(path, tag.weight, tag.text_encoder_weight, name=tag.name)
+        if tag.name in recorded and recorded[tag.name].lower() != applied.hash:
+            raise ValueError(f"the image was made with LoRA {tag.name} [{recorded[tag.name]}], but {path} has hash "
+                             f"{applied.hash}: it is another file (put the one with that hash in --lora-dir)")
+    return replace(s, prompt=prompt, negative_prompt=negative)
 
 
 def _input_images(job: Job) -> tuple[Image.Image | None, Image.Image | None]:

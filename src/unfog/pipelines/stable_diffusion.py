@@ -30,6 +30,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from . import inputs
+from .lora import AppliedLora, LoraStack
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .sdxl import vector_conditions
 from .windows import sigma_window
@@ -83,6 +84,7 @@ class StableDiffusion:
         self.prediction = check_choice("prediction type", prediction, PREDICTIONS)
         self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
         self.native_size = native_size
+        self._lora_stack: LoraStack | None = None
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
@@ -143,6 +145,28 @@ class StableDiffusion:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------ LoRAs (pipelines/lora.py)
+
+    @property
+    def loras(self) -> list[AppliedLora]:
+        """The LoRAs merged into the models, in the order they were loaded."""
+        return list(self._lora_stack.applied) if self._lora_stack is not None else []
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, text_encoder_weight: float | None = None,
+                  name: str | None = None) -> AppliedLora:
+        """Merge a LoRA / LyCORIS file (kohya, A1111, diffusers, PEFT or LyCORIS keys) into the
+        models: its U-Net adapters times ``weight``, its text-encoder adapters times
+        ``text_encoder_weight`` (default ``weight``). Several stack; a bad file changes nothing."""
+        if self._lora_stack is None:
+            models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+            self._lora_stack = LoraStack(models, f"this {self.family} model")
+        return self._lora_stack.add(path, weight, text_encoder_weight, name)
+
+    def unload_loras(self) -> None:
+        """Take every LoRA off, restoring the exact original weights."""
+        if self._lora_stack is not None:
+            self._lora_stack.clear()
 
     @property
     def inpainting_unet(self) -> bool:
