@@ -16,23 +16,13 @@ from tqdm import tqdm
 
 from ..checkpoint.io import atomic_write
 from .base import BaseTrainer
-from .config import TrainConfig, config_differences
+from .config import TrainConfig, config_differences, get_task
 from .state import list_states, load_state
 
 
 def make_trainer(config: TrainConfig, device: str | None = None) -> BaseTrainer:
-    """The trainer of the config's task."""
-    if config.task == "autoencoder":
-        from .autoencoder import AutoencoderTrainer
-
-        return AutoencoderTrainer(config, device)
-    if config.task == "text2image":
-        from .text2image import TextToImageTrainer
-
-        return TextToImageTrainer(config, device)
-    from .pixel import PixelTrainer
-
-    return PixelTrainer(config, device)
+    """The trainer of the config's task (``TASKS``)."""
+    return get_task(config.task).load_trainer()(config, device)
 
 
 def _resume(trainer: BaseTrainer, force: bool) -> list[str]:
