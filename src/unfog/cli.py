@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a JSON config, e.g. configs/digits.json")
     p.add_argument("config", help="JSON config file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=2000 lr=1e-4")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=2000 lr=1e-4; a key of the "
+                   "task's section is dotted: text2image.vae_model=runs/vae/model.safetensors")
     p.add_argument("--resume", action="store_true", help="continue the run in the config's out_dir")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting the run's old states")
     p.add_argument("--force", action="store_true", help="resume even if the config changed")

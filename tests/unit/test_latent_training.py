@@ -199,7 +199,7 @@ def test_folder_without_captions_is_an_error(vae_file, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="set vae_model"):
+    with pytest.raises(ValueError, match="set text2image.vae_model"):
         load_config(None, ["task=text2image", "data=shapes"])
     with pytest.raises(ValueError, match="valid choices: pixel, autoencoder, text2image"):
         load_config(None, ["task=vae"])

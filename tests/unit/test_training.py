@@ -7,7 +7,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 
-from unfog.training import Trainer, load_config, train
+from unfog.training import PixelTrainer, load_config, train
 from unfog.training.config import config_differences
 from unfog.training.data import EpochBatches
 from unfog.training.state import list_states, save_state
@@ -62,16 +62,16 @@ def test_overrides_parse_json_or_strings():
 
 def test_resume_is_bit_identical(tmp_path):
     """Train 4 steps straight, and 2 + (restart from the saved state) 2: same weights, EMA, RNG."""
-    straight = Trainer(tiny_config(tmp_path, "steps=4"))
+    straight = PixelTrainer(tiny_config(tmp_path, "steps=4"))
     for _ in range(4):
         straight.train_step()
 
-    first = Trainer(tiny_config(tmp_path, "steps=4"))
+    first = PixelTrainer(tiny_config(tmp_path, "steps=4"))
     for _ in range(2):
         first.train_step()
     path = save_state(tmp_path / "states", first.step, first.state_dict(), keep=2)
     torch.manual_seed(12345)  # disturb the global RNG: the state must restore it
-    second = Trainer(tiny_config(tmp_path, "steps=4"))
+    second = PixelTrainer(tiny_config(tmp_path, "steps=4"))
     second.load_state_dict(torch.load(path, weights_only=True))
     for _ in range(2):
         second.train_step()
@@ -86,12 +86,12 @@ def test_resume_with_another_learning_rate_uses_it_from_the_first_step(tmp_path)
     schedule or length must train with the new one, not silently keep the old."""
     from unfog.training.base import lr_factor
 
-    first = Trainer(tiny_config(tmp_path, "steps=6"))
+    first = PixelTrainer(tiny_config(tmp_path, "steps=6"))
     for _ in range(3):
         first.train_step()
     state = first.state_dict()
     changed = tiny_config(tmp_path, "steps=10", "lr=0.002")
-    second = Trainer(changed)
+    second = PixelTrainer(changed)
     second.load_state_dict(state)
     assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * lr_factor(3, changed), rel=1e-12)
     assert second.lr_sched.get_last_lr() == [second.optimizer.param_groups[0]["lr"]]

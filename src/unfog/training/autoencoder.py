@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.vae import TINY_VAE, AutoencoderKL, DiagonalGaussian
+from ..models.vae import AutoencoderKL, DiagonalGaussian
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.latent_model import save_autoencoder
 from .base import BaseTrainer
-from .config import with_overrides
+from .config import AutoencoderOptions
 from .data import make_captioned_data
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]
@@ -83,20 +83,21 @@ class Reconstruction(nn.Module):
 
 
 class AutoencoderTrainer(BaseTrainer):
+    options: AutoencoderOptions
     perceptual: Perceptual | None = None  # set before training to add a perceptual loss
 
     def build(self) -> None:
-        c = self.config
+        c, o = self.config, self.options
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop, need_captions=False,
                                         shapes_config=c.shapes_config(), workers=c.data_workers)
-        vae_cfg = with_overrides(TINY_VAE, c.vae_overrides, "vae_overrides")
+        vae_cfg = o.vae_config()
         if c.image_size % vae_cfg.downsample_factor:
             raise ValueError(f"image_size {c.image_size} is not a multiple of the autoencoder's downsampling "
                              f"factor {vae_cfg.downsample_factor}")
         torch.manual_seed(c.seed)
         self.net = Reconstruction(AutoencoderKL(vae_cfg)).to(self.device)
         self.disc = None
-        if c.disc_weight > 0:
+        if o.disc_weight > 0:
             if self.world.distributed:
                 raise ValueError("the patch discriminator (disc_weight > 0) is not supported under torchrun yet")
             self.disc = PatchDiscriminator().to(self.device)
@@ -106,7 +107,7 @@ class AutoencoderTrainer(BaseTrainer):
         return self.net
 
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
-        c, b, mine = self.config, idx.numel(), self.world.local_slice(idx.numel())
+        c, o, b, mine = self.config, self.options, idx.numel(), self.world.local_slice(idx.numel())
         vae_cfg = self.net.vae.config
         side = c.image_size // vae_cfg.downsample_factor
         posterior_noise = torch.randn((b, vae_cfg.latent_channels, side, side), generator=self.noise_gen)
@@ -114,10 +115,10 @@ class AutoencoderTrainer(BaseTrainer):
         x = self.data.batch(idx[mine], None if seeds is None else seeds[mine]).images
         x = x.to(self.device)
         rec, mean, logvar = model(x, posterior_noise[mine].to(self.device))
-        loss = autoencoder_loss(x, rec, DiagonalGaussian(torch.cat([mean, logvar], 1)), c.kl_weight, self.perceptual)
-        if self.disc is not None and self.step >= c.disc_start:
+        loss = autoencoder_loss(x, rec, DiagonalGaussian(torch.cat([mean, logvar], 1)), o.kl_weight, self.perceptual)
+        if self.disc is not None and self.step >= o.disc_start:
             self._disc_step(x, rec.detach())  # first, so the generator term below sees the updated critic
-            loss = loss + c.disc_weight * -self.disc(rec).mean()  # hinge generator loss
+            loss = loss + o.disc_weight * -self.disc(rec).mean()  # hinge generator loss
         return loss
 
     def _disc_step(self, real: Tensor, fake: Tensor) -> None:

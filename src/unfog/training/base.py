@@ -1,7 +1,8 @@
 """What every trainer shares: the optimiser and LR schedule, EMA, the resumable batch order and
 noise generator, bf16 autocast, gradient clipping, distributed slicing, and the training state.
 
-A task (pixel U-Net, autoencoder, text-to-image) subclasses ``BaseTrainer`` and fills in
+A task (pixel U-Net, autoencoder, text-to-image; ``config.TASKS``) subclasses ``BaseTrainer``, reads
+its own settings from ``self.options`` (the config's section of the task), and fills in
 ``build`` (data and networks), ``trainable`` (the module the optimiser, DDP and EMA see),
 ``compute_loss`` (the loss of this rank's slice of a global batch of indices), ``save_model``
 and ``sample_grid``.
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import DiscreteSchedule
-from .config import TrainConfig
+from .config import TaskOptions, TrainConfig, get_task
 from .data import BucketBatches, EpochBatches
 from .distributed import World, init_world, training_device
 from .ema import EMA
@@ -34,7 +35,12 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 class BaseTrainer:
     def __init__(self, config: TrainConfig, device: str | None = None):
+        trainer = get_task(config.task).load_trainer()
+        if not isinstance(self, trainer):
+            raise ValueError(f"{type(self).__name__} cannot train task {config.task!r}, whose trainer is "
+                             f"{trainer.__name__} (make_trainer picks it)")
         self.config = config
+        self.options: TaskOptions = config.options
         self.device = training_device(device)
         self.world: World = init_world(self.device)
         self.schedule = DiscreteSchedule.make(config.schedule, config.num_timesteps,

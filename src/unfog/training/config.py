@@ -1,26 +1,230 @@
-"""The training configuration: one frozen dataclass, read from JSON with `key=value` overrides."""
+"""The training configuration: shared fields plus one typed, frozen section for the task, read
+from JSON with `key=value` overrides (dotted for a section's keys: `text2image.vae_model=...`).
+
+    {"task": "text2image", "data": "shapes", "lr": 5e-4, ...,
+     "text2image": {"vae_model": "runs/shapes_vae/model.safetensors", "size_conditioning": true}}
+
+The tasks are a registry by name, ``TASKS``: each names its options (the section) and its
+trainer, so a new task is one entry. Every value is checked against its field's annotation.
+
+Configs written before the sections existed (every key at top level, as the model files and
+training states of older runs hold them) still load: a top-level key of the task's section moves
+into it; a key of another task's section is dropped when it holds its default (old saved configs
+list every key of every task) and is an error naming its new place otherwise.
+"""
 
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Union, get_args, get_origin, get_type_hints
 
 from ..diffusion.denoiser import PREDICTIONS
 from ..diffusion.losses import LossConfig
 from ..diffusion.registry import resolve_sampler
 from ..diffusion.schedules import BETA_SCHEDULES, check_choice
+from ..models.clip_text import CLIPTextConfig
+from ..models.vae import TINY_VAE, VAEConfig
+
+if TYPE_CHECKING:
+    from .base import BaseTrainer
+
+# The small text transformer of the text-to-image models we train (the vocabulary comes from the data).
+SMALL_TEXT_ENCODER = CLIPTextConfig(width=128, layers=3, heads=4, activation="gelu")
 
 
-TASKS = ("pixel", "autoencoder", "text2image")
+# ---- typed fields ---------------------------------------------------------------------------------------
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object",
+          list: "a list", type(None): "null"}
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    return _NAMES.get(get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the annotated type: an int is a number, a bool is not an integer."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict:
+        key, item = get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def check_types(obj, prefix: str = "") -> None:
+    """A ValueError naming the first field of the dataclass ``obj`` whose value is not of its
+    annotated type: the key (``prefix`` + name), the value and the type expected."""
+    for name, hint in _hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not _fits(value, hint):
+            raise ValueError(f"config key {prefix}{name}: expected {_describe(hint)}, got {value!r}")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
+
+
+# ---- the tasks' sections --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskOptions:
+    """The section of one task (``TASKS[name].options``): fields of that task alone."""
+
+    def __post_init__(self):
+        check_types(self, f"{section_name(type(self))}.")
+
+    def check(self, config: TrainConfig) -> None:
+        """Checks that need the shared fields too (e.g. the data the task can train on)."""
+
+
+def _needs_rgb(config: TrainConfig) -> None:
+    if config.data == "digits":
+        raise ValueError(f"task {config.task!r} needs RGB data: 'shapes' or an image folder, not 'digits'")
 
 
 @dataclass(frozen=True)
+class PixelOptions(TaskOptions):
+    """Task "pixel": a pixel-space U-Net (``model``, ``model_overrides``), class-conditional on
+    digits or unconditional on an image folder. It has no options of its own."""
+
+    def check(self, config: TrainConfig) -> None:
+        if config.data_workers:
+            raise ValueError("data_workers is an option of tasks 'text2image' and 'autoencoder' (the pixel task's "
+                             "data sets are in memory); set it to 0")
+
+
+@dataclass(frozen=True)
+class AutoencoderOptions(TaskOptions):
+    """Task "autoencoder": stage 1 of a latent model, the KL VAE, with the LDM loss."""
+
+    vae_overrides: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields to change from TINY_VAE
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # > 0: a patch discriminator's hinge loss, from step disc_start
+    disc_start: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
+            raise ValueError("autoencoder.kl_weight, disc_weight and disc_start must be >= 0")
+        self.vae_config()  # an unknown field or a bad value fails here, not mid-run
+
+    def vae_config(self) -> VAEConfig:
+        return with_overrides(TINY_VAE, self.vae_overrides, "autoencoder.vae_overrides")
+
+    def check(self, config: TrainConfig) -> None:
+        _needs_rgb(config)
+
+
+@dataclass(frozen=True)
+class Text2ImageOptions(TaskOptions):
+    """Task "text2image": stage 2 of a latent model, a U-Net with cross-attention on a text
+    encoder, trained on the latents of a trained autoencoder."""
+
+    vae_model: str | None = None  # the model.safetensors of an "autoencoder" run (required)
+    # the text encoder: CLIPTextConfig fields to change from SMALL_TEXT_ENCODER; it trains with the
+    # U-Net (as in LDM) unless train_text_encoder is false
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    train_text_encoder: bool = True
+    # SDXL's micro-conditioning: the U-Net also sees y = [pooled text output, Fourier features of
+    # the image's original size, crop top-left and target size] (num_classes="sequential")
+    size_conditioning: bool = False
+    # on an image folder: aspect-ratio buckets (datasets/buckets.py) of area at most image_size^2
+    # and sides multiples of bucket_step; every batch holds images of one bucket
+    buckets: bool = False
+    bucket_step: int = 64
+    model_dtype: str = "fp32"  # precision of the weights in model.safetensors (the states keep fp32)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vae_model is None:
+            raise ValueError("task 'text2image' trains on the latents of an autoencoder: set text2image.vae_model "
+                             "to the model.safetensors of an 'autoencoder' run")
+        check_choice("text2image.model_dtype", self.model_dtype, ("fp32", "fp16", "bf16"))
+        if self.bucket_step < 1:
+            raise ValueError(f"text2image.bucket_step must be >= 1, got {self.bucket_step}")
+        with_overrides(SMALL_TEXT_ENCODER, self.text_encoder, "text2image.text_encoder")  # unknown fields fail now
+
+    def text_encoder_config(self, vocab_size: int, eos_token_id: int) -> CLIPTextConfig:
+        """SMALL_TEXT_ENCODER for this vocabulary, with ``text_encoder`` applied."""
+        base = replace(SMALL_TEXT_ENCODER, vocab_size=vocab_size, eos_token_id=eos_token_id)
+        return with_overrides(base, self.text_encoder, "text2image.text_encoder")
+
+    def check(self, config: TrainConfig) -> None:
+        _needs_rgb(config)
+        if self.buckets and config.data in ("digits", "shapes"):
+            raise ValueError(f"buckets need an image folder of images of many shapes, not {config.data!r}")
+
+
+# ---- the registry of tasks ------------------------------------------------------------------------------
+def _pixel_trainer() -> type[BaseTrainer]:
+    from .pixel import PixelTrainer
+
+    return PixelTrainer
+
+
+def _autoencoder_trainer() -> type[BaseTrainer]:
+    from .autoencoder import AutoencoderTrainer
+
+    return AutoencoderTrainer
+
+
+def _text2image_trainer() -> type[BaseTrainer]:
+    from .text2image import TextToImageTrainer
+
+    return TextToImageTrainer
+
+
+@dataclass(frozen=True)
+class Task:
+    """A training task: its section of the config and its trainer (imported when first asked
+    for: the trainer modules import this one)."""
+
+    options: type[TaskOptions]
+    load_trainer: Callable[[], type[BaseTrainer]]
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    "pixel": Task(PixelOptions, _pixel_trainer, "a pixel-space U-Net; class-conditional on digits"),
+    "autoencoder": Task(AutoencoderOptions, _autoencoder_trainer, "the KL VAE of a latent model (stage 1)"),
+    "text2image": Task(Text2ImageOptions, _text2image_trainer,
+                       "a latent U-Net with cross-attention on a text encoder, on an autoencoder's latents (stage 2)"),
+}
+
+
+def get_task(name: str) -> Task:
+    check_choice("task", name, tuple(TASKS))
+    return TASKS[name]
+
+
+def section_name(options: type[TaskOptions]) -> str:
+    """The task (and config key) whose section ``options`` is."""
+    return next(name for name, task in TASKS.items() if task.options is options)
+
+
+# ---- the config -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class TrainConfig:
-    # task: "pixel" (a pixel-space U-Net; class-conditional on digits), "autoencoder" (the KL
-    # VAE of a latent model, stage 1) or "text2image" (a latent U-Net with cross-attention on a
-    # text encoder, stage 2, on the latents of a trained autoencoder)
+    # task: a name in TASKS, "pixel", "autoencoder" or "text2image"; its own settings are the
+    # section ``options`` (TASKS[task].options; in JSON, the key named after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
     # procedural captioned set, ``data_size`` items from ``seed``) or an image folder
@@ -35,24 +239,6 @@ class TrainConfig:
     # data "shapes": the ShapesConfig fields to change (datasets/shapes_text.py), e.g.
     # {"weights": [1, 2, 1, 1, 3, 1]} to draw two-object and position scenes more often
     shapes_options: dict[str, Any] = field(default_factory=dict)
-    # text2image on an image folder: aspect-ratio buckets (datasets/buckets.py) of area at most
-    # image_size^2 and sides multiples of bucket_step; every batch holds images of one bucket
-    buckets: bool = False
-    bucket_step: int = 64
-    # autoencoder (stage 1): the VAEConfig fields to change from TINY_VAE, and the LDM loss
-    vae_overrides: dict[str, Any] = field(default_factory=dict)
-    kl_weight: float = 1e-6
-    disc_weight: float = 0.0  # > 0: a patch discriminator's hinge loss, from step disc_start
-    disc_start: int = 0
-    # text2image (stage 2): the trained autoencoder file, the text encoder (CLIPTextConfig fields
-    # to change from the small default) and whether it trains with the U-Net (as in LDM)
-    vae_model: str | None = None
-    text_encoder: dict[str, Any] = field(default_factory=dict)
-    train_text_encoder: bool = True
-    # SDXL's micro-conditioning: the U-Net also sees y = [pooled text output, Fourier features of
-    # the image's original size, crop top-left and target size] (num_classes="sequential")
-    size_conditioning: bool = False
-    model_dtype: str = "fp32"  # precision of the weights in model.safetensors (the states keep fp32)
     # model: a U-Net preset and the fields of its UNetConfig to change
     model: str = "DIGITS"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -89,26 +275,21 @@ class TrainConfig:
     sample_sampler: str = "dpmpp_2m"
     sample_steps: int = 20
     sample_cfg_scale: float = 2.0
+    # the task's section (None: its defaults)
+    options: TaskOptions | None = None
 
     def __post_init__(self):
+        check_types(self)
+        task = get_task(self.task)
+        if self.options is None:
+            object.__setattr__(self, "options", task.options())
+        if type(self.options) is not task.options:
+            raise ValueError(f"the options of task {section_name(type(self.options))!r} were given to a config of "
+                             f"task {self.task!r}")
         check_choice("schedule", self.schedule, BETA_SCHEDULES)
         check_choice("prediction type", self.prediction, PREDICTIONS)
         check_choice("precision", self.precision, ("bf16", "fp32"))
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        check_choice("task", self.task, TASKS)
-        check_choice("model_dtype", self.model_dtype, ("fp32", "fp16", "bf16"))
-        if self.task == "text2image" and self.vae_model is None:
-            raise ValueError("task 'text2image' trains on the latents of an autoencoder: set vae_model to the "
-                             "model.safetensors of an 'autoencoder' run")
-        if self.task != "pixel" and self.data == "digits":
-            raise ValueError(f"task {self.task!r} needs RGB data: 'shapes' or an image folder, not 'digits'")
-        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
-            raise ValueError("kl_weight, disc_weight and disc_start must be >= 0")
-        for name, on in (("buckets", self.buckets), ("size_conditioning", self.size_conditioning)):
-            if on and self.task != "text2image":
-                raise ValueError(f"{name} is an option of task 'text2image', not {self.task!r}")
-        if self.buckets and self.data in ("digits", "shapes"):
-            raise ValueError(f"buckets need an image folder of images of many shapes, not {self.data!r}")
         if self.data_size < 1:
             raise ValueError(f"data_size must be >= 1, got {self.data_size}")
         if self.shapes_options:
@@ -118,20 +299,18 @@ class TrainConfig:
         resolve_sampler(self.sample_sampler)
         self.loss_config()  # min_snr_gamma and the timestep bias are checked here
         for name in ("image_size", "steps", "batch_size", "num_timesteps", "log_every", "sample_every",
-                     "save_every", "keep_last", "sample_steps", "bucket_step"):
+                     "save_every", "keep_last", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
-        if self.data_workers and self.task == "pixel":
-            raise ValueError("data_workers is an option of tasks 'text2image' and 'autoencoder' (the pixel task's "
-                             "data sets are in memory); set it to 0")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0 and warmup_steps >= 0")
         if self.sample_cfg_scale < 0:
             raise ValueError(f"sample_cfg_scale must be >= 0, got {self.sample_cfg_scale}")
+        self.options.check(self)
 
     def loss_config(self) -> LossConfig:
         """The training objective: prediction type, Min-SNR weighting, offset noise, timestep bias."""
@@ -149,61 +328,174 @@ class TrainConfig:
         return with_overrides(ShapesConfig(), options, "shapes_options")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as JSON reads it: the shared fields, then the task's section under its name."""
+        values = asdict(self)
+        values[self.task] = values.pop("options")
+        return values
 
 
-def _field_names() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
+SHARED_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "options")
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # a bare string such as out_dir=runs/x
+# ---- reading configs ------------------------------------------------------------------------------------
+def _option_keys(task: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TASKS[task].options))
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    unknown = sorted(set(values) - set(_field_names()))
+def _owner(key: str) -> str | None:
+    """The task whose section holds ``key`` (a top-level key of older configs), if any."""
+    return next((name for name in TASKS if key in _option_keys(name)), None)
+
+
+def _sectioned(values: dict[str, Any], task: str, strict: bool = True) -> dict[str, Any]:
+    """``values`` (a config of ``task``) with the top-level keys of older configs that belong to the
+    task's section moved into it. One of another task's section is dropped when it holds its
+    default (an old saved config lists them all); otherwise it is a ValueError naming its new
+    key, or (not ``strict``: reading a saved config) dropped too."""
+    out = dict(values)
+    section = out.get(task, {})
+    if not isinstance(section, dict):
+        return out  # config_from_dict names the problem
+    section = dict(section)
+    for key in [k for k in values if k not in SHARED_KEYS and k not in TASKS]:
+        owner = _owner(key)
+        if owner == task:
+            if key in section:
+                raise ValueError(f"{key} is given twice: at top level (its place in older configs) and as "
+                                 f"{task}.{key}; keep {task}.{key}")
+            section[key] = out.pop(key)
+        elif owner is not None:
+            value = out.pop(key)
+            if strict and value != _defaults(TASKS[owner].options)[key]:
+                raise ValueError(f"{key} is an option of task {owner!r} (config key {owner}.{key}), not of "
+                                 f"task {task!r}")
+    out[task] = section
+    return out
+
+
+def config_from_dict(values: Any, what: str = "the config") -> TrainConfig:
+    """The TrainConfig of a dict as ``to_dict`` writes it, or as older runs wrote it (flat)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{what}: expected a JSON object of config keys, got {_describe(type(values))}")
+    task = values.get("task", TrainConfig.task)
+    if not isinstance(task, str):
+        raise ValueError(f"config key task: expected a string, got {task!r}")
+    spec = get_task(task)
+    other = next((k for k in values if k in TASKS and k != task), None)
+    if other is not None:
+        raise ValueError(f"config key {other} is the section of task {other!r}, not of this config's task {task!r} "
+                         f"(task={other} trains that task)")
+    values = _sectioned(values, task)
+    section = values.pop(task)
+    if not isinstance(section, dict):
+        raise ValueError(f"config key {task}: expected a JSON object (the options of task {task!r}), got {section!r}")
+    unknown = sorted(set(values) - set(SHARED_KEYS))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(_field_names())}")
-    return TrainConfig(**values)
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(SHARED_KEYS)}, "
+                         f"and the section {task}")
+    valid = _option_keys(task)
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{task}.{k}' for k in unknown)}; valid keys of "
+                         f"section {task}: {', '.join(valid) or 'none'}")
+    return TrainConfig(**values, options=spec.options(**section))
+
+
+def _hint(keys: tuple[str, ...], task: Any) -> Any:
+    """The annotation of the field that the dotted ``keys`` name, or None."""
+    if len(keys) == 1:
+        return _hints(TrainConfig).get(keys[0])
+    if len(keys) == 2 and keys[0] == task and task in TASKS:
+        return _hints(TASKS[task].options).get(keys[1])
+    return None
+
+
+def _parse_value(text: str, hint: Any = None) -> Any:
+    """JSON (numbers, true/false, null, lists, objects), else the bare string (out_dir=runs/x);
+    the bare string also where the field wants a string and the JSON reading is not one (out_dir=2024)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if hint is not None and not _fits(value, hint) and _fits(text, hint):
+        return text
+    return value
+
+
+def _set(values: dict[str, Any], keys: tuple[str, ...], value: Any, item: str) -> None:
+    """Set ``values[keys[0]][keys[1]]...`` to ``value``, making the JSON objects on the way."""
+    node = values
+    for key in keys[:-1]:
+        child = node.get(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {item!r}: config key {key} holds {child!r}, not keys")
+        node[key] = dict(child)
+        node = node[key]
+    node[keys[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a JSON config (or start from the defaults when ``path`` is None) and apply
-    ``key=value`` overrides, where value is JSON (numbers, true/false, null, lists) or a string."""
-    values: dict[str, Any] = {}
+    ``key=value`` overrides, where value is JSON or a string and a dotted key names a key of a
+    section (``text2image.vae_model=...``) or of a JSON object (``model_overrides.dropout=0.1``).
+    A top-level key of the task's section, as older configs had them, is moved into it."""
+    values: Any = {}
+    what = "the config"
     if path is not None:
-        path = Path(path)
+        path, what = Path(path), str(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
             values = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got {_describe(type(values))}")
+    changes = []
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        values[key.strip()] = _parse_value(value)
-    return config_from_dict(values)
+        key, sep, text = item.partition("=")
+        keys = tuple(k.strip() for k in key.split("."))
+        if not sep or not all(keys):
+            raise ValueError(f"override {item!r} is not of the form key=value (or section.key=value)")
+        changes.append((item, keys, text))
+    task = values.get("task", TrainConfig.task)
+    task = next((_parse_value(text, str) for _, keys, text in reversed(changes) if keys == ("task",)), task)
+    if isinstance(task, str) and task in TASKS:
+        values = _sectioned(values, task)
+        moved = set(_option_keys(task))  # older configs' top-level keys of the section
+        changes = [(item, (task, *keys) if len(keys) == 1 and keys[0] in moved else keys, text)
+                   for item, keys, text in changes]
+    for item, keys, text in changes:
+        _set(values, keys, _parse_value(text, _hint(keys, task)), item)
+    return config_from_dict(values, what)
 
 
+# ---- comparing configs ----------------------------------------------------------------------------------
 # Settings that do not change the training trajectory; a resumed run may change them freely.
-RESUMABLE_CHANGES = ("steps", "data_workers", "model_dtype", "log_every", "sample_every", "save_every", "keep_last",
-                     "sample_sampler", "sample_steps", "sample_cfg_scale")
+RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "log_every", "sample_every", "save_every",
+                     "keep_last", "sample_sampler", "sample_steps", "sample_cfg_scale")
 
 
-def _defaults() -> dict[str, Any]:
-    return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(TrainConfig)}
+def flat_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (``to_dict``'s, or an older run's flat one) as one level of keys, those of
+    the section dotted (``text2image.vae_model``), a missing key at its default: what
+    ``config_differences`` compares. Keys of other tasks' sections (older configs list them) are dropped."""
+    task = values.get("task", TrainConfig.task)
+    shared = {k: v for k, v in _defaults(TrainConfig).items() if k != "options"}
+    if task not in TASKS:
+        return {**shared, **values}
+    values = _sectioned(values, task, strict=False)
+    section = values.pop(task)
+    flat = {**shared, **{k: v for k, v in values.items() if k not in TASKS}}
+    flat.update({f"{task}.{k}": v for k, v in {**_defaults(TASKS[task].options), **section}.items()})
+    return flat
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RESUMABLE_CHANGES) -> list[str]:
-    """Human-readable `key: old -> new` lines for the fields that differ. A field missing from
-    either (a state saved before the field existed) counts as its default."""
-    defaults = _defaults()
-    return field_differences({**defaults, **old}, {**defaults, **new}, ignore)
+    """Human-readable `key: old -> new` lines for the fields that differ (a section's keys dotted).
+    A field missing from either (a state saved before the field existed) counts as its default;
+    either may be the flat config of a run saved before the sections existed."""
+    return field_differences(flat_settings(old), flat_settings(new), ignore)
 
 
 def field_differences(old: dict[str, Any], new: dict[str, Any], ignore=()) -> list[str]:

@@ -1,7 +1,6 @@
-"""`unfog train`: the training loop, and the trainer of pixel-space diffusion models.
-
-AdamW with linear LR warm-up, gradient clipping, EMA of the weights, bf16 autocast, condition
-dropout for classifier-free guidance, periodic sample grids, and atomic, resumable states.
+"""`unfog train`: the training loop that every task's trainer runs (``base.BaseTrainer``; the
+tasks are in ``config.TASKS``): resume and ``--init-from``, the log, periodic states and sample
+grids, and stopping cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,94 +10,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..checkpoint.io import atomic_write
-from ..diffusion.losses import diffusion_loss, draw_noise
-from ..models.presets import get_preset
-from ..models.unet import UNet, UNetConfig
-from ..pipelines.images import make_grid, save_png
-from ..pipelines.pixel import PixelDiffusion, PixelModelInfo
-from .config import TrainConfig, config_differences, with_overrides
 from .base import BaseTrainer
-from .data import LabelledImages, make_data
+from .config import TrainConfig, config_differences, get_task
 from .state import list_states, load_state
 
 
-def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNetConfig:
-    """The preset with the config's overrides; class-conditional data adds one null class."""
-    classes = None if data.num_classes is None else data.num_classes + 1
-    base = replace(get_preset(config.model), in_channels=channels, out_channels=channels, num_classes=classes)
-    return with_overrides(base, config.model_overrides, "model_overrides")
-
-
-class Trainer(BaseTrainer):
-    """A pixel-space U-Net: class-conditional on digits (with a null class for CFG), or
-    unconditional on an image folder."""
-
-    def build(self) -> None:
-        config = self.config
-        channels = 1 if config.data == "digits" else 3
-        self.data = make_data(config.data, config.image_size, channels)
-        torch.manual_seed(config.seed)  # initial weights and dropout
-        self.unet = UNet(unet_config(config, self.data, channels)).to(self.device)
-        self.info = PixelModelInfo(config.image_size, channels, config.schedule, config.num_timesteps,
-                                   config.zero_terminal_snr, config.prediction, self.data.num_classes,
-                                   tuple(str(k) for k in range(self.data.num_classes)) if self.data.num_classes else None)
-
-    def trainable(self) -> nn.Module:
-        return self.unet
-
-    def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
-        g, b, mine = self.noise_gen, idx.numel(), self.world.local_slice(idx.numel())
-        x0, y = self.data.batch(idx[mine])
-        kwargs = {}
-        if y is not None:  # label dropout: the null class trains the unconditional model
-            drop = torch.rand(b, generator=g)[mine] < self.config.cond_dropout
-            kwargs["y"] = torch.where(drop, self.data.num_classes, y).to(self.device)
-        t, noise = draw_noise((b, *x0.shape[1:]), self.schedule, self.loss_config, g)
-        return diffusion_loss(model, x0.to(self.device), self.schedule, self.loss_config,
-                              t=t[mine], noise=noise[mine], **kwargs)
-
-    def save_model(self) -> None:
-        self.ema_pipeline().save(self.out / "model.safetensors",
-                                 extra={"train_config": self.config.to_dict(), "step": self.step})
-
-    def ema_pipeline(self) -> PixelDiffusion:
-        return PixelDiffusion(self.ema.model, self.info)
-
-    def sample_grid(self) -> None:
-        pipe = self.ema_pipeline()
-        c = self.config
-        if self.info.num_classes:
-            labels = torch.arange(self.info.num_classes).repeat_interleave(8)
-            images = pipe.generate(labels, sampler=c.sample_sampler, steps=c.sample_steps, cfg_scale=c.sample_cfg_scale)
-            grid = make_grid(images.view(self.info.num_classes, 8, *images.shape[1:]).transpose(0, 1).flatten(0, 1),
-                             nrow=self.info.num_classes, scale=2)
-        else:
-            images = pipe.generate(num_images=64, sampler=c.sample_sampler, steps=c.sample_steps)
-            grid = make_grid(images, nrow=8, scale=2)
-        save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png",
-                 f"step {self.step}, sampler {c.sample_sampler}, {c.sample_steps} steps, cfg {c.sample_cfg_scale}",
-                 overwrite=True)
-
-
 def make_trainer(config: TrainConfig, device: str | None = None) -> BaseTrainer:
-    """The trainer of the config's task."""
-    if config.task == "autoencoder":
-        from .autoencoder import AutoencoderTrainer
-
-        return AutoencoderTrainer(config, device)
-    if config.task == "text2image":
-        from .text2image import TextToImageTrainer
-
-        return TextToImageTrainer(config, device)
-    return Trainer(config, device)
+    """The trainer of the config's task (``TASKS``)."""
+    return get_task(config.task).load_trainer()(config, device)
 
 
 def _resume(trainer: BaseTrainer, force: bool) -> list[str]:

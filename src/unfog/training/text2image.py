@@ -39,11 +39,9 @@ from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
 from ..pipelines.stable_diffusion import StableDiffusion
 from .base import BaseTrainer
-from .config import field_differences, with_overrides
+from .config import SMALL_TEXT_ENCODER, Text2ImageOptions, field_differences, with_overrides
 from .data import BucketBatches, EpochBatches, make_captioned_data
 
-# The small text transformer of the models we train (the vocabulary size comes from the data).
-SMALL_TEXT_ENCODER = CLIPTextConfig(width=128, layers=3, heads=4, activation="gelu")
 GRID_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle and a purple square",
                 "two orange triangles", "a red circle to the left of a blue square",
                 "a green square above a yellow triangle", "")
@@ -81,40 +79,41 @@ class TextToImage(nn.Module):
 
 
 class TextToImageTrainer(BaseTrainer):
+    options: Text2ImageOptions
+
     def build(self) -> None:
-        c = self.config
+        c, o = self.config, self.options
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
-                                        bucket_step=c.bucket_step if c.buckets else None, min_bucket=c.batch_size,
+                                        bucket_step=o.bucket_step if o.buckets else None, min_bucket=c.batch_size,
                                         shapes_config=c.shapes_config(), workers=c.data_workers)
-        self.vae = load_autoencoder(c.vae_model).to(self.device).requires_grad_(False)
+        self.vae = load_autoencoder(o.vae_model).to(self.device).requires_grad_(False)
         # The vocabulary: every token the captions can hold (and the grid prompts'), in a fixed order.
         # For "shapes" that is its whole caption grammar, so a resumed run that draws other scenes
         # (shapes_options) keeps the vocabulary; for a folder, the tokens of its captions.
         texts = caption_vocabulary() if c.data == "shapes" else self.data.captions()
         self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(), [*texts, *GRID_PROMPTS])
-        text_cfg = replace(SMALL_TEXT_ENCODER, vocab_size=self.tokenizer.vocab_size, eos_token_id=self.tokenizer.eos_id)
-        text_cfg = with_overrides(text_cfg, c.text_encoder, "text_encoder")
+        text_cfg = o.text_encoder_config(self.tokenizer.vocab_size, self.tokenizer.eos_id)
         latent = self.vae.config.latent_channels
         unet_cfg = replace(get_preset(c.model), in_channels=latent, out_channels=latent, context_dim=text_cfg.width)
-        if c.size_conditioning:
+        if o.size_conditioning:
             unet_cfg = replace(unet_cfg, num_classes="sequential", adm_in_channels=size_condition_width(text_cfg))
         unet_cfg = with_overrides(unet_cfg, c.model_overrides, "model_overrides")
         self._check_shapes(unet_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
         self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg)).to(self.device)
-        self.net.text_encoder.requires_grad_(c.train_text_encoder)
+        self.net.text_encoder.requires_grad_(o.train_text_encoder)
         self.info = LatentModelInfo(c.image_size, c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr,
-                                    prediction=c.prediction, size_conditioning=c.size_conditioning)
+                                    prediction=c.prediction, size_conditioning=o.size_conditioning)
 
     def _check_shapes(self, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig) -> None:
-        c = self.config
+        o = self.options
         width = size_condition_width(text_cfg)
-        if c.size_conditioning and (unet_cfg.num_classes != "sequential" or unet_cfg.adm_in_channels != width):
+        if o.size_conditioning and (unet_cfg.num_classes != "sequential" or unet_cfg.adm_in_channels != width):
             raise ValueError("size_conditioning sets the U-Net's num_classes to 'sequential' and adm_in_channels to "
                              f"{width}: leave both out of model_overrides")
         multiple = self.vae.config.downsample_factor * 2 ** (len(unet_cfg.channel_mult) - 1)
-        if c.buckets and c.bucket_step % multiple:
-            raise ValueError(f"bucket_step {c.bucket_step} must be a multiple of {multiple} (the autoencoder's factor "
+        if o.buckets and o.bucket_step % multiple:
+            raise ValueError(f"bucket_step {o.bucket_step} must be a multiple of {multiple} (the autoencoder's factor "
                              f"{self.vae.config.downsample_factor} times the U-Net's downsampling "
                              f"{2 ** (len(unet_cfg.channel_mult) - 1)}), so that every bucket's latents halve evenly")
 
@@ -159,7 +158,7 @@ class TextToImageTrainer(BaseTrainer):
         if problems:
             raise ValueError(f"cannot start from {path}: it differs from this config in " + "; ".join(problems)
                              + " (match the config to the model it starts from: model, model_overrides, "
-                             "text_encoder, vae_model, data)")
+                             "text2image.text_encoder, text2image.vae_model, data)")
         self.net.unet.load_state_dict(unet.state_dict())
         self.net.text_encoder.load_state_dict(text_encoder.state_dict())
         self.ema.model.load_state_dict(self.net.state_dict())
@@ -187,7 +186,7 @@ class TextToImageTrainer(BaseTrainer):
             z = self.vae.encode(batch.images.to(self.device))
             z = (z.mean + z.std * posterior_noise[mine].to(self.device)) * self.vae.config.scaling_factor
         ids = self.tokenizer(captions, pad="eos").input_ids.to(self.device)  # (b, 77)
-        sizes = {"sizes": batch.sizes.to(self.device)} if c.size_conditioning else {}  # (b, 6)
+        sizes = {"sizes": batch.sizes.to(self.device)} if self.options.size_conditioning else {}  # (b, 6)
         return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine], input_ids=ids,
                               **sizes)
 
@@ -195,14 +194,14 @@ class TextToImageTrainer(BaseTrainer):
         net = self.ema.model
         return StableDiffusion(net.unet, self.vae, self.tokenizer, "sd1", text_encoder=net.text_encoder,
                                schedule=self.schedule, prediction=self.config.prediction,
-                               native_size=self.config.image_size, size_conditioning=self.config.size_conditioning)
+                               native_size=self.config.image_size, size_conditioning=self.options.size_conditioning)
 
     def save_model(self) -> None:
         net = self.ema.model
         c = self.config
         defaults = {"sampler": c.sample_sampler, "steps": c.sample_steps, "cfg_scale": c.sample_cfg_scale}
         save_text2image(self.out / "model.safetensors", net.unet, self.vae, net.text_encoder, self.tokenizer,
-                        self.info, dtype=DTYPES[c.model_dtype],
+                        self.info, dtype=DTYPES[self.options.model_dtype],
                         extra={"train_config": c.to_dict(), "step": self.step, "defaults": defaults})
 
     def sample_grid(self) -> None:
