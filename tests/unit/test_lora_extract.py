@@ -190,6 +190,12 @@ def test_cli_refuses_bad_inputs_in_one_line(tuned, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(out) in err and "--overwrite" in err
     assert out.read_bytes() == b"keep me"
 
+    for args, problem in ((["--out", str(tmp_path / "x.pt")], "is .safetensors"),
+                          (["--out", str(tmp_path / "y.safetensors"), "--device", "gpu"], "unknown device 'gpu'")):
+        assert main(["lora", "extract", str(BASE), str(tuned[0]), "--rank", "2", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and problem in err
+
     for option in ("--rank", "--conv-rank"):
         args = ["lora", "extract", str(BASE), str(tuned[0]), "--rank", "2", option, "0", "--out", str(out)]
         with pytest.raises(SystemExit) as exit_info:
@@ -231,7 +237,8 @@ def test_save_lora_writes_loha_and_lokr_names_plain_metadata_and_refuses_to_over
     loha = AdapterWeights("loha", {k: torch.randn(s, generator=g) for k, s in
                                    (("hada_w1_a", (6, 2)), ("hada_w1_b", (2, 8)), ("hada_w2_a", (6, 2)),
                                     ("hada_w2_b", (2, 8)))}, alpha=1.0)
-    lokr = AdapterWeights("lokr", {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2": torch.randn(3, 2, generator=g)})
+    lokr = AdapterWeights("lokr", {"lokr_w1": torch.randn(2, 2, generator=g),
+                                   "lokr_w2": torch.randn(3, 2, generator=g)})
     adapters = {Target("text_encoder", "encoder.layers.0.self_attn.q_proj", te.q): loha,
                 Target("text_encoder", "encoder.layers.0.mlp.fc1", te.fc): lokr}
     meta = kohya_metadata("sd1", rank=2, alpha=1, output_name="x", started_at=1.7e9, extra={"ss_seed": "4"})

@@ -65,6 +65,16 @@ def _positive(value: object, what: str) -> int:
     return value
 
 
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device here; use cpu")
+    return d
+
+
 def extraction_targets(models: Mapping[str, nn.Module | None], rank: int, conv_rank: int | None = None
                        ) -> list[tuple[Target, int]]:
     """The modules kohya's LoRA targets in ``models`` ({"unet": …, "text_encoder": …}), each with
@@ -96,6 +106,7 @@ def extract_lora(base: Mapping[str, nn.Module | None], tuned: Mapping[str, nn.Mo
 
     rank = _positive(rank, "the LoRA rank")
     conv_rank = None if conv_rank is None else _positive(conv_rank, "the conv rank")
+    device = _device(device)
     unet_config = base["unet"].config if base.get("unet") is not None else None
     result = Extraction({})
     targets = extraction_targets(base, rank, conv_rank)
@@ -131,7 +142,8 @@ def _architecture_differences(a, b) -> list[str]:
     for c in COMPONENTS:
         ma, mb = getattr(a, c), getattr(b, c)
         if (ma is None) != (mb is None):
-            diffs.append(f"{c}: {'present' if ma is not None else 'absent'} -> {'present' if mb is not None else 'absent'}")
+            held = ["present" if m is not None else "absent" for m in (ma, mb)]
+            diffs.append(f"{c}: {held[0]} -> {held[1]}")
         elif ma is not None:
             diffs += [f"{c}.{d}" for d in field_differences(asdict(ma.config), asdict(mb.config), ignore)]
     return diffs
@@ -148,6 +160,7 @@ def extract_lora_file(base_path: str | Path, tuned_path: str | Path, out: str | 
     out = Path(out)
     rank = _positive(rank, "the LoRA rank")
     conv_rank = None if conv_rank is None else _positive(conv_rank, "the conv rank")
+    _device(device)
     if out.suffix.lower() != ".safetensors":
         raise ValueError(f"--out {out}: a kohya LoRA file is .safetensors, got {out.suffix or 'no extension'!r}")
     if out.exists() and not overwrite:
