@@ -126,8 +126,8 @@ def module_hash(module: torch.nn.Module) -> str:
     """sha256 of a module's state dict (names, dtypes, shapes and values)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        t = tensor.detach().cpu().reshape(-1)  # flat, stride 1 (a channels-last 1x1 conv is not)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
