@@ -110,6 +110,22 @@ def cmd_lora_info(args: argparse.Namespace) -> None:
     print(describe_lora(args.file))
 
 
+def cmd_lora_extract(args: argparse.Namespace) -> None:
+    from .pipelines.lora_extract import extract_lora_file
+
+    result = extract_lora_file(args.base, args.tuned, args.out, rank=args.rank, conv_rank=args.conv_rank,
+                               text_encoder=args.text_encoder, overwrite=args.overwrite, device=args.device)
+    for m in result.modules:
+        print(f"{m.key}  rank {m.rank}  relative error {m.relative_error:.3g}")
+    errors = [m.relative_error for m in result.modules]
+    print(f"{len(result.modules)} modules extracted (relative error mean {sum(errors) / len(errors):.3g}, max "
+          f"{max(errors):.3g}), {result.unchanged} unchanged")
+    if result.left_out:
+        _warn(f"{len(result.left_out)} changed tensors a LoRA cannot hold are left out, e.g. "
+              f"{', '.join(result.left_out[:3])}" + ("" if args.conv_rank else " (--conv-rank adds the convs)"))
+    print(f"wrote {args.out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .training import load_config, train
 
@@ -298,11 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="a PNG written by unfog or AUTOMATIC1111")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE")
+    p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE, lora extract BASE TUNED")
     lora = p.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
     p = lora.add_parser("info", help="what a LoRA file is for, its kinds, ranks, targets and training metadata")
     p.add_argument("file", help="a LoRA / LyCORIS file (.safetensors, .pt, .ckpt)")
     p.set_defaults(func=cmd_lora_info)
+    p = lora.add_parser("extract", help="a LoRA from the difference of two checkpoints by truncated SVD (as kohya's "
+                        "extractor): BASE + the LoRA ~ TUNED")
+    p.add_argument("base", help="the original model (single file, diffusers folder or unfog model file)")
+    p.add_argument("tuned", help="the fine-tuned model, of the same architecture")
+    p.add_argument("--rank", type=int, required=True, help="the LoRA rank of the Linear / 1x1-conv modules")
+    p.add_argument("--conv-rank", type=int, default=None, help="also extract the ResBlock and up/down-sampling 3x3 "
+                   "convs, at this rank (default: leave them out)")
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="extract the text encoders' changes too (default: yes)")
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda (default cpu)")
+    p.set_defaults(func=cmd_lora_extract)
 
     p = sub.add_parser("eval", help="evaluate a model over samplers, steps and guidance scales: FID, KID, CLIP "
                        "score, prompt adherence; writes report.json, report.md and plots")
@@ -322,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option in ("steps", "per_class", "batch_size", "n"):
+    for option in ("steps", "per_class", "batch_size", "n", "rank", "conv_rank"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")

@@ -18,6 +18,7 @@ fails by orders of magnitude more than the tolerance.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,9 @@ import pytest
 import torch
 import transformers
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of model_checks
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
@@ -35,11 +38,14 @@ from oracles import diffusers_twin, load_into_diffusers  # noqa: E402
 from test_unet_presets_diffusers import random_unet  # noqa: E402
 
 from unfog.checkpoint.convert import convert_transformers_clip_text  # noqa: E402
+from unfog.checkpoint.lora import kohya_metadata, save_lora  # noqa: E402
 from unfog.models.clip_text import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from unfog.models.presets import SDXL_BASE  # noqa: E402
+from unfog.models.presets import SD15, SDXL_BASE  # noqa: E402
 from unfog.models.unet import UNet  # noqa: E402
 from unfog.nn.embeddings import timestep_embedding  # noqa: E402
-from unfog.pipelines.lora import LoraStack  # noqa: E402
+from unfog.nn.lora import AdapterWeights  # noqa: E402
+from unfog.pipelines.lora import LoraStack, short_hash  # noqa: E402
+from unfog.pipelines.lora_extract import extraction_targets  # noqa: E402
 
 RTOL = 1e-4
 RANK, ALPHA = 4, 2.5
@@ -228,3 +234,110 @@ def test_peft_format_lora_matches_diffusers(tmp_path):
     with torch.no_grad():
         got = ours_unet(**our_args)
     assert rel_err(got, expected) <= RTOL
+
+
+# ---------------------------------------------------------------- files written by save_lora
+
+
+def random_adapters(models: dict, seed: int) -> dict:
+    """A rank-RANK LoRA (alpha ALPHA) with random values on every module kohya targets, the ResBlock
+    and sampler convs included (3x3 LoCon: down (r, in, 3, 3), up (out, r, 1, 1))."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for target, rank in extraction_targets(models, RANK, conv_rank=RANK):
+        w = target.module.weight
+        down = torch.randn(rank, *w.shape[1:], generator=g) / w[0].numel() ** 0.5
+        up = 0.05 * torch.randn(w.shape[0], rank, *((1, 1) if w.dim() == 4 else ()), generator=g)
+        adapters[target] = AdapterWeights("lora", {"lora_down": down, "lora_up": up}, ALPHA)
+    return adapters
+
+
+def check_written_metadata(path: Path, given: dict[str, str]) -> None:
+    """The header holds ``given`` as plain strings, and kohya's two hashes computed here by their
+    definition (sd-scripts ``train_util.precalculate_safetensors_hashes``): the sha256 of the tensor
+    data after the header, in full (A1111's short hash is its first 12 digits), and the legacy one
+    over bytes [1 MiB, 1 MiB + 64 KiB) of the file serialized with the ``ss_*`` metadata alone."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    assert {k: raw[k] for k in given} == given and all(type(v) is str for v in raw.values())
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert raw["sshs_model_hash"] == hashlib.sha256(data[8 + header:]).hexdigest()
+    assert short_hash(path) == raw["sshs_model_hash"][:12]
+    ss_only = safetensors_save(load_file(str(path)), {k: v for k, v in given.items() if k.startswith("ss_")})
+    assert len(ss_only) > 0x110000  # the legacy hash covers real bytes
+    assert raw["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+
+
+SD15_NARROW = replace(SD15, model_channels=64)  # SD 1.5's blocks, 1x1-conv proj_in / proj_out, context 768
+
+
+@pytest.mark.slow  # about 50 s on 2 busy cores, like the other cases here
+def test_save_lora_sd1_names_load_with_diffusers(tmp_path):
+    """A file written by ``save_lora`` for SD 1.x (diffusers module names, ``lora_te_``), every
+    kohya target including the ResBlock and sampler convs, through diffusers' kohya loader."""
+    torch.manual_seed(0)
+    ours_unet = randomize_(UNet(SD15_NARROW), seed=10).eval()
+    twin = diffusers_twin(SD15_NARROW)
+    load_into_diffusers(ours_unet, twin)
+    ref_te, ours_te = clip_pair(768, 12, 3, "quick_gelu", None, seed=11)
+    models = {"unet": ours_unet, "text_encoder": ours_te}
+    meta = kohya_metadata("sd1", rank=RANK, alpha=ALPHA, output_name="narrow_sd1", started_at=1.7e9,
+                          conv_rank=RANK, extra={"ss_tag_frequency": '{"1_cat": {"cat": 3}}'})
+    path = tmp_path / "narrow_sd1.safetensors"
+    save_lora(path, random_adapters(models, seed=12), "sd1", meta, unet_config=SD15_NARROW)
+    assert any("_resnets_" in k for k in load_file(str(path)))  # the convs are there
+    check_written_metadata(path, meta)
+
+    our_args, their_args = unet_inputs(SD15_NARROW)
+    mixin = StableDiffusionLoraLoaderMixin
+    state_dict, alphas = mixin.lora_state_dict(load_file(str(path)))
+    mixin.load_lora_into_unet(state_dict, alphas, twin, adapter_name="a")
+    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te, adapter_name="a")
+    twin.fuse_lora(lora_scale=1.0)
+    with torch.no_grad():
+        before = ours_unet(**our_args)
+        expected, expected_te = twin(**their_args).sample, text_output(ref_te, IDS)
+
+    assert LoraStack(models).add(path).unmatched == ()
+    with torch.no_grad():
+        got, got_te = ours_unet(**our_args), ours_te(IDS).last_hidden_state
+    assert rel_err(got, expected) <= RTOL
+    assert rel_err(got, before) > 100 * RTOL
+    assert rel_err(got_te, expected_te) <= RTOL
+
+
+@pytest.mark.slow  # about 70 s on 2 busy cores
+def test_save_lora_sdxl_names_load_with_diffusers(tmp_path):
+    """A file written by ``save_lora`` for SDXL (LDM module names, ``lora_te1_`` / ``lora_te2_``)."""
+    ours_unet, twin = sdxl_models()
+    ref_te1, ours_te1 = clip_pair(768, 12, 3, "quick_gelu", None, seed=13)
+    ref_te2, ours_te2 = clip_pair(1280, 20, 3, "gelu", 1280, seed=14)
+    models = {"unet": ours_unet, "text_encoder": ours_te1, "text_encoder_2": ours_te2}
+    meta = kohya_metadata("sdxl", rank=RANK, alpha=ALPHA, output_name="narrow_xl", started_at=1.7e9)
+    path = tmp_path / "narrow_xl.safetensors"
+    save_lora(path, random_adapters(models, seed=15), "sdxl", meta)
+    keys = load_file(str(path))
+    assert "lora_unet_input_blocks_4_1_proj_in.lora_down.weight" in keys
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_2_") for k in keys)
+    check_written_metadata(path, meta)
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    our_args, their_args = unet_inputs(NARROW_XL)
+    mixin = StableDiffusionXLLoraLoaderMixin
+    state_dict, alphas = mixin.lora_state_dict(keys, unet_config=twin.config)
+    mixin.load_lora_into_unet(state_dict, alphas, twin, adapter_name="a")
+    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te1, prefix="text_encoder", adapter_name="a")
+    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te2, prefix="text_encoder_2", adapter_name="a")
+    twin.fuse_lora(lora_scale=1.0)
+    with torch.no_grad():
+        expected = twin(**their_args).sample
+        expected_te = [text_output(ref, IDS) for ref in (ref_te1, ref_te2)]
+
+    assert LoraStack(models).add(path).unmatched == ()
+    with torch.no_grad():
+        got = ours_unet(**our_args)
+        got_te = [ours(IDS).last_hidden_state for ours in (ours_te1, ours_te2)]
+    assert rel_err(got, expected) <= RTOL
+    for g, e in zip(got_te, expected_te):
+        assert rel_err(g, e) <= RTOL

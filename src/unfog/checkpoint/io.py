@@ -6,11 +6,12 @@ unfog's own model files keep everything needed to rebuild the model in the safet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -37,6 +38,25 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_from(stream: BinaryIO, offset: int = 0) -> str:
+    """The sha256 (full hex) of a binary stream's bytes from ``offset`` to its end, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    stream.seek(offset)
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_data_sha256(stream: BinaryIO) -> str:
+    """The sha256 (full hex) of a safetensors file's tensor data: every byte after the 8-byte
+    header length and the JSON header, so metadata edits leave it unchanged. This is kohya's
+    ``sshs_model_hash`` (sd-webui-additional-networks' "addnet" hash); A1111 shows its first 12
+    digits as a LoRA's hash."""
+    stream.seek(0)
+    header = int.from_bytes(stream.read(8), "little")
+    return sha256_from(stream, 8 + header)
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -26,16 +26,24 @@ come from the same generated table that loads diffusers folders (``convert.diffu
 What the file is made for is read off its shapes: the input width of the cross-attention key
 projections (768 SD 1.x, 1024 SD 2.x, 2048 SDXL, 1280 the SDXL refiner) and, for a text-encoder-only
 file, the text encoder's width; ``check_family`` refuses a file for another model with both named.
+
+Writing (``save_lora``) is the inverse for kohya's own naming (``kohya_key``), with kohya's ``ss_*``
+and ``modelspec.*`` metadata (``kohya_metadata``) and its two hashes (``addnet_hashes``).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
+import hashlib
+import io
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +51,7 @@ from torch import Tensor, nn
 from ..nn.lora import AdapterWeights
 from .components import few
 from .convert import diffusers_unet_rows
-from .io import load_state_dict
+from .io import atomic_write, load_state_dict, tensor_data_sha256
 
 # ---------------------------------------------------------------- the key suffixes
 
@@ -193,17 +201,25 @@ class Target:
         return self.component != "unet"
 
 
+@functools.lru_cache(maxsize=8)
+def _diffusers_rows(config) -> dict[str, str]:
+    """Our U-Net module path -> diffusers' module path, for the blocks the diffusers-folder table names."""
+    return {dst: src for src, dst, _ in diffusers_unet_rows(config)}
+
+
+def _diffusers_name(path: str, rows: Mapping[str, str]) -> str | None:
+    """diffusers' name of our U-Net module ``path`` (the longest prefix the table names), or None."""
+    prefix = path
+    while prefix not in rows and "." in prefix:
+        prefix = prefix.rsplit(".", 1)[0]
+    return rows[prefix] + path[len(prefix):] if prefix in rows else None
+
+
 def _diffusers_names(unet) -> dict[str, str]:
     """Our U-Net module path -> diffusers' module path, from the table that loads diffusers folders."""
-    rows = {dst: src for src, dst, _ in diffusers_unet_rows(unet.config)}
-    names = {}
-    for path, _ in unet.named_modules():
-        prefix = path
-        while prefix not in rows and "." in prefix:
-            prefix = prefix.rsplit(".", 1)[0]
-        if prefix in rows:
-            names[path] = rows[prefix] + path[len(prefix):]
-    return names
+    rows = _diffusers_rows(unet.config)
+    names = {path: _diffusers_name(path, rows) for path, _ in unet.named_modules()}
+    return {path: name for path, name in names.items() if name is not None}
 
 
 class ModuleIndex:
@@ -338,3 +354,145 @@ def component_of(key: str) -> str:
     if key.startswith(("lora_te", "text_encoder.")):
         return "text_encoder"
     return "unet"
+
+
+# ---------------------------------------------------------------- writing kohya files
+
+# The model families a file can be written for (the pipelines' names). kohya's SD 1.x / 2.x trainers
+# name U-Net modules as diffusers does; its SDXL trainers keep the LDM (sgm) names, which are ours.
+NamingFamily = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+NAMING_FAMILIES: tuple[str, ...] = get_args(NamingFamily)
+_LDM_NAMED = ("sdxl", "sdxl_refiner")
+_KOHYA_TEXT_PREFIX = {("text_encoder", False): "lora_te_", ("text_encoder", True): "lora_te1_",
+                      ("text_encoder_2", True): "lora_te2_"}
+# tensor name in AdapterWeights.tensors -> its kohya / LyCORIS key suffix: the first spelling SUFFIXES lists.
+_WRITE_SUFFIX = {name: suffix for suffix, (_, name) in reversed(SUFFIXES.items())}
+
+
+def _check_family(family: str) -> None:
+    if family not in NAMING_FAMILIES:
+        raise ValueError(f"unknown model family {family!r} for LoRA key names; valid: {', '.join(NAMING_FAMILIES)}")
+
+
+def kohya_key(target: Target, family: NamingFamily, unet_config=None) -> str:
+    """The kohya module key of ``target``, as kohya's trainers write it (and ``ModuleIndex`` reads):
+    U-Net ``lora_unet_`` + the diffusers module name (SD 1.x / 2.x, and unfog's own sd1 / sd2-family
+    models; needs ``unet_config`` to map our LDM names) or + our LDM name (SDXL), dots -> "_"; text
+    encoders ``lora_te_`` (one encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + the transformers
+    name ``text_model.encoder.layers.N....``, dots -> "_"."""
+    _check_family(family)
+    sdxl = family in _LDM_NAMED
+    if target.component == "unet":
+        name = target.path
+        if not sdxl:
+            if unet_config is None:
+                raise ValueError(f"naming the U-Net module {target.path} for {family} needs the U-Net's config "
+                                 "(kohya's SD 1.x / 2.x files use diffusers' module names)")
+            name = _diffusers_name(target.path, _diffusers_rows(unet_config))
+            if name is None:
+                raise ValueError(f"U-Net module {target.path} has no diffusers name, so no kohya key")
+        return "lora_unet_" + name.replace(".", "_")
+    prefix = _KOHYA_TEXT_PREFIX.get((target.component, sdxl))
+    if prefix is None or (family == "sdxl_refiner" and target.component == "text_encoder"):
+        raise ValueError(f"a {family} model has no {target.component} to name ({target.path})")
+    return prefix + ("text_model." + target.path).replace(".", "_")
+
+
+def _adapter_tensors(key: str, adapter: AdapterWeights, shape: torch.Size) -> dict[str, Tensor]:
+    """The file's tensors of one adapter: kohya / LyCORIS names, alpha always written (rank if None)."""
+    adapter.check()
+    t = adapter.tensors
+    if adapter.kind == "lora" and "lora_mid" not in t:  # cheap fit check for the usual case
+        fits = (t["lora_up"].shape[0], t["lora_down"][0].numel()) == (shape[0], shape[1:].numel())
+        if not fits:
+            raise ValueError(f"{key}: lora_up {tuple(t['lora_up'].shape)} and lora_down "
+                             f"{tuple(t['lora_down'].shape)} do not fit a weight of shape {tuple(shape)}")
+    else:
+        adapter.delta(shape)  # raises if the factors do not fit the weight
+    out = {key + _WRITE_SUFFIX[name]: value.detach().to("cpu").contiguous() for name, value in t.items()}
+    out[key + ".alpha"] = torch.tensor(float(adapter.alpha) if adapter.alpha else float(adapter.rank))
+    return out
+
+
+def addnet_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (``train_util.precalculate_safetensors_
+    hashes``, for sd-webui-additional-networks): the tensors serialized with the ``ss_*`` metadata
+    alone; the model hash is the sha256 of the tensor data after the header (the full-length form of
+    A1111's short hash, the same whatever the header holds), the legacy hash the first 8 hex digits
+    of the sha256 of bytes [1 MiB, 1 MiB + 64 KiB) of that serialization."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    return {"sshs_model_hash": tensor_data_sha256(io.BytesIO(data)),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def save_lora(path: str | Path, adapters: Mapping[Target, AdapterWeights], family: NamingFamily,
+              metadata: Mapping[str, str], *, unet_config=None, overwrite: bool = False) -> dict[str, str]:
+    """Write ``adapters`` as a kohya LoRA / LyCORIS ``.safetensors`` file, atomically: module keys
+    from ``kohya_key`` (``unet_config`` as there), tensor names ``.lora_down.weight`` /
+    ``.lora_up.weight`` / ``.alpha`` (LoHa / LoKr: their LyCORIS names), contiguous CPU tensors in
+    their own dtype. ``metadata`` (kohya's ``ss_*``, ``modelspec.*``: see ``kohya_metadata``) is
+    stored as plain strings, as kohya, A1111 and ComfyUI read it, with ``addnet_hashes`` added.
+    An existing file is a FileExistsError unless ``overwrite``. Returns the metadata written."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: a kohya LoRA file is .safetensors, got {path.suffix or 'no extension'!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if not adapters:
+        raise ValueError(f"{path}: no adapters to save")
+    not_text = sorted(k for k, v in metadata.items() if not isinstance(v, str) or not isinstance(k, str))
+    if not_text:
+        raise ValueError(f"LoRA metadata values must be strings (kohya and A1111 read them so): {not_text}")
+    tensors: dict[str, Tensor] = {}
+    for target, adapter in adapters.items():
+        key = kohya_key(target, family, unet_config)
+        if key + ".alpha" in tensors:
+            raise ValueError(f"two adapters have the kohya key {key}")
+        tensors.update(_adapter_tensors(key, adapter, target.module.weight.shape))
+    written = {**metadata, **addnet_hashes(tensors, metadata)}
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=written))
+    return written
+
+
+# modelspec.architecture (Stability AI's model spec) and kohya's ss_base_model_version per family.
+_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "sdxl_refiner": "stable-diffusion-xl-v1-refiner"}
+_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl_refiner": "sdxl_refiner_v1-0"}
+_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024, "sdxl_refiner": 1024}
+
+
+def kohya_metadata(family: NamingFamily, *, rank: int, alpha: float, output_name: str, started_at: float,
+                   prediction: str = "eps", conv_rank: int | None = None, conv_alpha: float | None = None,
+                   resolution: int | None = None, title: str | None = None,
+                   extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The usual kohya ``ss_*`` fields and ``modelspec.*`` of a LoRA, all strings, from explicit
+    arguments: ``rank`` / ``alpha`` the network's dim and alpha (``conv_*`` for 3x3 convs, in
+    ``ss_network_args`` as kohya writes them), ``started_at`` a Unix time, ``prediction`` "eps" or
+    "v", ``resolution`` the training side (default: the family's; SD 2.x v-models 768). ``extra``
+    (e.g. ``ss_num_train_images``, ``ss_learning_rate``) is added last and wins."""
+    _check_family(family)
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"unknown prediction type {prediction!r} for LoRA metadata; valid: eps, v")
+    v = prediction == "v"
+    arch = "stable-diffusion-v2-768-v" if family == "sd2" and v else _ARCHITECTURE[family]
+    side = resolution or (768 if family == "sd2" and v else _RESOLUTION[family])
+    meta = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": _BASE_MODEL_VERSION[family], "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v), "ss_output_name": output_name, "ss_training_started_at": str(started_at),
+        "ss_resolution": f"({side}, {side})",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family in _LDM_NAMED
+                                     else "diffusers"),
+        "modelspec.title": title or output_name, "modelspec.resolution": f"{side}x{side}",
+        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started_at), datetime.timezone.utc).isoformat(),
+    }
+    if conv_rank is not None:
+        conv_alpha = conv_rank if conv_alpha is None else conv_alpha
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+    return {**meta, **(extra or {})}

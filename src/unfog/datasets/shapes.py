@@ -17,11 +17,17 @@ here can be scored by the deterministic analyzer in ``unfog.metrics.shapes_analy
     color_attr     two shapes with two colours         "a red circle and a blue square"
 
 Geometry, chosen so that the analyzer can tell the shapes apart from their pixels alone: squares
-are axis-aligned, triangles are upright isosceles with base = height, and every object has a
+are axis-aligned, triangles are upright isosceles with base = height, stars (an extra shape, drawn
+only when a config asks) upright regular five-pointed stars, and every object has a
 d x d bounding box (d = 14 or 22 px at 64 x 64, scaled with the canvas). Boxes keep a margin of
 ``margin(canvas)`` pixels from each other and from the image edge, so objects never touch, and a
 ``position`` relation is unambiguous: the objects are separated along the relation's axis (a gap
 between their boxes) and that axis dominates, |d_axis| >= 1.5 |d_other|.
+
+Extra concepts: ``ShapesConfig.extra_shapes`` / ``extra_colors`` add shapes and colours the
+default set never draws (``EXTRA_SHAPES``, ``EXTRA_COLORS``) to what scenes are drawn from, and
+``extra_fraction`` makes that share of scenes show at least one of them (a fine-tuning set for
+new concepts). With none, every scene, caption and image is exactly the default set's.
 
 Objects are drawn at 4x resolution with PIL and box-filtered down (antialiased edges), then
 composited over the background by their coverage. The caption and prompt grammar live in
@@ -42,9 +48,13 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .shapes_text import (
+    ALL_COLORS,
+    ALL_SHAPES,
     BACKGROUNDS,
     CATEGORIES,
     COLORS,
+    EXTRA_COLORS,
+    EXTRA_SHAPES,
     RELATIONS,
     SHAPES,
     SIZES,
@@ -57,6 +67,7 @@ from .shapes_text import (
     ShapesConfig,
     caption,
     check_choice,
+    concept_prompts,
     evaluation_prompts,
     parse_prompt,
     prompt_for,
@@ -64,9 +75,10 @@ from .shapes_text import (
 )
 
 __all__ = [
-    "BACKGROUNDS", "CATEGORIES", "COLORS", "RELATIONS", "SHAPES", "SIZES", "TEXTURES",
+    "ALL_COLORS", "ALL_SHAPES", "BACKGROUNDS", "CATEGORIES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "RELATIONS",
+    "SHAPES", "SIZES", "TEXTURES",
     "Background", "ObjectSpec", "PromptSpec", "Scene", "ShapeObject", "ShapesConfig", "ShapesDataset",
-    "caption", "collate_shapes", "diameter", "evaluation_prompts", "make_item", "margin", "parse_prompt",
+    "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "make_item", "margin", "parse_prompt",
     "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict", "spec_for",
     "to_tensor", "write_shapes",
 ]
@@ -77,6 +89,7 @@ SUPERSAMPLE = 4  # objects are drawn at 4x and box-filtered down
 TEXTURE_AMPLITUDE = 10.0  # +- this many 8-bit levels of noise or gradient on a textured background
 MAX_PLACEMENT_TRIES = 400  # positions tried per draw of sizes; sizes are redrawn if none fits
 DOMINANCE = 1.5  # position scenes: |d_axis| >= DOMINANCE * |d_other|
+STAR_INNER = (3 - math.sqrt(5)) / 2  # a star's inner / outer radius, 0.382: the regular pentagram's
 SCENES_FILE = "scenes.jsonl"
 
 
@@ -140,19 +153,32 @@ def _place(rng: np.random.Generator, diameters: list[float], canvas: int,
 
 def _attributes(rng: np.random.Generator, category: str, config: ShapesConfig
                 ) -> tuple[list[str], list[str], str | None]:
-    """Shapes and colours of a scene's objects, and its relation, for one category."""
+    """Shapes and colours of a scene's objects, and its relation, for one category; with
+    probability ``config.extra_fraction`` redrawn until an extra shape or colour is among them.
+    The default config draws exactly what it always drew (no extra draws from ``rng``)."""
+    if config.extra_fraction > 0 and rng.random() < config.extra_fraction:
+        extras = {*config.extra_shapes, *config.extra_colors}
+        while True:
+            shapes, colors, relation = _draw_attributes(rng, category, config)
+            if extras.intersection(shapes + colors):
+                return shapes, colors, relation
+    return _draw_attributes(rng, category, config)
+
+
+def _draw_attributes(rng: np.random.Generator, category: str, config: ShapesConfig
+                     ) -> tuple[list[str], list[str], str | None]:
     def pick(options: tuple[str, ...], k: int = 1, distinct: bool = False) -> list[str]:
         return [options[j] for j in rng.choice(len(options), size=k, replace=not distinct)]
 
-    color_names = tuple(COLORS)
+    shape_names, color_names = config.shapes, config.colors
     if category in ("single_object", "colors"):
-        return pick(SHAPES), pick(color_names), None
+        return pick(shape_names), pick(color_names), None
     if category == "counting":
         n = int(rng.integers(2, 4))
-        shapes = pick(SHAPES) * n
+        shapes = pick(shape_names) * n
         same = rng.random() < config.counting_same_color
         return shapes, pick(color_names) * n if same else pick(color_names, n), None
-    shapes = pick(SHAPES, 2, distinct=True)
+    shapes = pick(shape_names, 2, distinct=True)
     colors = pick(color_names, 2, distinct=category == "color_attr")
     relation = pick(RELATIONS)[0] if category == "position" else None
     return shapes, colors, relation
@@ -213,6 +239,21 @@ def _background(bg: Background, size: int) -> np.ndarray:
     return base.copy()
 
 
+def _star_points(cx: float, cy: float, d: float) -> list[tuple[float, float]]:
+    """The 10 corners of an upright five-pointed star whose bounding box, d wide and
+    d (1 + cos 36) / (2 sin 72) = 0.951 d tall, is centred on (cx, cy): outer radius
+    R = d / (2 sin 72) (the two side points span d), inner radius ``STAR_INNER`` R."""
+    outer = d / (2 * math.sin(math.radians(72)))
+    height = outer * (1 + math.cos(math.radians(36)))
+    centre_y = cy - height / 2 + outer  # the apex touches the top of the star's box
+    points = []
+    for k in range(10):  # clockwise from the apex, in image coordinates (y down)
+        r = outer if k % 2 == 0 else outer * STAR_INNER
+        angle = math.radians(-90 + 36 * k)
+        points.append((cx + r * math.cos(angle), centre_y + r * math.sin(angle)))
+    return points
+
+
 def _coverage(obj: ShapeObject, d: float, scale: float, size: int) -> np.ndarray:
     """(size, size) float64 in [0, 1]: the fraction of each pixel the object covers."""
     s = SUPERSAMPLE * scale  # scene pixels -> supersampled pixels
@@ -225,8 +266,10 @@ def _coverage(obj: ShapeObject, d: float, scale: float, size: int) -> np.ndarray
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
     elif obj.shape == "triangle":  # upright isosceles: apex at the top centre, base at the bottom
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    elif obj.shape == "star":
+        draw.polygon(_star_points((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0), fill=255)
     else:
-        check_choice("shape", obj.shape, SHAPES)
+        check_choice("shape", obj.shape, ALL_SHAPES)
     low = hi.resize((size, size), resample=Image.Resampling.BOX)
     return np.asarray(low, dtype=np.float64) / 255.0
 
@@ -242,9 +285,9 @@ def render(scene: Scene, size: int | None = None) -> np.ndarray:
     scale = size / scene.canvas
     img = _background(scene.background, size)  # (H, W, 3)
     for obj in scene.objects:
-        check_choice("color", obj.color, tuple(COLORS))
+        check_choice("color", obj.color, tuple(ALL_COLORS))
         alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size)[..., None]  # (H, W, 1)
-        img = img * (1 - alpha) + np.asarray(COLORS[obj.color], dtype=np.float64) * alpha
+        img = img * (1 - alpha) + np.asarray(ALL_COLORS[obj.color], dtype=np.float64) * alpha
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 

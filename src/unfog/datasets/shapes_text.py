@@ -17,6 +17,11 @@ Grammar (lower case; a trailing "." and commas are ignored)::
     npN      := ("two" | "three") [size] [colour] shape "s"           "two blue triangles"
     relation := " to the left of " | " left of " | " on the left of " | (same for right)
               | " above " | " below " | " under " | " beneath "
+
+Shapes and colours are those of ALL_SHAPES and ALL_COLORS: the parser, ``ShapeObject`` and
+``ObjectSpec`` know the extra concepts (``EXTRA_SHAPES``, ``EXTRA_COLORS``: "a teal star"), the
+default data set never draws them, and the evaluation prompts of the six categories never name
+them; ``concept_prompts`` makes prompts about them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # what the default set draws
 # Saturated colours far from each other (>= 87 apart in RGB) and from every background (>= 170).
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 35),
@@ -38,6 +43,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 75, 225),
     "purple": (145, 50, 190),
 }
+# Concepts the default set never draws (the embedded model has never seen them), drawn only when a
+# ShapesConfig asks (``extra_shapes``, ``extra_colors``): material to teach a model something new.
+# Each word is one CLIP token. Teal is >= 109 from every colour above and >= 211 from every
+# background, and no blend of it with a background reads as another colour; pink and brown were
+# measured and rejected: the analyzer would read a pale pink (255, 150, 200) as pink and a mid
+# grey (120, 120, 120) as brown, which must stay colours of no name (docs/shapes.md).
+EXTRA_SHAPES: tuple[str, ...] = ("star",)  # upright five-pointed, see ``shapes._star_points``
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"teal": (0, 160, 170)}
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES  # what prompts, scenes and the analyzer know
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
 SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")  # object 0 <relation> object 1
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
@@ -70,15 +85,15 @@ def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ShapeObject:
-    shape: str  # one of SHAPES
-    color: str  # a key of COLORS
+    shape: str  # one of ALL_SHAPES
+    color: str  # a key of ALL_COLORS
     size: str  # one of SIZES
     x: float  # centre of its d x d box, pixels from the left of the scene's canvas
     y: float  # centre, pixels from the top
 
     def __post_init__(self):
-        check_choice("shape", self.shape, SHAPES)
-        check_choice("color", self.color, tuple(COLORS))
+        check_choice("shape", self.shape, ALL_SHAPES)
+        check_choice("color", self.color, tuple(ALL_COLORS))
         check_choice("size", self.size, SIZES)
 
 
@@ -121,6 +136,9 @@ class ShapesConfig:
     size_word: float = 0.3  # captions naming sizes
     relation_word: float = 0.85  # position captions stating the relation
     frame: float = 0.5  # captions wrapped in "a picture of ..." or "... on a white background"
+    extra_shapes: tuple[str, ...] = ()  # of EXTRA_SHAPES, drawn alongside SHAPES
+    extra_colors: tuple[str, ...] = ()  # of EXTRA_COLORS, drawn alongside COLORS
+    extra_fraction: float = 0.0  # scenes redrawn until they show an extra shape or colour
 
     def __post_init__(self):
         if not self.categories:
@@ -135,6 +153,25 @@ class ShapesConfig:
                      "frame"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)!r}")
+        for name, extra in (("extra_shapes", EXTRA_SHAPES), ("extra_colors", tuple(EXTRA_COLORS))):
+            for value in getattr(self, name):
+                check_choice(name[:-1].replace("_", " "), value, extra)
+            if len(set(getattr(self, name))) != len(getattr(self, name)):
+                raise ValueError(f"{name} lists a value twice: {getattr(self, name)!r}")
+        if not 0.0 <= self.extra_fraction <= 1.0:
+            raise ValueError(f"extra_fraction is a probability in [0, 1], got {self.extra_fraction!r}")
+        if self.extra_fraction > 0 and not (self.extra_shapes or self.extra_colors):
+            raise ValueError("extra_fraction > 0 needs extra_shapes or extra_colors to draw")
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """The shapes this config draws: SHAPES, then its extra ones."""
+        return SHAPES + self.extra_shapes
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        """The colour names this config draws: those of COLORS, then its extra ones."""
+        return (*COLORS, *self.extra_colors)
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -147,9 +184,9 @@ class ObjectSpec:
     count: int = 1
 
     def __post_init__(self):
-        check_choice("shape", self.shape, SHAPES)
+        check_choice("shape", self.shape, ALL_SHAPES)
         if self.color is not None:
-            check_choice("color", self.color, tuple(COLORS))
+            check_choice("color", self.color, tuple(ALL_COLORS))
         if self.count not in COUNT_WORDS:
             raise ValueError(f"count must be one of {tuple(COUNT_WORDS)}, got {self.count!r}")
 
@@ -186,11 +223,13 @@ def noun_phrase(shape: str, color: str | None = None, size: str | None = None, c
     return " ".join([det, *words])
 
 
-def caption_vocabulary() -> list[str]:
+def caption_vocabulary(config: ShapesConfig | None = None) -> list[str]:
     """Every word and phrase a training caption (``caption``) can contain, whatever the config's
     category weights: a text-to-image model's vocabulary comes from these, so that it does not
-    depend on which scenes a run happens to draw."""
-    return [*SHAPES, *(s + "s" for s in SHAPES), *COLORS, *SIZES, *COUNT_WORDS.values(), "a", "an", "and",
+    depend on which scenes a run happens to draw. With no ``config``: the default set's words
+    (the embedded model's vocabulary); with one: also the words of its extra shapes and colours."""
+    shapes, colors = (SHAPES, tuple(COLORS)) if config is None else (config.shapes, config.colors)
+    return [*shapes, *(s + "s" for s in shapes), *colors, *SIZES, *COUNT_WORDS.values(), "a", "an", "and",
             "that is", *itertools.chain.from_iterable(RELATION_PHRASES.values()),
             *(f.format("") for f in FRAMES), *(f"on a {b} background" for b in BACKGROUNDS)]
 
@@ -247,12 +286,39 @@ def evaluation_prompts(category: str, n: int, seed: int = 0) -> list[PromptSpec]
     check_choice("category", category, CATEGORIES)
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    specs = _all_specs(category)
     rng = np.random.Generator(np.random.PCG64([seed, CATEGORIES.index(category)]))
+    return _cycle(_all_specs(category), n, rng)
+
+
+def _cycle(specs: list[PromptSpec], n: int, rng: np.random.Generator) -> list[PromptSpec]:
+    """``n`` of ``specs``: all of them in a random order, again and again, cut at ``n``."""
     out: list[PromptSpec] = []
     while len(out) < n:
         out.extend(specs[j] for j in rng.permutation(len(specs)))
     return out[:n]
+
+
+def concept_prompts(n: int, seed: int = 0, shapes: tuple[str, ...] = EXTRA_SHAPES,
+                    colors: tuple[str, ...] = tuple(EXTRA_COLORS)) -> list[PromptSpec]:
+    """``n`` single-object prompts about the given concepts (by default the extra ones): every
+    shape and colour pair of ALL_SHAPES x ALL_COLORS whose shape is one of ``shapes`` or whose
+    colour is one of ``colors``, each equally often, in seeded random orders. For "star" and
+    "teal": "a red star" ... "a teal star" and "a teal circle", "a teal square", "a teal
+    triangle", 10 prompts. Their category is "single_object", the one ``parse_prompt`` infers,
+    so ``unfog eval --prompts`` scores them as such (and per prompt); the six categories of
+    ``evaluation_prompts`` are not changed by the extra concepts."""
+    for shape in shapes:
+        check_choice("shape", shape, ALL_SHAPES)
+    for color in colors:
+        check_choice("color", color, tuple(ALL_COLORS))
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    pairs = [(s, c) for s in ALL_SHAPES for c in ALL_COLORS if s in shapes or c in colors]
+    if not pairs:
+        raise ValueError("concept_prompts needs at least one shape or colour")
+    specs = [PromptSpec(noun_phrase(s, c), "single_object", (ObjectSpec(s, c),)) for s, c in pairs]
+    rng = np.random.Generator(np.random.PCG64([seed, len(CATEGORIES)]))  # not a category's stream
+    return _cycle(specs, n, rng)
 
 
 # ---------------------------------------------------------------------------------- captions
@@ -306,8 +372,8 @@ def caption(scene: Scene, rng: np.random.Generator, config: ShapesConfig = Shape
 
 # -------------------------------------------------------------------------------- the parser
 
-_COLOR = "|".join(COLORS)
-_SHAPE = "|".join(SHAPES)
+_COLOR = "|".join(ALL_COLORS)
+_SHAPE = "|".join(ALL_SHAPES)
 _SIZE = "|".join(SIZES)
 _NP = re.compile(rf"^(a|an|one|two|three) (?:(?:{_SIZE}) )?(?:({_COLOR}) )?({_SHAPE})(s?)$")
 _NP_THAT_IS = re.compile(rf"^(?:a|an|one) (?:(?:{_SIZE}) )?({_SHAPE}) that is ({_COLOR})$")

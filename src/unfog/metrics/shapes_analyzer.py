@@ -28,6 +28,13 @@ color_attr). The steps of ``analyze``:
    and the skew of its rows (0 for circle and square; -0.57 for an upright triangle, whose mass
    sits low). Each shape owns a band of (fill, skew) (``SHAPE_BANDS``); an object in none of the
    bands, or much wider than tall (``max_aspect``), has shape None, which matches no prompt.
+   The extra shape, the star, is tried after those bands: a fill and skew band of its own and a
+   third feature, solidity (area over convex hull: 0.47 for a pentagram, about 1 for a diamond
+   of the same fill).
+
+The palette and the shapes include the extra concepts (teal, star; ``shapes_text.EXTRA_*``)
+that the default data set never draws: on its images nothing reads as either, so every score
+of the six categories is what it was before they existed.
 
 ``match`` then requires exactly the objects the prompt asks for and no others (all categories):
 every named shape with its count, colour where named, and for position prompts the relation
@@ -43,16 +50,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.shapes_text import CATEGORIES, COLORS, PromptSpec
+from ..datasets.shapes_text import ALL_COLORS, CATEGORIES, PromptSpec
 
-PALETTE_NAMES: tuple[str, ...] = tuple(COLORS)
-PALETTE = np.asarray([COLORS[c] for c in PALETTE_NAMES], dtype=np.float32)  # (K, 3)
+PALETTE_NAMES: tuple[str, ...] = tuple(ALL_COLORS)  # the extra colours (teal) too
+PALETTE = np.asarray([ALL_COLORS[c] for c in PALETTE_NAMES], dtype=np.float32)  # (K, 3)
 # Bands of (fill, skew) of each shape, see ``classify_shape``
 SHAPE_BANDS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "circle": ((0.70, 0.89), (-0.14, 0.14)),
     "square": ((0.89, 1.02), (-0.14, 0.14)),
     "triangle": ((0.42, 0.80), (-0.85, -0.28)),
 }
+# The star (an extra shape): a band of (fill, skew) as above, and a solidity below STAR_SOLIDITY
+STAR_BAND: tuple[tuple[float, float], tuple[float, float]] = ((0.30, 0.72), (-0.20, 0.20))
+STAR_SOLIDITY = 0.84
 EDGE_FLOOR = 0.1  # blend weights below this around an object are background texture, not edge
 NOISE_FLOOR = 2.5  # ... and so are those below 2.5 x the background's median deviation
 FRAME = 2  # pixels of the image border taken as background
@@ -71,7 +81,7 @@ class AnalyzerConfig:
 
 @dataclass(frozen=True)
 class DetectedObject:
-    shape: str | None  # None: not a circle, square or triangle
+    shape: str | None  # None: not a circle, square, triangle or star
     color: str | None  # None: no palette colour
     area: int  # pixels
     cx: float  # centroid, pixels from the left
@@ -203,6 +213,42 @@ def shape_features(weights: np.ndarray) -> tuple[float, float, float]:
     return float(area / (width * height)), float(skew), float(width / height)
 
 
+def _hull_area(points: list[tuple[int, int]]) -> float:
+    """Area of the convex hull of integer points (Andrew's monotone chain, then the shoelace)."""
+    pts = sorted(set(points))
+
+    def half(chain_points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        chain: list[tuple[int, int]] = []
+        for p in chain_points:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = half(pts) + half(pts[::-1])
+    return 0.5 * abs(sum(hull[i - 1][0] * hull[i][1] - hull[i][0] * hull[i - 1][1] for i in range(len(hull))))
+
+
+def solidity(weights: np.ndarray) -> float:
+    """Area of an object's silhouette over that of its convex hull: 1 for a convex figure (about
+    0.86 and up once a small one is pixelated), 0.47 for the drawn star (a pentagram's area over
+    its pentagon's). The silhouette is the pixels covered at least half, with the holes they
+    enclose filled, so a ring (convex outline, hollow inside) counts as convex; the hull is that
+    of those pixels as unit squares."""
+    mask = weights >= 0.5  # (h, w)
+    if not mask.any():
+        return 0.0
+    labels, _ = components(np.pad(~mask, 1, constant_values=True))  # the background, around and inside
+    outside = labels[0, 0]
+    filled = (labels != outside)[1:-1, 1:-1]  # the object and its enclosed holes
+    points = []
+    for r in np.nonzero(filled.any(1))[0]:
+        cols = np.nonzero(filled[r])[0]
+        points += [(cols[0], r), (cols[0], r + 1), (cols[-1] + 1, r), (cols[-1] + 1, r + 1)]
+    return float(filled.sum() / _hull_area(points))
+
+
 def classify_shape(weights: np.ndarray, config: AnalyzerConfig = AnalyzerConfig()) -> str | None:
     """The shape whose band in ``SHAPE_BANDS`` holds the object's (fill, skew), or None.
 
@@ -214,6 +260,14 @@ def classify_shape(weights: np.ndarray, config: AnalyzerConfig = AnalyzerConfig(
     thin apex first (Gaussian blur sigma 1.5 px at 64 x 64: fill up to 0.75, skew -0.33).
     Anything outside every band (a diamond, a ring, an irregular blob), or whose extents differ
     by more than ``max_aspect`` (an ellipse, a bar), is no shape.
+
+    The star, an extra shape, is tried only after those bands (so they decide every other shape
+    exactly as before): its drawn fill is 0.33 (a pentagram in its box), 0.36 to 0.59 once
+    rendered at 128 down to 32 px, and 0.65 blurred (sigma 1 px at 64); its skew is about 0; and
+    unlike every convex figure of such a fill (a diamond: 1/2), its ``solidity`` is low: 0.47
+    drawn, 0.49 to 0.75 rendered (128 down to 32 px), up to 0.80 blurred at 64 px and 0.82 at
+    32, against 0.84 and up for the convex shapes at 64 px and 0.87 and up for diamonds of 10 px
+    or more. ``STAR_BAND`` and ``STAR_SOLIDITY`` hold those limits. A star upside down is a star.
     """
     fill, skew, aspect = shape_features(weights)
     if max(aspect, 1 / aspect) > config.max_aspect:
@@ -221,6 +275,9 @@ def classify_shape(weights: np.ndarray, config: AnalyzerConfig = AnalyzerConfig(
     for shape, ((f0, f1), (k0, k1)) in SHAPE_BANDS.items():
         if f0 <= fill < f1 and k0 <= skew <= k1:
             return shape
+    (f0, f1), (k0, k1) = STAR_BAND
+    if f0 <= fill < f1 and k0 <= skew <= k1 and solidity(weights) < STAR_SOLIDITY:
+        return "star"
     return None
 
 

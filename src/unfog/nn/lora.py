@@ -195,6 +195,27 @@ class AdapterWeights:
         return _fit(natural * scale, shape, self.kind)
 
 
+def low_rank_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(up, down), float32, with up @ down the best rank-``rank`` approximation of ``delta`` in the
+    Frobenius norm (Eckart-Young): the truncated SVD  delta.flatten(1) = U S V^T  ->  U_r S_r V_r^T.
+    The rank is capped at min(out, in*kh*kw). The singular values are split evenly,
+        up = U_r sqrt(S_r)  (out, r[, 1, 1]),   down = sqrt(S_r) V_r^T  (r, in[, kh, kw]),
+    rather than all into up as kohya's extractor does: the product is the same, but the two factors
+    then have equal norms (each ||.||_F^2 = sum S_r), so neither is tiny nor huge when stored in
+    float16 / bfloat16 or trained further (gradients on both factors at one scale). As a LoRA with
+    alpha = r (scale 1): Delta W = up @ down.flatten(1), reshaped like ``delta``."""
+    _need(isinstance(rank, int) and rank >= 1, f"LoRA rank must be a positive integer, got {rank!r}")
+    _need(delta.dim() in (2, 4), f"can factor a Linear (2-D) or Conv2d (4-D) weight change, got {tuple(delta.shape)}")
+    flat = delta.float().flatten(1)  # (out, in*kh*kw)
+    r = min(rank, *flat.shape)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)  # (out, k), (k,), (k, in*kh*kw)
+    root = s[:r].sqrt()
+    up, down = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in*kh*kw)
+    if delta.dim() == 4:
+        up, down = up.reshape(*up.shape, 1, 1), down.reshape(r, *delta.shape[1:])
+    return up.contiguous(), down.contiguous()
+
+
 def _dora_step(w: Tensor, delta: Tensor, magnitude: Tensor, m: float) -> Tensor:
     """m * (W_dora - W) for float32 W and Delta W (module docstring); the norm axis from s's shape."""
     wp, out, inp, tail = w + delta, w.shape[0], w.shape[1], [1] * (w.dim() - 2)

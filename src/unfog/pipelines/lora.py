@@ -14,7 +14,6 @@ folders, and the short hash A1111 writes in a PNG's ``Lora hashes``.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint.io import sha256_from, tensor_data_sha256
 from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, read_lora
 from ..nn.lora import AdapterWeights, merged_weight
 
@@ -35,15 +35,10 @@ LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 def short_hash(path: str | Path) -> str:
     """A1111's hash of a LoRA file (``Lora hashes`` in a PNG's parameters): the first 12 hex digits
     of the sha256 of a safetensors file's tensor data (the header, which metadata edits change, is
-    left out: kohya's "addnet" hash, also stored as ``sshs_model_hash``), or of a whole other file."""
-    digest = hashlib.sha256()
+    left out: kohya's "addnet" hash, stored in full as ``sshs_model_hash``), or of a whole other file."""
     with open(path, "rb") as f:
-        if Path(path).suffix.lower() == ".safetensors":
-            header = int.from_bytes(f.read(8), "little")
-            f.seek(8 + header)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+        safetensors = Path(path).suffix.lower() == ".safetensors"
+        return (tensor_data_sha256(f) if safetensors else sha256_from(f))[:12]
 
 
 @dataclass(frozen=True)
