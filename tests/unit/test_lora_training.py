@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import unfog
+from unfog.conditioning import encode_prompt
+
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.pipelines.latent_model import load_parts
 from unfog.training import load_config, make_trainer, train
@@ -80,6 +83,32 @@ def test_model_settings_come_from_the_model_and_others_are_refused(tmp_path):
         make_trainer(lora_config(tmp_path, "prediction=x0"), "cpu")
     with pytest.raises(ValueError, match="task 'lora' does not read cond_dropout"):
         lora_config(tmp_path, "cond_dropout=0.3")
+
+
+def test_saved_lora_loaded_on_the_pipeline_reproduces_the_trained_network(tmp_path):
+    """Oracle: the trainer's own EMA network (the frozen U-Net with the LoRALayers) against a fresh
+    pipeline with the saved kohya file merged by ``load_lora``; text-encoder adapters and LoCon too."""
+    config = lora_config(tmp_path, "steps=2", "lora.text_encoder_lora=true", "lora.conv_rank=2", "lora.conv_alpha=1")
+    trainer = make_trainer(config, "cpu")
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_model()
+    path = tmp_path / "lora.safetensors"
+    assert path.is_file()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([100.0, 700.0])
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        ours = trainer.ema.model(x, t, prompts)
+        pipe = unfog.load(default_model_path(DEFAULT_TEXT_MODEL))
+        plain = pipe.unet(x, t, encode_prompt("sd1", [pipe.text_encoder], pipe.tokenizer, prompts).context)
+        applied = pipe.load_lora(path)
+        theirs = pipe.unet(x, t, encode_prompt("sd1", [pipe.text_encoder], pipe.tokenizer, prompts).context)
+    assert not applied.unmatched
+    assert (ours - plain).abs().max() > 1e-3  # the adapters changed the output...
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)  # ...exactly as the merged file does
+    with pytest.raises(FileExistsError, match="is not from a training run"):
+        make_trainer(lora_config(tmp_path, "steps=2"), "cpu")  # a LoRA file without a run beside it
 
 
 def _states(run: Path) -> dict:

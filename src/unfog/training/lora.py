@@ -23,14 +23,14 @@ them, so the EMA's copy, bound the same way, is the EMA model (the sample grid d
 from __future__ import annotations
 
 import copy
-import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.lora import Target
+from ..checkpoint.lora import Target, kohya_metadata, save_lora
 from ..conditioning import encode_prompt, sdxl_vector_cond
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..diffusion.schedules import DiscreteSchedule
@@ -134,6 +134,7 @@ class LoraTrainer(BaseTrainer):
                              "models and unfog text-to-image models")
         self._use_model_settings()
         self.output = Path(c.out_dir) / f"{o.output_name}.safetensors"
+        self.started_at = time.time()
         if self.output.exists() and not list_states(Path(c.out_dir) / "states"):
             raise FileExistsError(f"{self.output} exists and is not from a training run in {c.out_dir}; choose another "
                                   "out_dir or lora.output_name")
@@ -242,14 +243,18 @@ class LoraTrainer(BaseTrainer):
         return captions
 
     def save_model(self) -> None:
-        """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors``."""
-        try:
-            from ..checkpoint.lora import save_lora  # noqa: F401
-        except ImportError:  # TODO(lora-write): the kohya writer is being written on another branch
-            if self.world.is_main:
-                print(f"warning: {self.output} not written: this build has no LoRA writer yet", file=sys.stderr)
-            return
-        raise NotImplementedError("wire save_lora + kohya_metadata here")
+        """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
+        replace: ``build`` refused a file of that name that is not from this run)."""
+        c, o, pipe = self.config, self.options, self.pipe
+        extra = {"ss_sd_model_name": self.base_path.name, "ss_num_train_images": str(len(self.data)),
+                 "ss_max_train_steps": str(c.steps), "ss_steps": str(self.step), "ss_learning_rate": str(c.lr),
+                 "ss_seed": str(c.seed), "ss_network_train_unet_only": str(not o.text_encoder_lora)}
+        metadata = kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
+                                  started_at=self.started_at, prediction=pipe.prediction,
+                                  conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
+                                  resolution=c.image_size, extra=extra)
+        save_lora(self.output, self.ema.model.adapter_weights(), pipe.family, metadata, unet_config=pipe.unet.config,
+                  overwrite=True)
 
     def sample_grid(self) -> None:
         c = self.config
