@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from importlib import resources
 from pathlib import Path
 
-DEFAULT_MODEL = "digits.safetensors"  # shipped in unfog/weights/: `unfog sample`'s default
-DEFAULT_TEXT_MODEL = "shapes.safetensors"  # shipped in unfog/weights/: `unfog generate`'s default
-
-
-def default_model_path(name: str = DEFAULT_MODEL) -> Path:
-    return Path(str(resources.files("unfog") / "weights" / name))
+from .embedded import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, default_model_path  # noqa: F401 (re-exported)
 
 
 def _parse_classes(text: str) -> list[int]:

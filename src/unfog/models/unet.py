@@ -54,7 +54,7 @@ class UNetConfig:
     num_classes: None; an int N (``label_emb`` = Embedding(N, 4 * model_channels), y are class
         ids); or "sequential" (SDXL: ``label_emb.0`` = MLP of a y of width ``adm_in_channels``).
     use_scale_shift_norm: ResBlocks apply the embedding as FiLM scale/shift (ADM) not a sum.
-    gradient_checkpointing: recompute each block in the backward pass while training.
+    gradient_checkpointing: recompute each block in the backward pass whenever gradients are taken.
     """
 
     in_channels: int = 4
@@ -323,8 +323,9 @@ class UNet(nn.Module):
         context: torch.Tensor | None,
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """One block, recomputed in the backward pass when gradient checkpointing is on."""
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        """One block, recomputed in the backward pass when gradient checkpointing is on and
+        gradients are being taken (also in eval mode: a frozen U-Net under a trained adapter)."""
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
         return block(h, emb, context, upsample_size)
 

@@ -173,6 +173,61 @@ class Text2ImageOptions(TaskOptions):
             raise ValueError(f"buckets need an image folder of images of many shapes, not {config.data!r}")
 
 
+@dataclass(frozen=True)
+class LoraOptions(TaskOptions):
+    """Task "lora": a LoRA (LoCon with ``conv_rank``) on a frozen model that unfog loads (an SD
+    1.x / 2.x / SDXL single file or diffusers folder, or an unfog text-to-image file); only the
+    adapters train. The model's own noise schedule and prediction type are used (``training/lora.py``)."""
+
+    base_model: str | None = None  # the model to adapt; None: the embedded "shapes" text-to-image model
+    rank: int = 8  # kohya's network_dim: attention, feed-forward, proj_in / proj_out, text encoder layers
+    alpha: float = 8.0  # kohya's network_alpha: the adapters are scaled by alpha / rank
+    conv_rank: int = 0  # > 0: LoCon, also the ResBlocks' and down/up-sampling convolutions at this rank
+    conv_alpha: float = 1.0
+    text_encoder_lora: bool = False  # adapters on the text encoder(s) too (q/k/v/out_proj, fc1, fc2)
+    base_dtype: str = "fp32"  # the frozen model's dtype; the adapters are always fp32
+    gradient_checkpointing: bool = False  # recompute the U-Net's blocks in the backward pass
+    cache_latents: str = "none"  # "memory" or "disk" (out_dir/latent_cache.safetensors): encode each image once
+    caption_dropout: float = 0.0  # probability of training a sample with the empty caption
+    shuffle_tags: bool = False  # shuffle a caption's comma-separated tags after the first keep_tokens
+    keep_tokens: int = 0
+    validation_prompts: list = field(default_factory=list)  # the sample grid's prompts; []: 4 of the captions
+    # on an image folder: aspect-ratio buckets as text2image's (area at most image_size^2, sides
+    # multiples of bucket_step); every batch holds images of one bucket
+    aspect_buckets: bool = False
+    aspect_bucket_step: int = 64
+    output_name: str = "lora"  # the LoRA file is out_dir/<output_name>.safetensors
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("rank", "conv_rank", "keep_tokens"):
+            minimum = 1 if name == "rank" else 0
+            if getattr(self, name) < minimum:
+                raise ValueError(f"lora.{name} must be >= {minimum}, got {getattr(self, name)}")
+        check_choice("lora.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
+        check_choice("lora.cache_latents", self.cache_latents, ("none", "memory", "disk"))
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"lora.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"lora.validation_prompts must be a list of strings, got {self.validation_prompts!r}")
+        if not self.output_name or "/" in self.output_name or "\\" in self.output_name:
+            raise ValueError(f"lora.output_name must be a file name without folders, got {self.output_name!r}")
+
+    def check(self, config: TrainConfig) -> None:
+        _needs_rgb(config)
+        if self.aspect_buckets and config.data in ("digits", "shapes"):
+            raise ValueError(f"lora.aspect_buckets need an image folder of images of many shapes, not {config.data!r}")
+        if self.aspect_bucket_step < 8:
+            raise ValueError(f"lora.aspect_bucket_step must be >= 8 (the VAE's factor), got {self.aspect_bucket_step}")
+        if self.cache_latents != "none" and not config.center_crop:
+            raise ValueError("lora.cache_latents needs center_crop true: random crops change every step")
+        unused = [k for k in ("model", "model_overrides", "cond_dropout")
+                  if getattr(config, k) != _defaults(TrainConfig)[k]]
+        if unused:
+            raise ValueError(f"task 'lora' does not read {', '.join(unused)} (the model is lora.base_model, the "
+                             "caption dropout lora.caption_dropout); leave them out")
+
+
 # ---- the registry of tasks ------------------------------------------------------------------------------
 def _pixel_trainer() -> type[BaseTrainer]:
     from .pixel import PixelTrainer
@@ -192,6 +247,12 @@ def _text2image_trainer() -> type[BaseTrainer]:
     return TextToImageTrainer
 
 
+def _lora_trainer() -> type[BaseTrainer]:
+    from .lora import LoraTrainer
+
+    return LoraTrainer
+
+
 @dataclass(frozen=True)
 class Task:
     """A training task: its section of the config and its trainer (imported when first asked
@@ -207,6 +268,8 @@ TASKS: dict[str, Task] = {
     "autoencoder": Task(AutoencoderOptions, _autoencoder_trainer, "the KL VAE of a latent model (stage 1)"),
     "text2image": Task(Text2ImageOptions, _text2image_trainer,
                        "a latent U-Net with cross-attention on a text encoder, on an autoencoder's latents (stage 2)"),
+    "lora": Task(LoraOptions, _lora_trainer, "a LoRA / LoCon on a frozen model unfog loads (SD 1.x, 2.x, SDXL, "
+                 "an unfog text-to-image file)"),
 }
 
 
@@ -223,7 +286,7 @@ def section_name(options: type[TaskOptions]) -> str:
 # ---- the config -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    # task: a name in TASKS, "pixel", "autoencoder" or "text2image"; its own settings are the
+    # task: a name in TASKS, "pixel", "autoencoder", "text2image" or "lora"; its own settings are the
     # section ``options`` (TASKS[task].options; in JSON, the key named after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
@@ -472,8 +535,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 # ---- comparing configs ----------------------------------------------------------------------------------
 # Settings that do not change the training trajectory; a resumed run may change them freely.
-RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "log_every", "sample_every", "save_every",
-                     "keep_last", "sample_sampler", "sample_steps", "sample_cfg_scale")
+RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "lora.validation_prompts", "lora.output_name",
+                     "log_every", "sample_every", "save_every", "keep_last", "sample_sampler", "sample_steps",
+                     "sample_cfg_scale")
 
 
 def flat_settings(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,258 @@
+"""Task "lora": LoRA training on the embedded shapes model (16.6 MB; trained here at 32 px so the
+steps are cheap): only the adapters train, the frozen model is untouched, the adapters learn,
+the state is small and resumes bit for bit (also after SIGKILL), a changed config is refused,
+and the data options (kohya repeat folders, caption dropout, tag shuffling, the latent cache)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import unfog
+from unfog.conditioning import encode_prompt
+
+from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
+from unfog.pipelines.latent_model import load_parts
+from unfog.training import load_config, make_trainer, train
+from unfog.training.lora_data import cache_latents, make_lora_data, repeat_of, shuffle_tags, transform_captions
+from unfog.training.state import list_states, load_state
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ["task=lora", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
+        "warmup_steps=0", "lr=0.002", "log_every=1", "sample_every=1000", "sample_steps=2", "lora.rank=4",
+        "lora.alpha=4"]
+
+
+def lora_config(out, *extra):
+    return load_config(None, [*BASE, f"out_dir={out}", *extra])
+
+
+def test_only_the_adapters_train_and_the_frozen_model_is_unchanged(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, "lora.text_encoder_lora=true", "lora.conv_rank=2"), "cpu")
+    unet, _, text_encoder, _, _, _ = load_parts(default_model_path(DEFAULT_TEXT_MODEL))
+    frozen = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    frozen.update({f"te.{k}": v for k, v in text_encoder.state_dict().items()})
+    state = trainer.net.state_dict()
+    assert state and all(k.startswith("adapters.") and k.endswith(("lora_down.weight", "lora_up.weight")) for k in state)
+    assert any("/text_encoder/" in k or k.startswith("adapters.text_encoder/") for k in state)
+    assert any("in_layers" in k for k in state)  # LoCon: the ResBlock convs
+    assert {id(p) for p in trainer.params} == {id(p) for p in trainer.net.parameters()}
+    assert len(trainer.ema.model.state_dict()) == len(state)  # the EMA holds the adapters, not the U-Net
+    before = {k: v.clone() for k, v in state.items()}
+    for _ in range(2):
+        trainer.train_step()
+    changed = [k for k, v in trainer.net.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("lora_up" in k for k in changed) and any("text_encoder" in k for k in changed)
+    pipe = trainer.pipe
+    now = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items() if "lora_" not in k and k != "alpha"}
+    now.update({f"te.{k}": v for k, v in pipe.text_encoder.state_dict().items() if "lora_" not in k})
+    now = {k: v for k, v in now.items() if not k.endswith(".alpha")}
+    assert now.keys() == frozen.keys() and all(torch.equal(now[k], frozen[k].to(now[k].dtype)) for k in frozen)
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+
+
+@pytest.mark.slow  # 25 steps: about a minute on a busy 2-core machine
+def test_loss_falls_when_overfitting_two_images(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, "data_size=2", "lr=0.01", "lora.rank=8", "lora.alpha=8"), "cpu")
+
+    def held_out_loss() -> float:  # the same noise and timesteps every time: a deterministic measure
+        trainer.noise_gen.manual_seed(123)
+        with torch.no_grad():
+            return sum(trainer.compute_loss(torch.tensor([0, 1]), trainer.net).item() for _ in range(4))
+
+    state = trainer.noise_gen.get_state()
+    start = held_out_loss()
+    trainer.noise_gen.set_state(state)
+    for _ in range(25):
+        trainer.train_step()
+    assert held_out_loss() < 0.8 * start
+
+
+def test_model_settings_come_from_the_model_and_others_are_refused(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path), "cpu")
+    assert trainer.loss_config.prediction == trainer.pipe.prediction == "v"
+    assert torch.equal(trainer.schedule.alphas_cumprod, trainer.pipe.schedule.alphas_cumprod)
+    with pytest.raises(ValueError, match="model's own noise schedule and prediction type.*leave prediction"):
+        make_trainer(lora_config(tmp_path, "prediction=x0"), "cpu")
+    with pytest.raises(ValueError, match="task 'lora' does not read cond_dropout"):
+        lora_config(tmp_path, "cond_dropout=0.3")
+
+
+def test_saved_lora_loaded_on_the_pipeline_reproduces_the_trained_network(tmp_path):
+    """Oracle: the trainer's own EMA network (the frozen U-Net with the LoRALayers) against a fresh
+    pipeline with the saved kohya file merged by ``load_lora``; text-encoder adapters and LoCon too."""
+    config = lora_config(tmp_path, "steps=2", "lora.text_encoder_lora=true", "lora.conv_rank=2", "lora.conv_alpha=1")
+    trainer = make_trainer(config, "cpu")
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_model()
+    path = tmp_path / "lora.safetensors"
+    assert path.is_file()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([100.0, 700.0])
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        ours = trainer.ema.model(x, t, prompts)
+        pipe = unfog.load(default_model_path(DEFAULT_TEXT_MODEL))
+        plain = pipe.unet(x, t, encode_prompt("sd1", [pipe.text_encoder], pipe.tokenizer, prompts).context)
+        applied = pipe.load_lora(path)
+        theirs = pipe.unet(x, t, encode_prompt("sd1", [pipe.text_encoder], pipe.tokenizer, prompts).context)
+    assert not applied.unmatched
+    assert (ours - plain).abs().max() > 1e-3  # the adapters changed the output...
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)  # ...exactly as the merged file does
+    with pytest.raises(FileExistsError, match="is not from a training run"):
+        make_trainer(lora_config(tmp_path, "steps=2"), "cpu")  # a LoRA file without a run beside it
+
+
+def _states(run: Path) -> dict:
+    state = load_state(list_states(run / "states")[-1])
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"ema.{k}": v for k, v in state["ema"]["model"].items()}}
+
+
+@pytest.mark.slow  # three runs of 2-4 steps and a sample grid
+def test_resume_is_bit_identical_and_a_changed_config_is_refused(tmp_path):
+    straight = lora_config(tmp_path / "a", "steps=4", "save_every=2", "lora.shuffle_tags=true",
+                           "lora.caption_dropout=0.3")
+    train(straight, progress=False)
+    half = lora_config(tmp_path / "b", "steps=2", "save_every=2", "lora.shuffle_tags=true", "lora.caption_dropout=0.3")
+    train(half, progress=False)
+    changed = lora_config(tmp_path / "b", "steps=4", "save_every=2", "lora.shuffle_tags=true",
+                          "lora.caption_dropout=0.3", "lora.rank=8")
+    with pytest.raises(ValueError, match=r"lora\.rank: 4 -> 8"):
+        train(changed, resume=True, progress=False)
+    resumed = lora_config(tmp_path / "b", "steps=4", "save_every=2", "lora.shuffle_tags=true",
+                          "lora.caption_dropout=0.3")
+    train(resumed, resume=True, progress=False)
+    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "samples" / "step_00000004.png").is_file()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from unfog.cli import main; sys.exit(main())", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    """A run killed with SIGKILL resumes from its last atomic state and ends with the adapters of a
+    run that was never interrupted (both in processes with one thread, as the text2image test)."""
+    steps = ["steps=6", "save_every=2", "keep_last=2"]
+    configs = {}
+    for name in "ab":
+        configs[name] = tmp_path / f"{name}.json"
+        configs[name].write_text(json.dumps(lora_config(tmp_path / name, *steps).to_dict()))
+    done = subprocess.run(_cli("train", str(configs["a"])), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen(_cli("train", str(configs["b"])), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "b" / "states" / "state_00000002.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no state written in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / "states" / "state_00000006.pt").exists()
+    resumed = subprocess.run(_cli("train", str(configs["b"]), "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+
+def _image(path: Path, color, size=(40, 32)) -> None:
+    """Noise around ``color`` (a flat image's near-zero variance makes GroupNorm's output, and so its
+    latents, depend on the batch at the 1e-3 level)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(sum(color))
+    pixels = (torch.tensor(color) + torch.randint(-30, 31, (size[1], size[0], 3), generator=g)).clamp(0, 255)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(path)
+
+
+def test_kohya_repeat_folders_and_class_captions(tmp_path):
+    _image(tmp_path / "3_red thing" / "a.png", (255, 0, 0))
+    _image(tmp_path / "3_red thing" / "b.png", (250, 0, 0))
+    (tmp_path / "3_red thing" / "b.txt").write_text("a red square, big")
+    _image(tmp_path / "plain" / "c.png", (0, 0, 255))
+    (tmp_path / "plain" / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png", "text": "blue"}) + "\n")
+    assert repeat_of(tmp_path, tmp_path / "3_red thing" / "a.png") == (3, "red thing")
+    assert repeat_of(tmp_path, tmp_path / "c.png") == (1, "")
+    data = make_lora_data(str(tmp_path), 32, 0, 0, True, bucket_step=None, min_bucket=1)
+    captions = [data.caption_of(i) for i in range(len(data))]
+    assert captions == ["red thing"] * 3 + ["a red square, big"] * 3 + ["blue"]
+    assert data.batch(torch.tensor([6])).captions == ["blue"]
+    _image(tmp_path / "plain" / "d.png", (0, 9, 9))
+    with pytest.raises(ValueError, match="1 of 4 images have no caption"):
+        make_lora_data(str(tmp_path), 32, 0, 0, True, bucket_step=None, min_bucket=1)
+
+
+def test_tag_shuffling_keeps_the_first_tokens_and_permutes_the_rest():
+    caption = "sks, photo, red, blue, green, tall"
+    seen = set()
+    for seed in range(30):
+        out = shuffle_tags(caption, 2, torch.Generator().manual_seed(seed))
+        tags = out.split(", ")
+        assert tags[:2] == ["sks", "photo"] and sorted(tags[2:]) == sorted(["red", "blue", "green", "tall"])
+        seen.add(out)
+        assert out == shuffle_tags(caption, 2, torch.Generator().manual_seed(seed))  # a seed is one order
+    assert len(seen) > 10  # 4! = 24 orders
+    assert shuffle_tags("a,b", 5, torch.Generator()) == "a, b"
+
+
+def test_caption_dropout_and_shuffling_of_a_batch():
+    captions = ["x, y, z", "p, q", "only"]
+    drop = torch.tensor([False, True, False])
+    assert transform_captions(captions, drop, None, 0) == ["x, y, z", "", "only"]
+    out = transform_captions(captions, drop, torch.tensor([1, 2, 3]), 1)
+    assert out[0].startswith("x, ") and sorted(out[0].split(", ")) == ["x", "y", "z"] and out[1:] == ["", "only"]
+
+
+def test_caption_dropout_rate_over_many_draws(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, "lora.caption_dropout=0.25", "data_size=2", "lora.cache_latents=memory"),
+                           "cpu")
+    seen = []
+    trainer.net.forward = lambda x, t, prompts, sizes=None: (seen.extend(prompts), x)[1]  # record the prompts
+    for _ in range(100):
+        trainer.compute_loss(torch.tensor([0, 1]), trainer.net)
+    rate = sum(p == "" for p in seen) / len(seen)
+    assert abs(rate - 0.25) < 0.07  # 200 Bernoulli(0.25) draws: sd 0.031
+
+
+def test_latent_cache_in_memory_and_on_disk_match_direct_encoding_and_stale_entries_are_recomputed(tmp_path):
+    images = tmp_path / "data"
+    for k, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+        _image(images / f"{k}.png", color)
+        (images / f"{k}.txt").write_text(f"item {k}")
+    trainer = make_trainer(lora_config(tmp_path / "run", f"data={images}", "lora.cache_latents=memory"), "cpu")
+    vae, data = trainer.pipe.vae, trainer.data
+    direct = [vae.encode(data.batch(torch.tensor([i])).images) for i in range(2)]
+    for i, posterior in enumerate(trainer.latents):
+        torch.testing.assert_close(posterior.mean, direct[i].mean[0], atol=1e-4, rtol=1e-4)  # batched vs single encoding: float summation order
+        torch.testing.assert_close(posterior.std, direct[i].std[0], atol=1e-4, rtol=1e-4)  # batched vs single encoding: float summation order
+    path = tmp_path / "cache.safetensors"
+    first = cache_latents(data, vae, torch.device("cpu"), path, progress=False)
+    assert path.is_file()
+    again = cache_latents(data, vae, torch.device("cpu"), path, progress=False)
+    assert all(torch.equal(a.mean, b.mean) for a, b in zip(first, again))
+    _image(images / "1.png", (10, 10, 220), size=(41, 32))  # edited: mtime and size change
+    data = make_lora_data(str(images), 32, 0, 0, True, bucket_step=None, min_bucket=1)
+    fresh = cache_latents(data, vae, torch.device("cpu"), path, progress=False)
+    assert torch.equal(fresh[0].mean, first[0].mean)
+    redone = vae.encode(data.batch(torch.tensor([1])).images).mean[0]
+    torch.testing.assert_close(fresh[1].mean, redone, atol=1e-4, rtol=1e-4)  # batched vs single encoding: float summation order
+    assert not torch.allclose(fresh[1].mean, first[1].mean)
