@@ -261,6 +261,10 @@ def load_diffusers_folder(
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         parts = {_component_kind(_read_json(path / "config.json"), path): path}
+    elif not (path / "model_index.json").is_file():
+        raise ValueError(f"{path} is a folder but not a diffusers model folder (it has no model_index.json, nor the "
+                         "config.json of one component); unfog expected a .safetensors / .ckpt file or a diffusers "
+                         "folder")
     else:
         for part in sorted(_required(path)):
             if not (path / part).is_dir():
