@@ -38,7 +38,7 @@ def _load_raw() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as e:
         raise ImportError(
             "the digits data set comes from scikit-learn, which is not installed: "
-            "`pip install scikit-learn` (or `pip install unfog[digits]`)"
+            "from a checkout, `.venv/bin/pip install -e '.[digits]'` (`make demo` installs it; unfog is not on PyPI)"
         ) from e
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float64)  # (N, 8, 8)
