@@ -32,7 +32,9 @@ from unfog.models.tokenizer import CLIPTokenizer
 from unfog.models.unet import UNetConfig
 from unfog.models.vae import VAEConfig
 
-from .components import Components, build_module, check_prediction
+from ..choices import check_choice
+from ..diffusion.denoiser import PREDICTIONS
+from .components import Components, build_module
 from .convert import convert_diffusers_unet, convert_diffusers_vae, convert_transformers_clip_text
 from .detect import FAMILIES, Family, SchedulerConfig, with_trained_depth
 from .io import load_state_dict
@@ -283,7 +285,7 @@ def load_diffusers_folder(
     elif prediction is None:
         prediction = scheduled
     name = next((f.name for f in FAMILIES.values() if unet is not None and f.unet == unet), "CUSTOM")
-    family = Family(name, check_prediction(prediction) if prediction else None, **configs, scheduler=schedule)
+    family = Family(name, check_choice("prediction type", prediction, PREDICTIONS) if prediction else None, **configs, scheduler=schedule)
     tokenizers = {t: _tokenizer(path / t) for _, t in TEXT if (path / t).is_dir()}
     return Components(family, **modules, **tokenizers)
 

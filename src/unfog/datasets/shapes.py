@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..choices import check_choice
 from .shapes_text import (
     BACKGROUNDS,
     CATEGORIES,
@@ -56,7 +57,6 @@ from .shapes_text import (
     ShapeObject,
     ShapesConfig,
     caption,
-    check_choice,
     evaluation_prompts,
     parse_prompt,
     prompt_for,
