@@ -26,7 +26,8 @@ def test_no_other_closed_set_checker_is_left():
     """Outside training/ (its config switches later): no second helper, no hand-written wording."""
     other = re.compile(r"def check_choice|def _check\(|def _check_emphasis|def check_prediction|must be one of|"
                        r"choose one of")
-    found = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") if "training" not in p.parts and p.name != "choices.py"
+    files = [p for p in SRC.rglob("*.py") if "training" not in p.parts and p.name != "choices.py"]
+    found = [f"{p.relative_to(SRC)}:{i}" for p in files
              for i, line in enumerate(p.read_text().splitlines(), 1) if other.search(line)]
     assert found == []
 

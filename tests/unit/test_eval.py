@@ -261,7 +261,8 @@ def test_images_of_another_size_are_resized_and_the_report_says_so(tmp_path):
 def test_bad_settings_name_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="unknown metric 'is'; valid choices: fid, kid, clip, adherence"):
         EvalSettings(out=tmp_path, metrics=("fid", "is"))
-    with pytest.raises(ValueError, match="unknown feature extractor 'vgg'; valid choices: inception, shapes-vae, digits"):
+    with pytest.raises(ValueError,
+                       match="unknown feature extractor 'vgg'; valid choices: inception, shapes-vae, digits"):
         EvalSettings(out=tmp_path, features="vgg")
     with pytest.raises(ValueError, match="unknown resize convention 'nearest'; valid choices: legacy, clean"):
         EvalSettings(out=tmp_path, resize="nearest")

@@ -285,7 +285,8 @@ def load_diffusers_folder(
     elif prediction is None:
         prediction = scheduled
     name = next((f.name for f in FAMILIES.values() if unet is not None and f.unet == unet), "CUSTOM")
-    family = Family(name, check_choice("prediction type", prediction, PREDICTIONS) if prediction else None, **configs, scheduler=schedule)
+    prediction = check_choice("prediction type", prediction, PREDICTIONS) if prediction else None
+    family = Family(name, prediction, **configs, scheduler=schedule)
     tokenizers = {t: _tokenizer(path / t) for _, t in TEXT if (path / t).is_dir()}
     return Components(family, **modules, **tokenizers)
 
