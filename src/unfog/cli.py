@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 from .embedded import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, default_model_path  # noqa: F401 (re-exported)
@@ -16,10 +19,33 @@ def _parse_classes(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, sep, hi = part.partition("-")
+            if sep and int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"classes {part!r} is a reversed range; write {hi}-{lo}")
             out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"classes must look like 0-9 or 1,4,7; got {text!r}") from None
     return out
+
+
+def finite_float(text: str) -> float:
+    """The argparse type of every float option: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def device_name(text: str) -> str:
+    """The argparse type of every --device option: a device this torch can run on."""
+    from .pipelines.precision import resolve_device
+
+    try:
+        return resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -28,33 +54,38 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="number of sampling steps (default 20)")
     p.add_argument("--spacing", default=None, help="sigma spacing: leading, linspace, trailing, karras, "
                    "exponential, sgm_uniform (default: the sampler name's, else leading)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (default 2)")
-    p.add_argument("--eta", type=float, default=None, help="noise scale of ancestral / SDE samplers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=finite_float, default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument("--eta", type=finite_float, default=None, help="noise scale of ancestral / SDE samplers")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; -1: a random one, recorded)")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .pipelines.images import make_grid, save_png
+    from .pipelines.outputs import StepProgress, check_seed, draw_seed
     from .pipelines.pixel import PixelDiffusion
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_seed(args.seed)
+    args.seed = draw_seed(args.seed)
     model_path = Path(args.model) if args.model else default_model_path()
     pipe = PixelDiffusion.load(model_path)
     options = {} if args.eta is None else {"eta": args.eta}
     if pipe.info.num_classes:
         classes = args.classes if args.classes is not None else list(range(pipe.info.num_classes))
         labels = [c for c in classes for _ in range(args.per_class)]
-        images = pipe.generate(labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                               cfg_scale=args.cfg_scale, seed=args.seed, **options)
+        with StepProgress(args.steps, f"{len(labels)} images") as bar:
+            images = pipe.generate(labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                   cfg_scale=args.cfg_scale, seed=args.seed, callback=bar.callback, **options)
         # one column per class, one row per draw
         images = images.view(len(classes), args.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
         grid = make_grid(images, nrow=len(classes), scale=args.scale)
         what = f"classes {','.join(map(str, classes))} x {args.per_class}"
     else:
-        images = pipe.generate(num_images=args.per_class, sampler=args.sampler, steps=args.steps,
-                               spacing=args.spacing, seed=args.seed, **options)
+        with StepProgress(args.steps, f"{args.per_class} images") as bar:
+            images = pipe.generate(num_images=args.per_class, sampler=args.sampler, steps=args.steps,
+                                   spacing=args.spacing, seed=args.seed, callback=bar.callback, **options)
         grid = make_grid(images, nrow=min(8, args.per_class), scale=args.scale)
         what = f"{args.per_class} images"
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:10]
@@ -139,9 +170,20 @@ def cmd_samplers(args: argparse.Namespace) -> None:
     from .diffusion.registry import SAMPLERS, valid_names
 
     for name, fn in SAMPLERS.items():
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
-        print(f"{name:20s} {doc}")
+        print(textwrap.fill(sampler_summary(fn), width=100, initial_indent=f"{name:20s} ", subsequent_indent=" " * 21))
     print("\nalso accepted: " + ", ".join(n for n in valid_names() if n not in SAMPLERS) + " (add ' Karras', ' Exponential' or ' SGM Uniform')")
+
+
+# A sentence ends at ".", "!" or "?" before a capital letter, or at the end of the paragraph; not
+# after an abbreviation ("et al. 2022", "e.g. Karras").
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\bapp)(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s+[A-Z(]|$)")
+
+
+def sampler_summary(fn) -> str:
+    """The first sentence of a sampler's docstring, on one line (its first line alone can stop mid-sentence)."""
+    paragraph = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+    end = _SENTENCE_END.search(paragraph)
+    return paragraph if end is None else paragraph[: end.end()]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -195,7 +237,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    "`unfog samplers`)")
     p.add_argument("--steps", dest="step_counts", nargs="+", type=int, default=None, help="step counts (default: "
                    "the model's, 20 for the digits model)")
-    p.add_argument("--cfg-scales", nargs="+", type=float, default=None, help="guidance scales (default: the "
+    p.add_argument("--cfg-scales", nargs="+", type=finite_float, default=None, help="guidance scales (default: the "
                    "model's, 2 for the digits model)")
     p.add_argument("--metrics", nargs="+", default=None, help="any of fid kid clip adherence (default: fid kid "
                    "adherence)")
@@ -218,7 +260,27 @@ def _add_feature_args(p: argparse.ArgumentParser, default: str | None, default_t
                    "for --features inception")
     p.add_argument("--resize", default="legacy", help="how images of another size than the feature network's are "
                    "resized: legacy (bilinear, pytorch-fid) or clean (antialiased bicubic, clean-fid); default legacy")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
+
+
+class _ModelDefault:
+    """A setting's default in ``generate --help``: the built-in model's recommended value, and the
+    one of checkpoints that recommend none; read from the model file only when the help is shown."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __str__(self) -> str:
+        from .pipelines.latent_model import recommended_settings
+        from .pipelines.outputs import Settings, sampler_name
+
+        own = recommended_settings(default_model_path(DEFAULT_TEXT_MODEL)).get(self.field)
+        other = getattr(Settings(), self.field)
+        if self.field == "sampler":
+            own, other = own and f"{sampler_name(own)!r}", f"{other!r}"
+        else:
+            own, other = own and f"{own:g}", f"{other:g}"
+        return other if own is None else f"{own} for the built-in model, else the model file's or {other}"
 
 
 def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
@@ -230,12 +292,14 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--model", default=None, help="checkpoint: a .safetensors / .ckpt file or a diffusers folder "
                    "(default: the built-in shapes model, 64 x 64, trained by unfog on the `shapes` data set)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
-    p.add_argument("--sampler", default=None, help="sampler, ours or A1111's (default 'DPM++ 2M Karras'); "
-                   "see `unfog samplers`")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: %(model_default)s)"
+                   ).model_default = _ModelDefault("steps")
+    p.add_argument("--sampler", default=None, help="sampler, ours or A1111's (default: %(model_default)s); see "
+                   "`unfog samplers`").model_default = _ModelDefault("sampler")
     p.add_argument("--spacing", default=None, help="sigma spacing: leading, linspace, trailing, karras, exponential, "
-                   "sgm_uniform (default: the sampler name's, else the model's)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 7)")
+                   "sgm_uniform (default: the sampler name's, else the model's: leading for the built-in model)")
+    p.add_argument("--cfg-scale", type=finite_float, default=None, help="classifier-free guidance scale (default: "
+                   "%(model_default)s)").model_default = _ModelDefault("cfg_scale")
     p.add_argument("--seed", type=int, default=None, help="random seed (default -1: a random one, recorded)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's "
                    "size, or the init image's)")
@@ -244,7 +308,7 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--clip-skip", type=int, default=None, help="read the text encoder's N-th layer from the end "
                    "(A1111's CLIP skip; default: the model family's, 1 for SD 1.x, 2 for SD 2.x / SDXL)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model precision (default fp32)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--family", default=None, help="checkpoint family (SD15, SD2, SDXL_BASE, ...), only where the "
                    "weights cannot tell")
     p.add_argument("--prediction", default=None, choices=("eps", "v", "x0"), help="what the U-Net predicts, "
@@ -257,13 +321,14 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    help="a folder of LoRA files for the prompt's <lora:NAME:WEIGHT> tags (repeat for several)")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
-        p.add_argument("--strength", type=float, default=None, help="how much to change it, in (0, 1] (default 0.75)")
+        p.add_argument("--strength", type=finite_float, default=None,
+                       help="how much to change it, in (0, 1] (default 0.75)")
     if mode == "inpaint":
         p.add_argument("--mask", required=True, help="mask of the init image's size: white = repaint, black = keep")
     if mode != "inpaint":
         p.add_argument("--refiner", default=None, help="SDXL refiner checkpoint to finish the base's images")
-        p.add_argument("--refiner-start", type=float, default=None, help="fraction of the steps the base runs before "
-                       "the refiner (default 0.8)")
+        p.add_argument("--refiner-start", type=finite_float, default=None,
+                       help="fraction of the steps the base runs before the refiner (default 0.8)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,14 +338,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="unfog", description="A readable, verified diffusion stack.")
+    parser.add_argument("--version", action="version", version=f"unfog {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sample", help="draw images from a pixel-space model (default: the built-in digits model)")
     p.add_argument("--model", default=None, help="model file (.safetensors); default: the built-in digits model")
     p.add_argument("--classes", type=_parse_classes, default=None, help="class ids, e.g. 0-9 or 3,5 (default: all)")
     p.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
-    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid (default 4)")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid, >= 1 (default 4)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_sampling_args(p)
@@ -297,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from another run's training state (a state_*.pt file or a run folder): "
                         "the next stage of a curriculum; or from the weights alone of a text-to-image model file "
                         "(.safetensors), at step 0; the config changes are recorded in resumes.jsonl")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("samplers", help="list the samplers and the names they are known by")
@@ -351,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for option in ("steps", "per_class", "batch_size", "n", "rank", "conv_rank"):
+    for option in ("steps", "per_class", "batch_size", "n", "scale", "rank", "conv_rank"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")

@@ -45,12 +45,15 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 
+from unfog.choices import check_choice
 from unfog.models.clip_text import CLIPTextEncoder, CLIPTextOutput
 from unfog.models.tokenizer import CLIPTokenizer, Padding
 from unfog.nn.embeddings import timestep_embedding
 from unfog.prompt_parser import CHUNK_LENGTH, Chunk, tokenize_prompt
 
-Family = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+# Which text encoders a pipeline has and how it reads them (READOUTS). Not ``checkpoint.Family``,
+# which describes a checkpoint's layout (its configs and key prefixes).
+EncoderFamily = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
 Emphasis = Literal["original", "no_norm", "ignore", "none"]
 
 SIZE_EMBED_DIM = 256  # SDXL: Fourier features per size / crop / aesthetic-score value
@@ -99,7 +102,7 @@ class Conditioning(NamedTuple):
 
 
 def encode_prompt(
-    family: Family,
+    family: EncoderFamily,
     encoders: Sequence[CLIPTextEncoder],
     tokenizer: CLIPTokenizer,
     prompt: str | Sequence[str],
@@ -130,7 +133,7 @@ def encode_prompt(
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts (give 1, or 1 each)")
     if zero_empty_negative is None:
         zero_empty_negative = family in ("sdxl", "sdxl_refiner")
-    parse = _check_emphasis(emphasis) != "none"
+    parse = check_choice("emphasis", emphasis, get_args(Emphasis)) != "none"
     chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in prompts]
     negative_chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in negatives]
     n_chunks = max(len(c) for c in chunks + negative_chunks)
@@ -144,7 +147,7 @@ def encode_prompt(
 
 
 def encode_chunked(
-    family: Family,
+    family: EncoderFamily,
     encoders: Sequence[CLIPTextEncoder],
     tokenizer: CLIPTokenizer,
     chunks: Sequence[Sequence[Chunk]],
@@ -229,7 +232,7 @@ def pooled_output(out: CLIPTextOutput) -> torch.Tensor:
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -> torch.Tensor:
     """z (N, L, W) token states of N chunks, weights (N, L) -> the weighted states (see module
     docstring). "original": ``z * w``, rescaled so each chunk keeps its mean over (L, W)."""
-    if _check_emphasis(emphasis) in ("ignore", "none"):
+    if check_choice("emphasis", emphasis, get_args(Emphasis)) in ("ignore", "none"):
         return z
     weighted = z * weights.to(z.dtype)[..., None]  # (N, L, W)
     if emphasis == "no_norm":
@@ -288,7 +291,7 @@ def _with_fourier(pooled: torch.Tensor, groups: list) -> torch.Tensor:
 
 def _readouts(family: str, encoders: Sequence[CLIPTextEncoder], clip_skip: int | None) -> tuple[Readout, ...]:
     if family not in READOUTS:
-        raise ValueError(f"family must be one of {list(READOUTS)}, got {family!r}")
+        check_choice("family", family, tuple(READOUTS))
     readouts = READOUTS[family]
     if len(encoders) != len(readouts):
         raise ValueError(f"family {family!r} takes {len(readouts)} text encoder(s), got {len(encoders)}")
@@ -312,9 +315,3 @@ def _readouts(family: str, encoders: Sequence[CLIPTextEncoder], clip_skip: int |
             raise ValueError(f"family {family!r} needs the pooled output of encoder {i}, which keeps only "
                              f"{kept} of its {depth} layers")
     return readouts
-
-
-def _check_emphasis(emphasis: str) -> str:
-    if emphasis not in get_args(Emphasis):
-        raise ValueError(f"emphasis must be one of {get_args(Emphasis)}, got {emphasis!r}")
-    return emphasis

@@ -284,7 +284,7 @@ def error_cases(models, workdir):
         ((*gen, "--family", "sd2"), "belong to no component of SD2"),
         ((*gen, "--dtype", "fp64"), "argument --dtype: invalid choice: 'fp64'"),
         ((*gen, "--steps", 0), "--steps must be >= 1, got 0"),
-        ((*gen, "--seed", -2), "seed must be >= 0, or -1"),
+        ((*gen, "--seed", -2), "seed -2 is out of range; valid: -1 (a random one) or 0.."),
         (("generate", "a cat", "--model", pixel), "is an unfog pixel model"),
         (("generate", "a cat", "--model", models["inpainting"]), "is an inpainting model (9 input channels): use "
          "unfog inpaint"),

@@ -211,8 +211,8 @@ def test_too_many_tokens_and_bad_shapes_raise():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "relu"}, r"activation must be one of \('quick_gelu', 'gelu'\)"),
-        ({"pooling": "mean"}, r"pooling must be one of \('argmax', 'eos_token'\)"),
+        ({"activation": "relu"}, "unknown activation 'relu'; valid choices: quick_gelu, gelu"),
+        ({"pooling": "mean"}, "unknown pooling 'mean'; valid choices: argmax, eos_token"),
         ({"width": 30, "heads": 4}, "width 30 is not divisible by heads=4"),
         ({"layers": 0}, "layers must be >= 1"),
         ({"projection_dim": 0}, "projection_dim must be >= 1 or None"),

@@ -317,7 +317,7 @@ def test_bad_arguments_name_the_valid_choices():
         ShapesConfig(weights=(1.0,))
     with pytest.raises(ValueError, match="counting"):
         evaluation_prompts("count", 3)
-    with pytest.raises(ValueError, match="count must be one of"):
+    with pytest.raises(ValueError, match="unknown count 4; valid choices: 1, 2, 3"):
         ObjectSpec("circle", None, 4)
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 from torch import nn
@@ -80,9 +79,3 @@ def build_module(component: Component, config, state_dict: dict[str, torch.Tenso
         weights[name] = value.to(dtype) if value.is_floating_point() else value
     module.load_state_dict(weights, strict=True, assign=True)
     return module.eval()
-
-
-def check_prediction(prediction: str) -> Prediction:
-    if prediction not in get_args(Prediction):
-        raise ValueError(f"unknown prediction type {prediction!r}; valid choices: {', '.join(get_args(Prediction))}")
-    return prediction

@@ -20,12 +20,17 @@ from safetensors.torch import load_file, save_file
 from .pickle_reader import load_pickle_checkpoint
 
 
-def atomic_write(path: Path, write) -> None:
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
+
+
+def atomic_write(path: Path, write, *, replace: bool = True) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: a crash leaves
-    either the old file or the new one, never half of one."""
+    either the old file or the new one, never half of one. With ``replace=False`` an existing
+    ``path`` is never replaced, even one that appeared meanwhile: FileExistsError (the file is
+    linked into place, which fails where a name exists, instead of renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
@@ -34,7 +39,11 @@ def atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            Path(tmp).unlink()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,4 +137,9 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         head = f.read(9)
     if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         return load_safetensors(path)
+    if not head:
+        raise ValueError(f"{path} is empty (0 bytes); unfog expected a model file (safetensors or torch.save)")
+    if path.suffix.lower() in SAFETENSORS_EXTENSIONS and not head.startswith(b"PK"):  # PK: a renamed torch zip
+        raise ValueError(f"{path} is not a safetensors file (no JSON header after its first 8 bytes: truncated, "
+                         "corrupt or another kind of file); unfog expected a model file (safetensors or torch.save)")
     return load_pickle_checkpoint(path)  # zip or legacy; names bare-pickle and corrupt files clearly

@@ -23,7 +23,9 @@ from unfog.diffusion.denoiser import Prediction
 from unfog.models.tokenizer import CLIPTokenizer
 from unfog.models.unet import UNet
 
-from .components import Components, build_module, check_prediction, few
+from ..choices import check_choice
+from ..diffusion.denoiser import PREDICTIONS
+from .components import Components, build_module, few
 from .convert import canonical_clip_text
 from .detect import Component, Family, describe_keys, detect_family, get_family, resolve_family
 from .diffusers_folder import load_diffusers_folder
@@ -145,7 +147,7 @@ def load_components(
     else:
         family = resolve_family(get_family(family) if isinstance(family, str) else family, state_dict)
     if prediction is not None:
-        family = replace(family, prediction=check_prediction(prediction))
+        family = replace(family, prediction=check_choice("prediction type", prediction, PREDICTIONS))
     parts = split_components(state_dict, family, use_ema=use_ema)
     del state_dict  # the parts hold the tensors now, so cast copies can replace them one by one
     modules = {

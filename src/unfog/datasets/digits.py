@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..choices import check_choice
+
 Split = Literal["train", "test", "all"]
 SPLITS: tuple[str, ...] = get_args(Split)
 
@@ -38,7 +40,7 @@ def _load_raw() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as e:
         raise ImportError(
             "the digits data set comes from scikit-learn, which is not installed: "
-            "`pip install scikit-learn` (or `pip install unfog[digits]`)"
+            "from a checkout, `.venv/bin/pip install -e '.[digits]'` (`make demo` installs it; unfog is not on PyPI)"
         ) from e
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float64)  # (N, 8, 8)
@@ -51,7 +53,7 @@ def _load_raw() -> tuple[np.ndarray, np.ndarray]:
 def split_indices(labels: np.ndarray, split: Split) -> np.ndarray:
     """Sorted indices of ``split`` in a deterministic stratified split of ``labels``."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        check_choice("split", split, SPLITS)
     if split == "all":
         return np.arange(len(labels))
     rng = np.random.default_rng(SPLIT_SEED)

@@ -41,6 +41,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..choices import check_choice
+
 log = logging.getLogger(__name__)
 
 EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
@@ -158,7 +160,7 @@ class ImageFolderDataset(Dataset):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if channels not in CHANNELS:
-            raise ValueError(f"channels must be one of {CHANNELS}, got {channels!r}")
+            check_choice("channels", channels, CHANNELS)
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"image folder {root} does not exist (looking for {_accepted()} files)")

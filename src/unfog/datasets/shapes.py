@@ -47,6 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..choices import check_choice
 from .shapes_text import (
     ALL_COLORS,
     ALL_SHAPES,
@@ -66,7 +67,6 @@ from .shapes_text import (
     ShapeObject,
     ShapesConfig,
     caption,
-    check_choice,
     concept_prompts,
     evaluation_prompts,
     parse_prompt,

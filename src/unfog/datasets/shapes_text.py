@@ -29,9 +29,10 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from ..choices import check_choice
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # what the default set draws
 # Saturated colours far from each other (>= 87 apart in RGB) and from every background (>= 170).
@@ -73,11 +74,6 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {  # the first is the canonical o
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 FRAMES: tuple[str, ...] = ("a picture of {}", "an image of {}", "a drawing of {}")
 PREFIXES: tuple[str, ...] = ("a picture of ", "an image of ", "a drawing of ", "a photo of ")
-
-
-def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
 # ------------------------------------------------------------------------------------- scenes
@@ -188,7 +184,7 @@ class ObjectSpec:
         if self.color is not None:
             check_choice("color", self.color, tuple(ALL_COLORS))
         if self.count not in COUNT_WORDS:
-            raise ValueError(f"count must be one of {tuple(COUNT_WORDS)}, got {self.count!r}")
+            check_choice("count", self.count, tuple(COUNT_WORDS))
 
 
 @dataclass(frozen=True)

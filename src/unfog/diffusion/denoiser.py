@@ -29,7 +29,8 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import Tensor
 
-from .schedules import DiscreteSchedule, check_choice
+from ..choices import check_choice
+from .schedules import DiscreteSchedule
 
 Prediction = Literal["eps", "v", "x0"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)

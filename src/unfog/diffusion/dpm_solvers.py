@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .denoiser import DenoiserFn
 from .samplers import Stepper, ancestral_step
-from .schedules import check_choice
+from ..choices import check_choice
 
 SOLVER_TYPES = ("midpoint", "heun")
 UNIPC_VARIANTS = ("bh1", "bh2")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import PREDICTIONS, DenoiserFn, Prediction, append_dims, scalings
-from .schedules import check_choice
+from ..choices import check_choice
 
 
 class CFGDenoiser:

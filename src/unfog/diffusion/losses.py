@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .denoiser import PREDICTIONS, Prediction, append_dims, network_target
-from .schedules import DiscreteSchedule, check_choice
+from ..choices import check_choice
+from .schedules import DiscreteSchedule
 
 
 def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: DiscreteSchedule) -> Tensor:

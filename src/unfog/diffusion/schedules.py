@@ -22,6 +22,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ..choices import check_choice  # noqa: F401  (also imported from here by older callers)
+
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
 Spacing = Literal["leading", "linspace", "trailing", "karras", "exponential", "sgm_uniform"]
 
@@ -34,13 +36,6 @@ _DEFAULT_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 # alpha_bar is clamped to this when the zero-terminal-SNR rescale makes it exactly 0, so that the
 # VE sigma stays finite (sigma = 4096); diffusers' Euler-family schedulers use the same value.
 ZERO_SNR_ALPHA_BAR = 2.0**-24
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``; otherwise raise a ValueError listing them."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
-    return value
 
 
 def make_betas(

@@ -14,18 +14,18 @@ a run killed mid-write leaves no half-written ``NNNNN.png``; leftovers are delet
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from ..pipelines.images import read_parameters, to_uint8
+from ..checkpoint.io import TEMP_SUFFIX
+from ..pipelines.images import read_parameters, save_png, to_uint8
 from ..pipelines.outputs import ModelId, format_parameters, parse_parameters, sampler_name, schedule_type
 
-PARTIAL = ".partial"  # suffix of the temporary files: ".NNNNN.png.partial"
+PARTIAL = TEMP_SUFFIX  # suffix of save_png's temporary files: ".NNNNN.png.<random>.tmp"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 
 
@@ -175,19 +175,6 @@ def parameters_text(model, prompt: str, *, sampler: str, steps: int, cfg_scale: 
     return format_parameters(prompt, "", values)
 
 
-def write_png_atomically(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write to a hidden temporary file beside ``path``, flush it to disk, then rename it into
-    place: ``path`` is either absent or whole."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    temporary = path.with_name(f".{path.name}{PARTIAL}")
-    with open(temporary, "wb") as f:
-        image.save(f, format="PNG", pnginfo=info)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def _check_existing(path: Path, expected: str) -> None:
     """An image left by an earlier run must have been drawn with these very settings."""
     text = read_parameters(path)
@@ -207,7 +194,7 @@ def generate_cell(model, cell: Cell, prompts: tuple[str, ...], per_prompt: int, 
     from tqdm import tqdm
 
     cell.folder.mkdir(parents=True, exist_ok=True)
-    for stale in cell.folder.glob(f".*.png{PARTIAL}"):  # what a killed run was writing
+    for stale in cell.folder.glob(f".*.png*{PARTIAL}"):  # what a killed run was writing
         stale.unlink()
     total = len(prompts) * per_prompt
     todo = []
@@ -228,5 +215,5 @@ def generate_cell(model, cell: Cell, prompts: tuple[str, ...], per_prompt: int, 
                                seed=seed + k)
         text = parameters_text(model, prompt, sampler=cell.sampler, steps=cell.steps, cfg_scale=cell.cfg_scale,
                                seed=seed + k, size=image.size)
-        write_png_atomically(image, image_path(cell, k), text)
+        save_png(image, image_path(cell, k), text, overwrite=True)  # atomic: whole or absent
     return len(todo), total - len(todo)

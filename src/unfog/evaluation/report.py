@@ -164,7 +164,8 @@ def _plots(out: Path, report: dict, warn: Callable[[str], None]) -> dict[str, st
 
         matplotlib.use("Agg")
     except ImportError:
-        message = "matplotlib is not installed, so no plots were drawn: `pip install matplotlib` (or unfog[eval])"
+        message = ("matplotlib is not installed, so no plots were drawn: from a checkout, "
+                   "`.venv/bin/pip install -e '.[eval]'` (`make demo` installs it; unfog is not on PyPI)")
         report["warnings"].append(message)
         warn(message)
         return {}

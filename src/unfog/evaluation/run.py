@@ -142,6 +142,9 @@ def _check_inputs(s: EvalSettings, reference: Reference | None) -> None:
                          "give --reference as a folder of images, or leave kid out of --metrics")
 
 
+KID_MIN_IMAGES = 100  # below this a cell's KID gets a warning (its subsets are that small)
+
+
 def _findings(s: EvalSettings, tools: Tools, reference: Reference | None, rows: list[dict]) -> tuple[list, list]:
     """(warnings, notes) about the figures: too few images for FID, resized images, skipped prompts."""
     warnings, notes = [], []
@@ -154,6 +157,12 @@ def _findings(s: EvalSettings, tools: Tools, reference: Reference | None, rows: 
             warnings.append(f"FID is unreliable: fewer images than the {ex.dim} dimensions of the {ex.name} features "
                             f"({'; '.join(few)}), so the covariance is singular and the figure is biased by sample "
                             f"size; use well over {ex.dim} images per cell (FID papers use 10,000 to 50,000)")
+    if "kid" in s.metrics:
+        few = [f"{r['cell']}: {r['images']}" for r in rows if r["images"] < KID_MIN_IMAGES]
+        if few:
+            warnings.append(f"KID is unreliable: fewer than {KID_MIN_IMAGES} images ({'; '.join(few)}), so the "
+                            "subsets it averages are tiny and its spread can exceed the figure itself (even "
+                            f"negative); use well over {KID_MIN_IMAGES} images per cell (KID papers use 1,000+)")
     method = f"'{s.resize}': {RESIZE_NOTES[s.resize]}"
     if ex is not None and ex.size is not None:
         side = f"{ex.size}x{ex.size}"

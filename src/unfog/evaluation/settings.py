@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ..choices import check_choice
 from ..diffusion.registry import resolve_sampler
 from ..metrics.adherence import DOMAINS
 from ..metrics.inception import Resize
@@ -25,11 +26,6 @@ ModelKind = Literal["pixel", "text2image", "checkpoint"]
 # What fits each kind of model when the settings leave it open.
 DEFAULT_FEATURES = {"pixel": "digits", "text2image": "shapes-vae", "checkpoint": "inception"}
 DEFAULT_DOMAIN = {"pixel": "digits", "text2image": "shapes", "checkpoint": "shapes"}
-
-
-def _check(what: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -85,14 +81,14 @@ class EvalSettings:
                 # a grid value given twice is one cell; prompts may repeat (weighting them)
                 object.__setattr__(self, name, values if name == "prompts" else tuple(dict.fromkeys(values)))
         for metric in self.metrics:
-            _check("metric", metric, METRICS)
+            check_choice("metric", metric, METRICS)
         if not self.metrics:
             raise ValueError(f"give at least one metric; valid: {', '.join(METRICS)}")
         if self.features is not None:
-            _check("feature extractor", self.features, FEATURES)
+            check_choice("feature extractor", self.features, FEATURES)
         if self.domain is not None:
-            _check("adherence domain", self.domain, DOMAINS)
-        _check("resize convention", self.resize, RESIZES)
+            check_choice("adherence domain", self.domain, DOMAINS)
+        check_choice("resize convention", self.resize, RESIZES)
         if self.images_per_prompt < 1:
             raise ValueError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
         if self.seed < 0:

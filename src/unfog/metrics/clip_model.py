@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unfog.choices import check_choice
 from unfog.models.clip_text import Activation, CLIPEncoder, CLIPTextConfig, CLIPTextEncoder
 
 # Constant position-id buffers that older transformers CLIPModel files carry; not weights.
@@ -71,7 +72,7 @@ class CLIPVisionConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads={self.heads}")
         if self.activation not in get_args(Activation):
-            raise ValueError(f"activation must be one of {get_args(Activation)}, got {self.activation!r}")
+            check_choice("activation", self.activation, get_args(Activation))
 
     @property
     def num_positions(self) -> int:

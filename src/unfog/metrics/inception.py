@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import check_choice
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
 # sha256 of that file (95,628,359 bytes), as several projects that pin it record it; its first 8
@@ -83,7 +85,7 @@ def resize_for_inception(images: torch.Tensor, mode: Resize = "legacy", size: in
     by "clean" up to float32 rounding.
     """
     if mode not in get_args(Resize):
-        raise ValueError(f"resize must be one of {get_args(Resize)}, got {mode!r}")
+        check_choice("resize", mode, get_args(Resize))
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     if mode == "legacy":
@@ -220,7 +222,7 @@ class InceptionE(nn.Module):
     def __init__(self, c_in: int, pool: PoolType):
         super().__init__()
         if pool not in get_args(PoolType):
-            raise ValueError(f"pool must be one of {get_args(PoolType)}, got {pool!r}")
+            check_choice("pool", pool, get_args(PoolType))
         self.pool = pool
         self.branch1x1 = BasicConv2d(c_in, 320, 1)
         self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
@@ -253,7 +255,7 @@ class FIDInceptionV3(nn.Module):
     def __init__(self, resize: Resize = "legacy"):
         super().__init__()
         if resize not in get_args(Resize):
-            raise ValueError(f"resize must be one of {get_args(Resize)}, got {resize!r}")
+            check_choice("resize", resize, get_args(Resize))
         self.resize = resize
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unfog.choices import check_choice
 from unfog.nn.attention import _merge_heads, _split_heads
 
 Activation = Literal["quick_gelu", "gelu"]
@@ -98,9 +99,9 @@ class CLIPTextConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads={self.heads}")
         if self.activation not in get_args(Activation):
-            raise ValueError(f"activation must be one of {get_args(Activation)}, got {self.activation!r}")
+            check_choice("activation", self.activation, get_args(Activation))
         if self.pooling not in get_args(Pooling):
-            raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {self.pooling!r}")
+            check_choice("pooling", self.pooling, get_args(Pooling))
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim}")
         if self.trained_layers is not None and self.trained_layers < self.layers:

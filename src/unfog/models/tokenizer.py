@@ -40,6 +40,8 @@ from typing import Literal, NamedTuple, get_args
 import regex
 import torch
 
+from ..choices import check_choice
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 BOS_ID = 49406
@@ -153,7 +155,7 @@ class CLIPTokenizer:
     ) -> Tokens:
         """Tokenize a batch: BOS, up to ``max_length - 2`` tokens, EOS, then padding."""
         if pad not in get_args(Padding):
-            raise ValueError(f"pad must be one of {get_args(Padding)}, got {pad!r}")
+            check_choice("pad", pad, get_args(Padding))
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for BOS and EOS), got {max_length}")
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -22,6 +22,8 @@ from typing import Literal, get_args
 
 import torch
 
+from ..choices import check_choice
+
 TilingMode = Literal["auto", "always", "never"]
 
 
@@ -43,7 +45,7 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(TilingMode):
-            raise ValueError(f"tiling mode must be one of {get_args(TilingMode)}, got {self.mode!r}")
+            check_choice("tiling mode", self.mode, get_args(TilingMode))
         if self.tile < 1:
             raise ValueError(f"tile must be >= 1 latent pixel, got {self.tile}")
         if not 0 <= self.overlap < self.tile:

@@ -8,26 +8,27 @@ image is reproduced alone from its PNG (``--from``). With an SDXL refiner the ba
 
 from __future__ import annotations
 
-import secrets
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
 from PIL import Image
 
 from ..conditioning import READOUTS
 from ..diffusion import SPACINGS, resolve_sampler
 from ..diffusion.schedules import check_choice
 from ..models.tokenizer import SubVocabTokenizer
+from ..prompt_parser import BREAK, parse_prompt_attention
 from .images import open_image, read_parameters
-from .precision import DTYPES
+from .inputs import check_image_size
+from .precision import DTYPES, resolve_device
 from .latent_model import recommended_settings
 from .lora import extract_lora_tags, find_lora, hashes_text, parse_hashes
-from .outputs import (ModelId, OutputTarget, Settings, StepProgress, format_parameters, merge_settings,
-                      parse_parameters, sampler_name, schedule_type, settings_from_parameters)
+from .outputs import (ModelId, OutputTarget, Settings, StepProgress, check_seed, draw_seed, format_parameters,
+                      merge_settings, parse_parameters, sampler_name, schedule_type, settings_from_parameters)
 from .stable_diffusion import StableDiffusion
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -88,8 +89,9 @@ def check(job: Job) -> None:
     if s.spacing is not None:
         check_choice("sigma spacing", s.spacing, SPACINGS)
     check_choice("dtype", job.dtype, tuple(DTYPES))
-    if s.seed < -1:
-        raise ValueError(f"seed must be >= 0, or -1 for a random one; got {s.seed}")
+    check_seed(s.seed, job.batch_size)
+    if not math.isfinite(s.cfg_scale):
+        raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")
     for name, value in (("steps", s.steps), ("batch size", job.batch_size), ("clip skip", s.clip_skip),
                         ("width", s.width), ("height", s.height)):
         if value is not None and value < 1:
@@ -116,7 +118,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     check(job)
     target = OutputTarget.parse(job.output, job.batch_size, job.overwrite)
     init, mask = _input_images(job)
-    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(job.device)
     load = dict(dtype=DTYPES[job.dtype], device=device, prediction=job.prediction)
     pipe = StableDiffusion.load(job.model, family=job.family, **load)
     if pipe.inpainting_unet and job.mode != "inpaint":
@@ -129,9 +131,10 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     encoded = _apply_loras(pipe, s, job, warn)  # the prompts without their <lora:…> tags
     _check_vocabulary(pipe, encoded, warn)
 
-    seed = secrets.randbelow(2**32) if s.seed == -1 else s.seed
+    seed = draw_seed(s.seed)
     width = s.width or (init.width if init else pipe.default_size)
     height = s.height or (init.height if init else pipe.default_size)
+    _check_size(pipe, width, height, warn)
     if init is not None and init.size != (width, height):
         init = init.resize((width, height), Image.LANCZOS)
         mask = None if mask is None else mask.resize((width, height), Image.NEAREST)
@@ -146,10 +149,43 @@ def _check_vocabulary(pipe: StableDiffusion, s: Settings, warn: Callable[[str], 
     """Models trained from scratch on a closed caption set know only its words: say which are not."""
     if not isinstance(pipe.tokenizer, SubVocabTokenizer):
         return
-    unknown = sorted({w for text in (s.prompt, s.negative_prompt) for w in pipe.tokenizer.unknown_words(text)})
+    texts = (prompt_words(s.prompt), prompt_words(s.negative_prompt))  # what is encoded, without the syntax
+    unknown = sorted({w for text in texts for w in pipe.tokenizer.unknown_words(text)})
     if unknown:
         warn(f"outside this model's training domain: {', '.join(unknown)} (never seen in its captions, so they "
              "read as one 'unknown' token); the image is drawn anyway")
+
+
+def prompt_words(prompt: str) -> str:
+    """The words a prompt encodes: its text without the emphasis syntax and BREAKs (``prompt_parser``)."""
+    return " ".join(word for seg in parse_prompt_attention(prompt) if seg is not BREAK for word in seg.text.split())
+
+
+# A request is "far" from the size a model was trained at (its default size) when a side is under
+# half of it, or the image has more than FAR_PIXELS times its pixels.
+FAR_PIXELS = 4
+
+
+def _check_size(pipe: StableDiffusion, width: int, height: int, warn: Callable[[str], None]) -> None:
+    """Warn before drawing an image far from the size the model was trained at: a small one comes
+    out poor; for a large one, estimate its cost against the trained size. Time grows at least as
+    the pixels (the convolutions; attention grows faster); memory at least as the U-Net's
+    full-resolution activations: a CFG pair of its first level's channels at the latent size, one
+    for each skip connection of that level and two being worked on."""
+    check_image_size(width, height, pipe.size_multiple)  # a size that cannot be drawn is an error, not a warning
+    side = pipe.default_size
+    trained = f"{side}x{side}"
+    if min(width, height) < side / 2:
+        warn(f"this model was trained at {trained}; {width}x{height} is under half of that, so expect a poor image")
+    ratio = width * height / side**2
+    if ratio > FAR_PIXELS:
+        f, cfg = pipe.size_multiple, pipe.unet.config
+        element = next(pipe.unet.parameters()).element_size()
+        kept = cfg.num_res_blocks + 1 + 2  # the first level's skips, and two tensors being worked on
+        gib = 2 * cfg.model_channels * (width // f) * (height // f) * element * kept / 2**30
+        warn(f"this model was trained at {trained}; {width}x{height} has {ratio:.0f} times its pixels: each step "
+             f"takes at least {ratio:.0f} times as long as at {trained} (attention grows faster), and the U-Net "
+             f"needs at least {gib:.1f} GiB of memory; the image is drawn anyway (Ctrl-C stops it)")
 
 
 def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None) -> str:

@@ -35,8 +35,11 @@ def make_grid(images: Tensor, nrow: int, padding: int = 1, scale: int = 1) -> Im
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, *, overwrite: bool = False) -> Path:
-    """Write a PNG carrying its generation parameters; refuse to replace a file unless asked (the
-    file is created exclusively, so one that appears meanwhile is not replaced either)."""
+    """Write a PNG carrying its generation parameters, atomically (``checkpoint.io.atomic_write``:
+    a process stopped mid-write leaves the old file or none, never half of one); refuse to
+    replace a file unless asked (one that appears meanwhile is not replaced either)."""
+    from ..checkpoint.io import atomic_write
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
@@ -46,14 +49,15 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    with open(path, "wb" if overwrite else "xb") as f:
-        image.save(f, format="PNG", pnginfo=info)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), replace=overwrite)
     return path
 
 
 def read_parameters(path: str | Path) -> str | None:
     """The "parameters" text of a PNG, or None when it has none."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a PNG file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:

@@ -8,6 +8,8 @@ the noise schedule and prediction type, and the native image size. It loads as a
 the context), so txt2img, img2img, inpainting, long prompts and emphasis all work on it. A model
 trained with ``size_conditioning`` says so in ``info``; its pipeline builds SDXL's vector ``y``
 from the encoder's pooled output and the call's sizes (``StableDiffusion(size_conditioning=True)``).
+The pipeline is built by ``StableDiffusion.from_text2image`` from ``load_parts``: this module
+does not import the pipeline, so the two do not import each other.
 """
 
 from __future__ import annotations
@@ -87,16 +89,6 @@ def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
         module.to(dtype).eval()
     tokenizer = SubVocabTokenizer(CLIPTokenizer.from_bpe_file(), tensors["tokenizer.kept_ids"].tolist())
     return modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, LatentModelInfo(**meta["info"]), meta
-
-
-def load_text2image(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The ``StableDiffusion`` pipeline of an unfog text-to-image model file."""
-    from .stable_diffusion import StableDiffusion
-
-    unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
-    return StableDiffusion(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
-                           prediction=info.prediction, native_size=info.image_size,
-                           size_conditioning=info.size_conditioning).to(device)
 
 
 def save_autoencoder(path: str | Path, vae: AutoencoderKL, extra: dict[str, Any] | None = None) -> None:

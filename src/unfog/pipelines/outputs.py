@@ -64,6 +64,25 @@ class Settings:
 
 
 SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2^64 - 1
+RANDOM_SEED = -1
+
+
+def check_seed(seed: int, count: int = 1) -> None:
+    """A one-line ValueError unless ``seed`` is -1 (random) or in 0..2^64-1 with room for the
+    ``count`` seeds ``seed, seed + 1, ...`` of a batch (checked before anything is drawn)."""
+    if seed != RANDOM_SEED and not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed {seed} is out of range; valid: -1 (a random one) or 0..{SEED_MAX}")
+    if seed != RANDOM_SEED and seed + count - 1 > SEED_MAX:
+        raise ValueError(f"seed {seed} with {count} images runs past the largest seed, {SEED_MAX}: the last image "
+                         f"would need seed {seed + count - 1}; give a seed <= {SEED_MAX - count + 1}")
+
+
+def draw_seed(seed: int) -> int:
+    """``seed``, or a random one for -1 (below 2^32, as A1111 draws them, so it is short to retype)."""
+    import secrets
+
+    return secrets.randbelow(2**32) if seed == RANDOM_SEED else seed
 
 
 def merge_settings(*layers: Mapping[str, object]) -> Settings:

@@ -80,3 +80,35 @@ def release_freed_memory() -> None:
         trim = None
     if trim is not None:
         trim(0)
+
+
+def available_devices() -> list[str]:
+    """The devices this torch build can run on now: "cpu", then "cuda" / "cuda:N" and "mps" where present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        devices += ["cuda"] + ([f"cuda:{i}" for i in range(count)] if count > 1 else ["cuda:0"])
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(name: str | None = None) -> str:
+    """``name`` if this torch can run on it (None: "cuda" when available, else "cpu"); otherwise a
+    one-line ValueError naming the devices it has (a CPU-only build has no CUDA, whatever the machine)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    devices = available_devices()
+    if name in devices or (name.startswith("cpu") and _parses(name)):
+        return name
+    build = torch.__version__ + ("" if torch.version.cuda else ", a build without CUDA")
+    what = "not a device name" if not _parses(name) else "not available"
+    raise ValueError(f"device {name!r} is {what}; this torch ({build}) has: {', '.join(devices)}")
+
+
+def _parses(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True

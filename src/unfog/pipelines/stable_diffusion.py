@@ -21,10 +21,10 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from ..conditioning import SIZE_EMBED_DIM, encode_prompt
+from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler)
-from ..diffusion.schedules import check_choice
+from ..choices import check_choice
 from ..models.clip_text import CLIPTextEncoder
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
@@ -35,7 +35,6 @@ from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .sdxl import vector_conditions
 from .windows import sigma_window
 
-Family = Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
 Output = Literal["pil", "tensor", "latent"]
 EncodeMode = Literal["sample", "mean"]
 ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
@@ -63,7 +62,7 @@ class StableDiffusion:
         Fourier features of original size, crop top-left, target size], as SDXL base builds it.
     """
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: Family, *,
+    def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: EncoderFamily, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
                  steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None,
@@ -106,6 +105,18 @@ class StableDiffusion:
                    prediction=c.prediction, spacing=s.spacing, steps_offset=s.steps_offset, vae_dtype=vae_dtype)
 
     @classmethod
+    def from_text2image(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "StableDiffusion":
+        """The pipeline of an unfog text-to-image model file (``latent_model``): an "sd1"-family
+        pipeline on the file's schedule, prediction type and trained size."""
+        from .latent_model import load_parts
+
+        unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
+        return cls(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
+                   prediction=info.prediction, native_size=info.image_size,
+                   size_conditioning=info.size_conditioning).to(device)
+
+    @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
              family: str | None = None, prediction: str | None = None, use_ema: bool = False,
              vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
@@ -118,12 +129,12 @@ class StableDiffusion:
         unfog's own pixel models (``unfog train``) are not Stable Diffusion checkpoints: a ValueError
         points to ``PixelDiffusion.load``."""
         from ..checkpoint import load_components
-        from .latent_model import is_text2image_model, load_text2image
+        from .latent_model import is_text2image_model
         from .pixel import is_pixel_model
 
         path = Path(path)
         if is_text2image_model(path):
-            return load_text2image(path, dtype, device)
+            return cls.from_text2image(path, dtype, device)
         if is_pixel_model(path):
             raise ValueError(f"{path} is an unfog pixel model, not a Stable Diffusion checkpoint; load it with "
                              f"PixelDiffusion.load or `unfog sample --model {path}`")

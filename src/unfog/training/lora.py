@@ -213,7 +213,7 @@ class LoraTrainer(BaseTrainer):
         return posterior.mean.float(), posterior.std.float(), batch.sizes, batch.captions
 
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
-        c, o, g, b = self.config, self.options, self.noise_gen, idx.numel()
+        o, g, b = self.options, self.noise_gen, idx.numel()
         h, w = self.data.target_of(int(idx[0]))  # a batch is of one size (one bucket)
         vae = self.pipe.vae.config
         latent_shape = (b, vae.latent_channels, h // vae.downsample_factor, w // vae.downsample_factor)
