@@ -78,9 +78,9 @@ __all__ = [
     "ALL_COLORS", "ALL_SHAPES", "BACKGROUNDS", "CATEGORIES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "RELATIONS",
     "SHAPES", "SIZES", "TEXTURES",
     "Background", "ObjectSpec", "PromptSpec", "Scene", "ShapeObject", "ShapesConfig", "ShapesDataset",
-    "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "make_item", "margin", "parse_prompt",
-    "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict", "spec_for",
-    "to_tensor", "write_shapes",
+    "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "make_item", "margin",
+    "parse_prompt", "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict",
+    "spec_for", "to_tensor", "write_shapes",
 ]
 
 REFERENCE_CANVAS = 64
