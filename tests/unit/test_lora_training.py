@@ -121,7 +121,7 @@ def _states(run: Path) -> dict:
 def test_resume_is_bit_identical_and_a_changed_config_is_refused(tmp_path):
     straight = lora_config(tmp_path / "a", "steps=4", "save_every=2", "lora.shuffle_tags=true",
                            "lora.caption_dropout=0.3")
-    train(straight, progress=False)
+    assert train(straight, progress=False) == tmp_path / "a" / f"{straight.options.output_name}.safetensors"
     half = lora_config(tmp_path / "b", "steps=2", "save_every=2", "lora.shuffle_tags=true", "lora.caption_dropout=0.3")
     train(half, progress=False)
     changed = lora_config(tmp_path / "b", "steps=4", "save_every=2", "lora.shuffle_tags=true",

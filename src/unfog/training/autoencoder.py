@@ -156,7 +156,7 @@ class AutoencoderTrainer(BaseTrainer):
     def save_model(self) -> None:
         vae = self.ema.model.vae
         vae.config = replace(vae.config, scaling_factor=self.scaling_factor(vae))
-        save_autoencoder(self.out / "model.safetensors", vae,
+        save_autoencoder(self.model_path, vae,
                          extra={"train_config": self.config.to_dict(), "step": self.step})
 
     @torch.no_grad()

@@ -73,6 +73,11 @@ class BaseTrainer:
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def model_path(self) -> Path:
+        """The file ``save_model`` writes."""
+        return self.out / "model.safetensors"
+
     def save_model(self) -> None:
         raise NotImplementedError
 

@@ -179,4 +179,4 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         bar.close()
         if log is not None:
             log.close()
-    return out / "model.safetensors"
+    return trainer.model_path

@@ -133,10 +133,9 @@ class LoraTrainer(BaseTrainer):
             raise ValueError(f"{self.base_path} is an SDXL refiner; task 'lora' trains on SD 1.x / 2.x / SDXL base "
                              "models and unfog text-to-image models")
         self._use_model_settings()
-        self.output = Path(c.out_dir) / f"{o.output_name}.safetensors"
         self.started_at = time.time()
-        if self.output.exists() and not list_states(Path(c.out_dir) / "states"):
-            raise FileExistsError(f"{self.output} exists and is not from a training run in {c.out_dir}; choose another "
+        if self.model_path.exists() and not list_states(Path(c.out_dir) / "states"):
+            raise FileExistsError(f"{self.model_path} exists and is not from a training run in {c.out_dir}; choose another "
                                   "out_dir or lora.output_name")
         self.data = make_lora_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
                                    bucket_step=o.aspect_bucket_step if o.aspect_buckets else None, min_bucket=c.batch_size,
@@ -242,6 +241,10 @@ class LoraTrainer(BaseTrainer):
                 break
         return captions
 
+    @property
+    def model_path(self) -> Path:
+        return Path(self.config.out_dir) / f"{self.options.output_name}.safetensors"
+
     def save_model(self) -> None:
         """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
         replace: ``build`` refused a file of that name that is not from this run)."""
@@ -253,7 +256,7 @@ class LoraTrainer(BaseTrainer):
                                   started_at=self.started_at, prediction=pipe.prediction,
                                   conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
                                   resolution=c.image_size, extra=extra)
-        save_lora(self.output, self.ema.model.adapter_weights(), pipe.family, metadata, unet_config=pipe.unet.config,
+        save_lora(self.model_path, self.ema.model.adapter_weights(), pipe.family, metadata, unet_config=pipe.unet.config,
                   overwrite=True)
 
     def sample_grid(self) -> None:

@@ -54,7 +54,7 @@ class PixelTrainer(BaseTrainer):
                               t=t[mine], noise=noise[mine], **kwargs)
 
     def save_model(self) -> None:
-        self.ema_pipeline().save(self.out / "model.safetensors",
+        self.ema_pipeline().save(self.model_path,
                                  extra={"train_config": self.config.to_dict(), "step": self.step})
 
     def ema_pipeline(self) -> PixelDiffusion:

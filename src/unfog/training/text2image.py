@@ -200,7 +200,7 @@ class TextToImageTrainer(BaseTrainer):
         net = self.ema.model
         c = self.config
         defaults = {"sampler": c.sample_sampler, "steps": c.sample_steps, "cfg_scale": c.sample_cfg_scale}
-        save_text2image(self.out / "model.safetensors", net.unet, self.vae, net.text_encoder, self.tokenizer,
+        save_text2image(self.model_path, net.unet, self.vae, net.text_encoder, self.tokenizer,
                         self.info, dtype=DTYPES[self.options.model_dtype],
                         extra={"train_config": c.to_dict(), "step": self.step, "defaults": defaults})
 
