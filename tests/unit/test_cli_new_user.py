@@ -195,8 +195,8 @@ def test_bad_model_files_and_folders_say_what_they_are_not(workdir, capsys):
     one_line_error(capsys, (*gen, workdir / "random.safetensors"), "random.safetensors is not a safetensors file "
                    "(no JSON header after its first 8 bytes")
     one_line_error(capsys, (*gen, workdir / "folder"), "folder is a folder but not a diffusers model folder (it has "
-                   "no model_index.json, nor the config.json of one component); unfog expected a .safetensors / "
-                   ".ckpt file or a diffusers folder")
+                   "no model_index.json, no config.json of one component, no unet/, vae/, text_encoder/ ... "
+                   "sub-folder); unfog expected a .safetensors / .ckpt file or a diffusers folder")
 
 
 def test_info_on_a_folder(workdir, capsys):

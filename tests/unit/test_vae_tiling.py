@@ -75,7 +75,8 @@ def test_when_auto_tiles():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(mode="sometimes"), "one of"), (dict(tile=0), "tile must be"),
+    [(dict(mode="sometimes"), "unknown tiling mode 'sometimes'; valid choices: auto, always, never"),
+     (dict(tile=0), "tile must be"),
      (dict(overlap=64), r"overlap must be in \[0, tile=64\)"), (dict(overlap=-1), "overlap"), (dict(above=0), "above")],
 )
 def test_bad_tiling_raises(kwargs, match):

@@ -33,6 +33,7 @@ from unfog.models.unet import UNetConfig
 from unfog.models.vae import VAEConfig
 
 from ..choices import check_choice
+from ..diffusion.denoiser import PREDICTIONS as PREDICTION_TYPES  # ours; PREDICTIONS below maps diffusers names
 from .components import Components, build_module
 from .convert import convert_diffusers_unet, convert_diffusers_vae, convert_transformers_clip_text
 from .detect import FAMILIES, Family, SchedulerConfig, with_trained_depth
@@ -262,10 +263,10 @@ def load_diffusers_folder(
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         parts = {_component_kind(_read_json(path / "config.json"), path): path}
-    elif not (path / "model_index.json").is_file():
-        raise ValueError(f"{path} is a folder but not a diffusers model folder (it has no model_index.json, nor the "
-                         "config.json of one component); unfog expected a .safetensors / .ckpt file or a diffusers "
-                         "folder")
+    elif not (path / "model_index.json").is_file() and not any((path / p).is_dir() for p in PARTS):
+        raise ValueError(f"{path} is a folder but not a diffusers model folder (it has no model_index.json, no "
+                         "config.json of one component, no unet/, vae/, text_encoder/ ... sub-folder); unfog expected "
+                         "a .safetensors / .ckpt file or a diffusers folder")
     else:
         for part in sorted(_required(path)):
             if not (path / part).is_dir():
@@ -284,7 +285,7 @@ def load_diffusers_folder(
     elif prediction is None:
         prediction = scheduled
     name = next((f.name for f in FAMILIES.values() if unet is not None and f.unet == unet), "CUSTOM")
-    prediction = check_choice("prediction type", prediction, PREDICTIONS) if prediction else None
+    prediction = check_choice("prediction type", prediction, PREDICTION_TYPES) if prediction else None
     family = Family(name, prediction, **configs, scheduler=schedule)
     tokenizers = {t: _tokenizer(path / t) for _, t in TEXT if (path / t).is_dir()}
     return Components(family, **modules, **tokenizers)
