@@ -168,6 +168,18 @@ def sdxl_models():
     return ours_unet, twin
 
 
+def diffusers_sdxl_outputs(tensors: dict, twin, text_encoders, their_args):
+    """diffusers' SDXL loader on a kohya state dict: the fused U-Net's and both text encoders' outputs."""
+    mixin = StableDiffusionXLLoraLoaderMixin
+    state_dict, alphas = mixin.lora_state_dict({k: v.clone() for k, v in tensors.items()}, unet_config=twin.config)
+    mixin.load_lora_into_unet(state_dict, alphas, twin, adapter_name="a")
+    for ref, prefix in zip(text_encoders, ("text_encoder", "text_encoder_2")):
+        mixin.load_lora_into_text_encoder(state_dict, alphas, ref, prefix=prefix, adapter_name="a")
+    twin.fuse_lora(lora_scale=1.0)
+    with torch.no_grad():
+        return twin(**their_args).sample, [text_output(ref, IDS) for ref in text_encoders]
+
+
 def test_kohya_sdxl_lora_with_ldm_names_and_two_text_encoders_matches_diffusers(tmp_path):
     ours_unet, twin = sdxl_models()
     ref_te1, ours_te1 = clip_pair(768, 12, 3, "quick_gelu", None, seed=6)
@@ -192,15 +204,7 @@ def test_kohya_sdxl_lora_with_ldm_names_and_two_text_encoders_matches_diffusers(
     save_file(tensors, str(path))
 
     our_args, their_args = unet_inputs(NARROW_XL)
-    mixin = StableDiffusionXLLoraLoaderMixin
-    state_dict, alphas = mixin.lora_state_dict({k: v.clone() for k, v in tensors.items()}, unet_config=twin.config)
-    mixin.load_lora_into_unet(state_dict, alphas, twin, adapter_name="a")
-    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te1, prefix="text_encoder", adapter_name="a")
-    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te2, prefix="text_encoder_2", adapter_name="a")
-    twin.fuse_lora(lora_scale=1.0)
-    with torch.no_grad():
-        expected = twin(**their_args).sample
-        expected_te = [text_output(ref, IDS) for ref in (ref_te1, ref_te2)]
+    expected, expected_te = diffusers_sdxl_outputs(tensors, twin, (ref_te1, ref_te2), their_args)
 
     stack = LoraStack({"unet": ours_unet, "text_encoder": ours_te1, "text_encoder_2": ours_te2})
     assert stack.add(path).unmatched == ()
@@ -324,15 +328,7 @@ def test_save_lora_sdxl_names_load_with_diffusers(tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
     our_args, their_args = unet_inputs(NARROW_XL)
-    mixin = StableDiffusionXLLoraLoaderMixin
-    state_dict, alphas = mixin.lora_state_dict(keys, unet_config=twin.config)
-    mixin.load_lora_into_unet(state_dict, alphas, twin, adapter_name="a")
-    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te1, prefix="text_encoder", adapter_name="a")
-    mixin.load_lora_into_text_encoder(state_dict, alphas, ref_te2, prefix="text_encoder_2", adapter_name="a")
-    twin.fuse_lora(lora_scale=1.0)
-    with torch.no_grad():
-        expected = twin(**their_args).sample
-        expected_te = [text_output(ref, IDS) for ref in (ref_te1, ref_te2)]
+    expected, expected_te = diffusers_sdxl_outputs(keys, twin, (ref_te1, ref_te2), their_args)
 
     assert LoraStack(models).add(path).unmatched == ()
     with torch.no_grad():
