@@ -232,7 +232,8 @@ def pooled_output(out: CLIPTextOutput) -> torch.Tensor:
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -> torch.Tensor:
     """z (N, L, W) token states of N chunks, weights (N, L) -> the weighted states (see module
     docstring). "original": ``z * w``, rescaled so each chunk keeps its mean over (L, W)."""
-    if check_choice("emphasis", emphasis, get_args(Emphasis)) in ("ignore", "none"):
+    plain = (weights == 1).all(dim=-1)  # (N,) chunks without emphasis, whose states stay as they are
+    if check_choice("emphasis", emphasis, get_args(Emphasis)) in ("ignore", "none") or plain.all():
         return z
     weighted = z * weights.to(z.dtype)[..., None]  # (N, L, W)
     if emphasis == "no_norm":
@@ -240,9 +241,11 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, emphasis: Emphasis) -
     acc = torch.promote_types(z.dtype, torch.float32)  # fp16 / bf16 states: means in fp32
     old_mean = z.mean(dim=(1, 2), keepdim=True, dtype=acc)  # (N, 1, 1)
     new_mean = weighted.mean(dim=(1, 2), keepdim=True, dtype=acc)
-    # A chunk whose weighted mean is exactly 0 (all weights 1 and a zero-mean state, or emphasis that
-    # cancels) keeps its weighted states: the rescale would be 0/0.
-    ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), old_mean / new_mean)
+    # A chunk without emphasis keeps its states (the rescale is m / m = 1, but its gradient, when a
+    # text encoder trains through it, is rounding error over m, huge for a near-zero-mean state);
+    # so does a chunk whose weighted mean is exactly 0 (emphasis that cancels): 0 / 0.
+    keep = plain[:, None, None] | (new_mean == 0)
+    ratio = torch.where(keep, torch.ones_like(new_mean), old_mean / new_mean)
     return weighted * ratio.to(z.dtype)
 
 

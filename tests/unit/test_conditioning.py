@@ -432,3 +432,21 @@ def test_trained_depth_of_loaded_text_encoders():
     assert _fit_text_encoder(OPENCLIP_H, [f"transformer.resblocks.{i}.ln_1.weight" for i in range(24)]).trained_layers is None
     with pytest.raises(ValueError, match="trained_layers"):
         replace(TINY_CLIP, layers=3, trained_layers=2)
+
+
+def test_training_through_a_prompt_without_emphasis_gets_the_plain_encoders_gradient():
+    """A text encoder trained through encode_prompt (the trainers do) gets the gradient of its own
+    last state: the "original" emphasis rescale, the identity without emphasis, adds nothing. A new
+    encoder's final LayerNorm makes every state zero-mean, where the rescale's gradient (rounding
+    over the mean) was huge and turned training NaN."""
+    te = tiny_encoder(0)
+    tok = CLIPTokenizer.from_bpe_file()
+    prompts = ["a red circle above a blue square", "a cat"]
+    ids = torch.tensor([[BOS_ID, *tok.encode(p), EOS_ID] + [EOS_ID] * (75 - len(tok.encode(p))) for p in prompts])
+    plain = te(ids).last_hidden_state
+    (expected,) = torch.autograd.grad(plain.square().sum(), te.embeddings.token_embedding.weight)
+    context = encode_prompt("sd1", [te], tok, prompts).context
+    (got,) = torch.autograd.grad(context.square().sum(), te.embeddings.token_embedding.weight)
+    assert torch.equal(context, plain)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
