@@ -57,13 +57,21 @@ def test_sub_vocabulary_renumbers_clip_ids():
 
 
 def test_training_context_is_the_pipelines_context(vae_file, tmp_path):
+    """The trainer encodes captions with the pipeline's encode_prompt; before it did, it read the
+    encoder's last state of the tokenizer's ids, which gives the same bits for captions of up to
+    75 tokens (so the switch changed no training run)."""
     trainer = make_trainer(t2i_config(vae_file, tmp_path / "run"))
-    te, tok = trainer.net.text_encoder.eval(), trainer.tokenizer
+    net, tok = trainer.net.eval(), trainer.tokenizer
     captions = ["a red circle to the left of a blue square", ""]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 500.0])
     with torch.no_grad():
-        trained_on = te(tok(captions, pad="eos").input_ids).last_hidden_state
-        at_inference = encode_prompt("sd1", [te], tok, captions).context
-    torch.testing.assert_close(trained_on, at_inference, rtol=0, atol=0)
+        old_path = net.text_encoder(tok(captions, pad="eos").input_ids).last_hidden_state
+        at_inference = encode_prompt("sd1", [net.text_encoder], tok, captions).context
+        trained = net(x, t, captions)
+        expected = net.unet(x, t, at_inference)
+    torch.testing.assert_close(old_path, at_inference, rtol=0, atol=0)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
 
 
 # ---- autoencoder ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import SIZE_EMBED_DIM, pooled_output, sdxl_vector_cond
+from ..conditioning import SIZE_EMBED_DIM, encode_prompt, sdxl_vector_cond
 from ..datasets.shapes_text import caption_vocabulary
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
@@ -64,18 +64,20 @@ def size_condition_width(text_cfg: CLIPTextConfig) -> int:
 
 
 class TextToImage(nn.Module):
-    """The trained networks as one module (one DDP wrapper, one EMA): ids -> context (and, with
-    per-sample ``sizes``, SDXL's vector y) -> U-Net."""
+    """The trained networks as one module (one DDP wrapper, one EMA): captions -> context (and,
+    with per-sample ``sizes``, SDXL's vector y) -> U-Net. Captions are encoded by the pipeline's
+    own ``conditioning.encode_prompt`` (family "sd1"), so training and inference read a prompt the
+    same way (the same tokens, chunks of 75 and emphasis syntax)."""
 
-    def __init__(self, unet: UNet, text_encoder: CLIPTextEncoder):
+    def __init__(self, unet: UNet, text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
 
-    def forward(self, x: Tensor, t: Tensor, input_ids: Tensor, sizes: Tensor | None = None) -> Tensor:
-        out = self.text_encoder(input_ids)
-        context = out.last_hidden_state  # (B, 77, width)
-        y = None if sizes is None else size_condition(pooled_output(out), sizes)  # (B, P + 6 * 256)
-        return self.unet(x, t, context.to(x.dtype), y)
+    def forward(self, x: Tensor, t: Tensor, captions: list[str], sizes: Tensor | None = None) -> Tensor:
+        c = encode_prompt("sd1", [self.text_encoder], self.tokenizer, captions, "", zero_empty_negative=True,
+                          with_pooled=sizes is not None)
+        y = None if sizes is None else size_condition(c.pooled, sizes)  # (B, P + 6 * 256)
+        return self.unet(x, t, c.context.to(x.dtype), y)  # context (B, 77 * chunks, width)
 
 
 class TextToImageTrainer(BaseTrainer):
@@ -100,7 +102,7 @@ class TextToImageTrainer(BaseTrainer):
         unet_cfg = with_overrides(unet_cfg, c.model_overrides, "model_overrides")
         self._check_shapes(unet_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
-        self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg)).to(self.device)
+        self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg), self.tokenizer).to(self.device)
         self.net.text_encoder.requires_grad_(o.train_text_encoder)
         self.info = LatentModelInfo(c.image_size, c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr,
                                     prediction=c.prediction, size_conditioning=o.size_conditioning)
@@ -185,10 +187,9 @@ class TextToImageTrainer(BaseTrainer):
         with torch.no_grad():
             z = self.vae.encode(batch.images.to(self.device))
             z = (z.mean + z.std * posterior_noise[mine].to(self.device)) * self.vae.config.scaling_factor
-        ids = self.tokenizer(captions, pad="eos").input_ids.to(self.device)  # (b, 77)
         sizes = {"sizes": batch.sizes.to(self.device)} if self.options.size_conditioning else {}  # (b, 6)
-        return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine], input_ids=ids,
-                              **sizes)
+        return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine],
+                              captions=captions, **sizes)
 
     def ema_pipeline(self) -> StableDiffusion:
         net = self.ema.model
