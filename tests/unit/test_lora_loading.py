@@ -198,3 +198,15 @@ def test_lora_info(pipe, tmp_path, capsys):
     assert "modelspec.architecture: stable-diffusion-v1/lora" in text
     assert main(["lora", "info", str(tmp_path / "x.safetensors")]) == 0
     assert "output name: x" in capsys.readouterr().out
+
+
+def test_a_pt_lora_is_read_without_running_pickle_code_and_merges_as_its_safetensors_twin(pipe, tmp_path):
+    tensors = write_lora(tmp_path / "a.safetensors", targets(pipe), seed=8)
+    torch.save(tensors, tmp_path / "a.pt")  # what older trainers wrote
+    pipe.load_lora(tmp_path / "a.safetensors")
+    merged = snapshot(pipe)
+    pipe.unload_loras()
+    applied = pipe.load_lora(tmp_path / "a.pt", name="a")
+    assert applied.hash == short_hash(tmp_path / "a.pt") and len(applied.hash) == 12
+    assert_unchanged(pipe, merged)
+    pipe.unload_loras()
