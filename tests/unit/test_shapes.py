@@ -602,9 +602,9 @@ def test_concept_prompts():
 
 
 def test_extra_concept_options_are_checked():
-    with pytest.raises(ValueError, match="unknown extra shape 'hexagon'; choose one of: star"):
+    with pytest.raises(ValueError, match="unknown extra shape 'hexagon'; valid choices: star"):
         ShapesConfig(extra_shapes=("hexagon",))
-    with pytest.raises(ValueError, match="unknown extra color 'red'; choose one of: teal"):
+    with pytest.raises(ValueError, match="unknown extra color 'red'; valid choices: teal"):
         ShapesConfig(extra_colors=("red",))
     with pytest.raises(ValueError, match="twice"):
         ShapesConfig(extra_shapes=("star", "star"))
