@@ -26,36 +26,15 @@ import torch
 
 from unfog.cli import default_model_path
 from unfog.datasets.digits import digits_tensors
-from unfog.metrics.digits_classifier import load_digit_classifier
+from unfog.metrics.digits_eval import BLANK_INK, NOISE_HF, NOISE_TV, count_failures
 from unfog.pipelines import PixelDiffusion
-
-
-def roughness(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relative high-frequency energy, total variation) of images (N, 1, S, S) in [-1, 1]."""
-    x = (images.float() + 1) / 2
-    blur = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-    hf = (x - blur).abs().mean((1, 2, 3)) / x.mean((1, 2, 3)).clamp_min(1e-3)
-    tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))) / 2
-    return hf, tv
-
-
-def classify_failures(images: torch.Tensor, labels: torch.Tensor, ink: float, hf_max: float,
-                      tv_max: float) -> dict[str, int]:
-    """Counts of blank / noise / wrong cells among images (N, 1, S, S) in [-1, 1] drawn for ``labels``."""
-    classifier = load_digit_classifier()
-    with torch.no_grad():
-        predicted = classifier(images.float()).argmax(1)
-    blank = (images > 0).float().mean((1, 2, 3)) < ink
-    hf, tv = roughness(images)
-    noise = ~blank & ((hf > hf_max) | (tv > tv_max))
-    wrong = ~blank & ~noise & (predicted != labels)
-    return {"n": len(labels), "blank": int(blank.sum()), "noise": int(noise.sum()), "wrong": int(wrong.sum())}
 
 
 def report(name: str, c: dict[str, int]) -> str:
     fail = c["blank"] + c["noise"]
     return (f"{name}: {c['n']} images, blank {c['blank']}, noise {c['noise']} -> blank or noise "
-            f"{fail} = {fail / c['n']:.2%}; wrong digit {c['wrong']} ({c['wrong'] / c['n']:.2%})")
+            f"{fail} = {fail / c['n']:.2%}; wrong digit {c['wrong']} ({c['wrong'] / c['n']:.2%}); "
+            f"classified as asked (every cell) {c['right'] / c['n']:.2%}")
 
 
 def main() -> None:
@@ -63,24 +42,29 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--grids", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--ink", type=float, default=0.03)
-    parser.add_argument("--hf", type=float, default=0.25)
-    parser.add_argument("--tv", type=float, default=0.125)
+    parser.add_argument("--sampler", default=None, help="default: the model's (as `unfog sample`)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--spacing", default=None, help="default: the sampler name's, else leading")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the model's")
+    parser.add_argument("--ink", type=float, default=BLANK_INK)
+    parser.add_argument("--hf", type=float, default=NOISE_HF)
+    parser.add_argument("--tv", type=float, default=NOISE_TV)
     args = parser.parse_args()
     rule = (args.ink, args.hf, args.tv)
     for split in ("train", "test"):
         real, real_labels = digits_tensors(split)
-        print(report(f"real {split} digits", classify_failures(real, real_labels, *rule)), flush=True)
+        print(report(f"real {split} digits", count_failures(real, real_labels, *rule)), flush=True)
     pipe = PixelDiffusion.load(args.model or default_model_path())
+    typed = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale}
+    print("settings:", {**pipe.defaults, **{k: v for k, v in typed.items() if v is not None},
+                        "spacing": args.spacing or "the sampler's, else leading"}, flush=True)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    total = {"n": 0, "blank": 0, "noise": 0, "wrong": 0}
+    total = dict.fromkeys(("n", "blank", "noise", "wrong", "right"), 0)
     t0 = time.perf_counter()
     for seed in range(args.grids):
-        images = pipe.generate(labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=seed)
-        counts = classify_failures(images, labels, *rule)
+        images = pipe.generate(labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                               cfg_scale=args.cfg_scale, seed=seed)
+        counts = count_failures(images, labels, *rule)
         print(report(f"seed {seed}", counts), flush=True)
         total = {k: total[k] + counts[k] for k in total}
     print(report(f"all ({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)", total))
