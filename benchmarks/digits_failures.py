@@ -1,7 +1,9 @@
-"""Digits model: how many samples fail outright (a blank or a noise cell), at `unfog sample`'s defaults.
+"""Digits model: how many samples fail outright (a blank or a noise cell), at `unfog sample`'s defaults
+(the model's recommended settings) or the sampler, steps, spacing and guidance given.
 
 Draws ``grids`` grids the way ``unfog sample --per-class P --seed S`` does (every digit, P draws of
-each, one batch, seed S = 0, 1, ...) and counts, with the repo's own digit classifier:
+each, one batch, seed S = 0, 1, ...) and counts, with the repo's own digit classifier and the rule
+of ``unfog.metrics.digits_eval.count_failures``:
 
 - blank: less than ``--ink`` of the pixels are brighter than mid-grey (real digits: 20-40%);
 - noise (a speckled cell): not blank, and rougher than every real training digit: a relative
@@ -9,12 +11,15 @@ each, one batch, seed S = 0, 1, ...) and counts, with the repo's own digit class
   digits: at most 0.205) or a total variation (mean |difference| of neighbouring pixels) above
   ``--tv`` (real digits: at most 0.118). The classifier cannot tell these: it names a digit in
   most speckled cells with high confidence;
-- wrong: neither, but classified as another digit than the one asked for.
+- wrong: neither, but classified as another digit than the one asked for;
+- classified as asked: every cell the classifier reads as the digit asked for (the accuracy of
+  benchmarks/digits_samplers.py), failures included.
 
 The thresholds were set just above the real training digits' maxima; the held-out digits (never
 used to set them) give the rule's false-alarm rate, printed first with the training digits'.
 
     python benchmarks/digits_failures.py                  # 10 grids of 100: the figure in docs/benchmarks.md
+    python benchmarks/digits_failures.py --grids 2 --sampler dpmpp_2m --steps 50 --spacing karras --cfg-scale 1.5
 """
 
 from __future__ import annotations
