@@ -49,12 +49,15 @@ def device_name(text: str) -> str:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name, ours or A1111's ('DPM++ 2M Karras'); "
-                   "see `unfog samplers`")
-    p.add_argument("--steps", type=int, default=20, help="number of sampling steps (default 20)")
+    """The options of `unfog sample`; sampler, steps and guidance default to the model's own."""
+    p.add_argument("--sampler", default=None, help="sampler name, ours or A1111's ('DPM++ 2M Karras') (default: "
+                   "%(model_default)s); see `unfog samplers`").model_default = _ModelDefault("sampler", pixel=True)
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: %(model_default)s)"
+                   ).model_default = _ModelDefault("steps", pixel=True)
     p.add_argument("--spacing", default=None, help="sigma spacing: leading, linspace, trailing, karras, "
                    "exponential, sgm_uniform (default: the sampler name's, else leading)")
-    p.add_argument("--cfg-scale", type=finite_float, default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument("--cfg-scale", type=finite_float, default=None, help="classifier-free guidance scale (default: "
+                   "%(model_default)s)").model_default = _ModelDefault("cfg_scale", pixel=True)
     p.add_argument("--eta", type=finite_float, default=None, help="noise scale of ancestral / SDE samplers")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0; -1: a random one, recorded)")
 
@@ -71,6 +74,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     args.seed = draw_seed(args.seed)
     model_path = Path(args.model) if args.model else default_model_path()
     pipe = PixelDiffusion.load(model_path)
+    typed = {k: getattr(args, k) for k in pipe.defaults if getattr(args, k) is not None}
+    chosen = {**pipe.defaults, **typed}  # the options typed win over the model's recommended settings
+    args.sampler, args.steps, args.cfg_scale = chosen["sampler"], chosen["steps"], chosen["cfg_scale"]
     options = {} if args.eta is None else {"eta": args.eta}
     if pipe.info.num_classes:
         classes = args.classes if args.classes is not None else list(range(pipe.info.num_classes))
@@ -264,20 +270,25 @@ def _add_feature_args(p: argparse.ArgumentParser, default: str | None, default_t
 
 
 class _ModelDefault:
-    """A setting's default in ``generate --help``: the built-in model's recommended value, and the
-    one of checkpoints that recommend none; read from the model file only when the help is shown."""
+    """A setting's default in ``generate --help`` (``pixel``: ``sample --help``): the built-in model's
+    recommended value, and the one of model files that recommend none; read from the model file
+    only when the help is shown."""
 
-    def __init__(self, field: str):
-        self.field = field
+    def __init__(self, field: str, pixel: bool = False):
+        self.field, self.pixel = field, pixel
 
     def __str__(self) -> str:
-        from .pipelines.latent_model import recommended_settings
+        from .pipelines import latent_model, pixel
         from .pipelines.outputs import Settings, sampler_name
 
-        own = recommended_settings(default_model_path(DEFAULT_TEXT_MODEL)).get(self.field)
-        other = getattr(Settings(), self.field)
+        if self.pixel:
+            own = pixel.recommended_settings(default_model_path(DEFAULT_MODEL)).get(self.field)
+            other = pixel.SAMPLING_DEFAULTS[self.field]
+        else:
+            own = latent_model.recommended_settings(default_model_path(DEFAULT_TEXT_MODEL)).get(self.field)
+            other = getattr(Settings(), self.field)
         if self.field == "sampler":
-            own, other = own and f"{sampler_name(own)!r}", f"{other!r}"
+            own, other = own and f"{sampler_name(own)!r}", f"{sampler_name(other) if self.pixel else other!r}"
         else:
             own, other = own and f"{own:g}", f"{other:g}"
         return other if own is None else f"{own} for the built-in model, else the model file's or {other}"

@@ -97,16 +97,16 @@ def test_full_run_writes_report_tables_plots_and_pngs(digits_run):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert [(r["sampler"], r["steps"], r["cfg_scale"]) for r in report["cells"]] == [
-        ("dpmpp_2m", s, c) for s in (1, 2) for c in (1.0, 3.0)]
+        ("euler_ancestral", s, c) for s in (1, 2) for c in (1.0, 3.0)]  # the model's sampler
     row = report["cells"][0]
     assert row["images"] == 20 and row["drawn"] == 20 and {"fid", "kid", "adherence"} == set(row["metrics"])
     assert report["settings"]["prompts"] == [str(k) for k in range(10)] and report["features"]["dim"] == 128
     md = (out / "report.md").read_text()
-    assert "| dpmpp_2m_1_1 | dpmpp_2m | 1 | 1 | 20 |" in md and "## Adherence per category" in md
+    assert "| euler_ancestral_1_1 | euler_ancestral | 1 | 1 | 20 |" in md and "## Adherence per category" in md
     assert "FID is unreliable" in md and any("FID is unreliable" in w for w in warnings)
     # issue 22: a handful of images gave KID -66014 +- 44255 without a word; 20 per cell now warn
-    assert any(w.startswith("KID is unreliable: fewer than 100 images (dpmpp_2m_1_1: 20;") for w in warnings)
-    png = out / "images" / "dpmpp_2m_2_3" / "00013.png"  # draw 1 of prompt "3", seed 13
+    assert any(w.startswith("KID is unreliable: fewer than 100 images (euler_ancestral_1_1: 20;") for w in warnings)
+    png = out / "images" / "euler_ancestral_2_3" / "00013.png"  # draw 1 of prompt "3", seed 13
     params = parse_parameters(read_parameters(png))
     assert (params["Prompt"], params["Seed"], params["Steps"], params["CFG scale"]) == ("3", "13", "2", "3")
     assert Image.open(png).size == (16, 16)
@@ -156,7 +156,7 @@ def count_draws(monkeypatch):
 def test_resume_draws_only_the_missing_images(tmp_path, count_draws):
     one = dict(out=tmp_path, prompts=("3", "digit 7"), steps=(1,), cfg_scales=(2.0,), metrics=("adherence",))
     run_evaluation(EvalSettings(**one, images_per_prompt=2), progress=False, warn=_quiet)
-    folder = tmp_path / "images" / "dpmpp_2m_1_2"
+    folder = tmp_path / "images" / "euler_ancestral_1_2"
     first = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
     assert sorted(first) == [f"{k:05d}.png" for k in range(4)] and count_draws == [0, 1, 2, 3]
     report = run_evaluation(EvalSettings(**one, images_per_prompt=4), progress=False, warn=_quiet)
@@ -184,7 +184,7 @@ def test_a_run_killed_while_writing_leaves_no_partial_png(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(EvalSettings(**one), progress=False, warn=_quiet)
     monkeypatch.setattr(os, "replace", real_replace)
-    folder = tmp_path / "images" / "dpmpp_2m_1_2"
+    folder = tmp_path / "images" / "euler_ancestral_1_2"
     assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png"]
     report = run_evaluation(EvalSettings(**one), progress=False, warn=_quiet)
     assert report["cells"][0]["drawn"] == 2 and sorted(p.name for p in folder.iterdir()) == [
@@ -306,7 +306,7 @@ def test_cli_eval_prints_the_table_and_errors_are_one_line(tmp_path, capsys):
             "--cfg-scales", "2", "--metrics", "fid", "adherence"]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "dpmpp_2m_1_2" in captured.out and "report.md" in captured.out
+    assert "euler_ancestral_1_2" in captured.out and "report.md" in captured.out
     assert "unfog: warning: FID is unreliable" in captured.err
     assert main(["eval", "--out", str(tmp_path / "x"), "--metrics", "fid", "bleu"]) == 2
     err = capsys.readouterr().err

@@ -140,11 +140,14 @@ def test_train_on_an_image_folder_unconditional(tmp_path):
         arr = (torch.rand(12, 10, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(folder / f"{k}.png")
     (folder / "broken.png").write_bytes(b"not a png")
-    model = train(tiny_config(tmp_path, "steps=2", f"data={folder}", "sample_every=2"), progress=False)
+    model = train(tiny_config(tmp_path, "steps=2", f"data={folder}", "sample_every=2", "sample_sampler=euler",
+                              "sample_cfg_scale=1.5"), progress=False)
     from unfog.pipelines import PixelDiffusion
 
     pipe = PixelDiffusion.load(model)
     assert pipe.info.num_classes is None and pipe.unet.config.num_classes is None
+    # the model recommends the settings its training grids were drawn with (`unfog sample`'s defaults)
+    assert pipe.defaults == {"sampler": "euler", "steps": 2, "cfg_scale": 1.5}
     assert pipe.generate(num_images=2, steps=2).shape == (2, 3, 8, 8)
 
 

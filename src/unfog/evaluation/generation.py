@@ -43,7 +43,7 @@ class PixelModel:
 
         self.path, self.id = Path(path), ModelId.of(path)
         self.pipe = PixelDiffusion.load(path, device)
-        self.defaults = {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}
+        self.defaults = dict(self.pipe.defaults)  # what the model file recommends
 
     def default_prompts(self) -> tuple[str, ...]:
         info = self.pipe.info

@@ -1,7 +1,8 @@
 """A pixel-space diffusion model: the U-Net, its noise schedule, and how to draw images from it.
 
 The model file is one safetensors file: the (EMA) U-Net weights under their canonical names and,
-in the metadata, the U-Net config, the schedule, the prediction type and the class layout.
+in the metadata, the U-Net config, the schedule, the prediction type and the class layout, and
+optionally the sampling settings the model recommends ("defaults": sampler, steps, cfg_scale).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, get_sigmas, res
 from ..models.unet import UNet, UNetConfig
 
 FORMAT = "unfog.pixel.v1"
+# The sampling settings of a model file that recommends none (its "defaults" metadata overrides them).
+SAMPLING_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,28 @@ def is_pixel_model(path: str | Path) -> bool:
     return (read_metadata(path) or {}).get("format") == FORMAT
 
 
+def recommended_settings(path: str | Path) -> dict[str, Any]:
+    """The sampling settings a pixel model file recommends (its ``defaults`` metadata: sampler,
+    steps, cfg_scale), read from the header only; {} for a file that recommends none or is no pixel model."""
+    meta = read_metadata(path) or {}
+    return dict(meta.get("defaults") or {}) if meta.get("format") == FORMAT else {}
+
+
 class PixelDiffusion:
-    def __init__(self, unet: UNet, info: PixelModelInfo):
+    def __init__(self, unet: UNet, info: PixelModelInfo, defaults: dict[str, Any] | None = None):
+        """``defaults``: the model's recommended sampling settings, used by ``generate`` for the
+        ones it is not given (the rest: ``SAMPLING_DEFAULTS``)."""
+        unknown = sorted(set(defaults or {}) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown sampling default {unknown[0]!r}; valid: {', '.join(SAMPLING_DEFAULTS)}")
         self.unet, self.info = unet.eval(), info
+        self.defaults = {**SAMPLING_DEFAULTS, **(defaults or {})}
         self.schedule = DiscreteSchedule.make(info.schedule, info.num_timesteps, zero_terminal_snr=info.zero_terminal_snr)
 
     # ---- files --------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        meta = {"format": FORMAT, "unet": asdict(self.unet.config), "info": asdict(self.info), **(extra or {})}
+        meta = {"format": FORMAT, "unet": asdict(self.unet.config), "info": asdict(self.info),
+                "defaults": self.defaults, **(extra or {})}
         save_safetensors(path, self.unet.state_dict(), meta)
 
     @classmethod
@@ -62,7 +79,7 @@ class PixelDiffusion:
         info["class_names"] = tuple(info["class_names"]) if info.get("class_names") else None
         unet = UNet(UNetConfig(**meta["unet"]))
         unet.load_state_dict(tensors, strict=True)
-        return cls(unet.to(device), PixelModelInfo(**info))
+        return cls(unet.to(device), PixelModelInfo(**info), meta.get("defaults"))
 
     # ---- sampling -----------------------------------------------------------------------------
     def denoiser(self) -> Denoiser:
@@ -74,10 +91,10 @@ class PixelDiffusion:
         labels: list[int] | Tensor | None = None,
         *,
         num_images: int | None = None,
-        sampler: str = "dpmpp_2m",
-        steps: int = 20,
+        sampler: str | None = None,
+        steps: int | None = None,
         spacing: str | None = None,
-        cfg_scale: float = 2.0,
+        cfg_scale: float | None = None,
         seed: int = 0,
         callback=None,
         **sampler_options,
@@ -85,7 +102,11 @@ class PixelDiffusion:
         """Images (B, C, H, W) in [-1, 1]. ``labels`` picks classes for a class-conditional model
         (None = unconditional draws of ``num_images``). ``spacing`` defaults to the sampler
         name's own (e.g. "karras" in "DPM++ 2M Karras"), else "leading"; DDPM with 1000 steps
-        and spacing "trailing" is the paper's full chain over every training timestep."""
+        and spacing "trailing" is the paper's full chain over every training timestep. ``sampler``,
+        ``steps`` and ``cfg_scale`` default to the model's recommended settings (``self.defaults``)."""
+        sampler = self.defaults["sampler"] if sampler is None else sampler
+        steps = self.defaults["steps"] if steps is None else steps
+        cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         choice = resolve_sampler(sampler)

@@ -58,7 +58,10 @@ class PixelTrainer(BaseTrainer):
                                  extra={"train_config": self.config.to_dict(), "step": self.step})
 
     def ema_pipeline(self) -> PixelDiffusion:
-        return PixelDiffusion(self.ema.model, self.info)
+        """The EMA model, recommending the config's sampling settings (written to the model file)."""
+        c = self.config
+        return PixelDiffusion(self.ema.model, self.info,
+                              {"sampler": c.sample_sampler, "steps": c.sample_steps, "cfg_scale": c.sample_cfg_scale})
 
     def sample_grid(self) -> None:
         pipe = self.ema_pipeline()
