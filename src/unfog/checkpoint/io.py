@@ -107,6 +107,13 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     return {k: _json_or_text(v) for k, v in raw.items()}
 
 
+def recommended_settings(path: str | Path, format: str) -> dict[str, Any]:
+    """The sampling settings (sampler, steps, cfg_scale) an unfog model file of ``format`` recommends
+    in its ``defaults`` metadata, read from the header only; {} for any other file."""
+    meta = read_metadata(path) or {}
+    return dict(meta.get("defaults") or {}) if meta.get("format") == format else {}
+
+
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)

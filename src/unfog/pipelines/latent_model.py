@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import io
 from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import DiscreteSchedule
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
@@ -55,8 +56,7 @@ def is_text2image_model(path: str | Path) -> bool:
 def recommended_settings(path: str | Path) -> dict[str, Any]:
     """The sampling settings a text-to-image model file recommends (its ``defaults`` metadata:
     sampler, steps, cfg_scale), or {} for any other file."""
-    meta = read_metadata(path) or {}
-    return dict(meta.get("defaults") or {}) if meta.get("format") == FORMAT else {}
+    return io.recommended_settings(path, FORMAT)
 
 
 def save_text2image(path: str | Path, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,

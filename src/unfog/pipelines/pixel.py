@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import io
 from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, get_sigmas, resolve_sampler
 from ..models.unet import UNet, UNetConfig
@@ -48,8 +49,7 @@ def is_pixel_model(path: str | Path) -> bool:
 def recommended_settings(path: str | Path) -> dict[str, Any]:
     """The sampling settings a pixel model file recommends (its ``defaults`` metadata: sampler,
     steps, cfg_scale), read from the header only; {} for a file that recommends none or is no pixel model."""
-    meta = read_metadata(path) or {}
-    return dict(meta.get("defaults") or {}) if meta.get("format") == FORMAT else {}
+    return io.recommended_settings(path, FORMAT)
 
 
 class PixelDiffusion:
