@@ -1,0 +1,82 @@
+"""What a LoRA taught the embedded `shapes` model, measured with the deterministic analyzer.
+
+The LoRA of ``configs/lora_shapes_star_teal.json`` is trained on scenes with a shape (star) and a
+colour (teal) the embedded model never saw. This script draws, with the model's recommended
+settings:
+
+- the single-object prompts of the new concepts (``concept_prompts``: "a red star" ... "a teal
+  star", "a teal circle", ...), split into star prompts and teal prompts;
+- ``--per-category`` prompts of each of the six old categories (``shapes_eval.prompt_set``);
+
+without the LoRA and with it at each ``--weights``, on the same seeds, and prints the analyzer's
+accuracy per row (target: new concepts from about 0 to >= 80%; no old category down by more than
+5 points at weight 1).
+
+    python benchmarks/lora_concepts.py --lora runs/lora_star_teal/star_teal.safetensors
+    python benchmarks/lora_concepts.py --lora FILE --concepts 100 --per-category 50 --weights 0.5 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import unfog
+from unfog.datasets.shapes_text import CATEGORIES, concept_prompts
+from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
+from unfog.metrics.shapes_analyzer import score
+from unfog.metrics.shapes_eval import generate, prompt_set
+from unfog.pipelines.latent_model import recommended_settings
+
+
+def cpu_flags() -> str:
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "neither amx_bf16 nor avx512_bf16"
+
+
+def scores(pipe, specs: list, groups: dict[str, list[int]], settings: dict) -> dict[str, float]:
+    """Analyzer accuracy over each group (indices into ``specs``) of one image per prompt spec,
+    drawn with the same seeds for every call."""
+    images = generate(pipe, specs, **settings, seed=0, progress=True)
+    verdicts = [bool(score(image, spec)) for image, spec in zip(images, specs)]
+    return {name: sum(verdicts[i] for i in idx) / len(idx) for name, idx in groups.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lora", required=True, help="the LoRA file to measure")
+    p.add_argument("--model", default=str(default_model_path(DEFAULT_TEXT_MODEL)))
+    p.add_argument("--concepts", type=int, default=100, help="prompts about the new concepts (default 100)")
+    p.add_argument("--per-category", type=int, default=50, help="prompts per old category (default 50)")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0])
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    pipe = unfog.load(args.model)
+    rec = recommended_settings(args.model)
+    settings = {k: rec[k] for k in ("sampler", "steps", "cfg_scale") if k in rec}
+    specs = concept_prompts(args.concepts) + prompt_set(args.per_category)
+    new = range(args.concepts)
+    groups = {"star prompts": [i for i in new if specs[i].objects[0].shape == "star"],
+              "teal prompts": [i for i in new if specs[i].objects[0].color == "teal"],
+              "new concepts (all)": list(new)}
+    groups |= {c: [i for i in range(args.concepts, len(specs)) if specs[i].category == c] for c in CATEGORIES}
+    columns = {"without": scores(pipe, specs, groups, settings)}
+    for w in args.weights:
+        pipe.load_lora(args.lora, weight=w)
+        columns[f"LoRA x{w:g}"] = scores(pipe, specs, groups, settings)
+        pipe.unload_loras()
+    print(f"{args.lora} on {Path(args.model).name}; settings {settings}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
+    print("| prompts | n | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for name, idx in groups.items():
+        cells = " | ".join(f"{100 * col[name]:.1f}" for col in columns.values())
+        print(f"| {name} | {len(idx)} | {cells} |")
+    print(f"\n{time.perf_counter() - t0:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
