@@ -180,6 +180,18 @@ def diffusers_sdxl_outputs(tensors: dict, twin, text_encoders, their_args):
         return twin(**their_args).sample, [text_output(ref, IDS) for ref in text_encoders]
 
 
+def assert_sdxl_merge_matches(models: dict, path, our_args: dict, expected, expected_te) -> None:
+    """Merge the file at ``path`` into our U-Net and both text encoders; every module matched, and
+    the outputs equal diffusers' within RTOL."""
+    assert LoraStack(models).add(path).unmatched == ()
+    with torch.no_grad():
+        got = models["unet"](**our_args)
+        got_te = [models[name](IDS).last_hidden_state for name in ("text_encoder", "text_encoder_2")]
+    assert rel_err(got, expected) <= RTOL
+    for g, e in zip(got_te, expected_te):
+        assert rel_err(g, e) <= RTOL
+
+
 def test_kohya_sdxl_lora_with_ldm_names_and_two_text_encoders_matches_diffusers(tmp_path):
     ours_unet, twin = sdxl_models()
     ref_te1, ours_te1 = clip_pair(768, 12, 3, "quick_gelu", None, seed=6)
@@ -206,14 +218,8 @@ def test_kohya_sdxl_lora_with_ldm_names_and_two_text_encoders_matches_diffusers(
     our_args, their_args = unet_inputs(NARROW_XL)
     expected, expected_te = diffusers_sdxl_outputs(tensors, twin, (ref_te1, ref_te2), their_args)
 
-    stack = LoraStack({"unet": ours_unet, "text_encoder": ours_te1, "text_encoder_2": ours_te2})
-    assert stack.add(path).unmatched == ()
-    with torch.no_grad():
-        got = ours_unet(**our_args)
-        got_te = [ours(IDS).last_hidden_state for ours in (ours_te1, ours_te2)]
-    assert rel_err(got, expected) <= RTOL
-    for g, e in zip(got_te, expected_te):
-        assert rel_err(g, e) <= RTOL
+    models = {"unet": ours_unet, "text_encoder": ours_te1, "text_encoder_2": ours_te2}
+    assert_sdxl_merge_matches(models, path, our_args, expected, expected_te)
 
 
 def test_peft_format_lora_matches_diffusers(tmp_path):
@@ -330,10 +336,4 @@ def test_save_lora_sdxl_names_load_with_diffusers(tmp_path):
     our_args, their_args = unet_inputs(NARROW_XL)
     expected, expected_te = diffusers_sdxl_outputs(keys, twin, (ref_te1, ref_te2), their_args)
 
-    assert LoraStack(models).add(path).unmatched == ()
-    with torch.no_grad():
-        got = ours_unet(**our_args)
-        got_te = [ours(IDS).last_hidden_state for ours in (ours_te1, ours_te2)]
-    assert rel_err(got, expected) <= RTOL
-    for g, e in zip(got_te, expected_te):
-        assert rel_err(g, e) <= RTOL
+    assert_sdxl_merge_matches(models, path, our_args, expected, expected_te)
