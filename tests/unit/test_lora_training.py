@@ -174,9 +174,17 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_trajectory(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU) with global batch 4 against one process with batch 4:
-    the same losses at every step (each rank trains on its half of every global batch)."""
-    steps = ["steps=3", "batch_size=4", "save_every=3", "lr=0.05"]  # big steps: the adapters move the loss
+    """torchrun --nproc_per_node 2 (gloo, CPU) with global batch 4 against one process with batch 4
+    (each rank trains on its half of every global batch): the same losses at every step, and the
+    same adapters after the first step.
+
+    The adapters are compared after one step because Adam divides each gradient by its own size:
+    an element whose gradient is near zero moves by up to lr on summation-order noise alone, and
+    that noise then compounds. Measured: 0.2% of the elements differ by more than 2% of lr after
+    step 1 under DDP; a rank that skipped the all-reduce (one process, batch 2: half the data)
+    differs in 36% of them."""
+    lr = 0.05  # big steps: the adapters move the loss
+    steps = ["steps=3", "batch_size=4", "save_every=1", "keep_last=3", f"lr={lr}"]
     one = train(lora_config(tmp_path / "one", *steps), progress=False)
     cfg = tmp_path / "two.json"
     cfg.write_text(json.dumps(lora_config(tmp_path / "two", *steps).to_dict()))
@@ -187,10 +195,10 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
     log = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]  # noqa: E731
     torch.testing.assert_close(torch.tensor(log("two")), torch.tensor(log("one")), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "two" / one.name).is_file()
-    # Not checked yet: the adapters themselves. After 3 steps the two runs' delta W differ by up to
-    # half their size in some modules while the losses agree to 1e-5; whether that is Adam
-    # magnifying summation-order noise in down's first, near-zero gradients or a gap in the
-    # gradient all-reduce is open (issue 16).
+    first = [load_state(list_states(tmp_path / run / "states")[0])["model"] for run in ("one", "two")]
+    assert first[0].keys() == first[1].keys()
+    far = sum(((first[0][k] - first[1][k]).abs() > 0.02 * lr).sum().item() for k in first[0])
+    assert far <= 0.01 * sum(v.numel() for v in first[0].values()), far
 
 
 # ---- data ------------------------------------------------------------------------------------------------
