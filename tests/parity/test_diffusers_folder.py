@@ -99,7 +99,10 @@ def sdxl_like_parts(tokenizer) -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(tmp_path_factory.mktemp("tok")))
+    """CLIP's tokenizer with the official folders' ``model_max_length`` 77 (diffusers' pipelines
+    pad and truncate prompts to it; without it they fail on an overflowing length)."""
+    folder = write_tokenizer_folder(tmp_path_factory.mktemp("tok"))
+    return transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
 @pytest.fixture(scope="module")
