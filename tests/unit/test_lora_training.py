@@ -136,6 +136,105 @@ def test_resume_is_bit_identical_and_a_changed_config_is_refused(tmp_path):
     assert (tmp_path / "b" / "samples" / "step_00000004.png").is_file()
 
 
+# ---- --init-from a LoRA file -----------------------------------------------------------------------------
+
+LOCON_TE = ["lora.text_encoder_lora=true", "lora.conv_rank=2", "lora.conv_alpha=1"]  # every kind of adapter
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory) -> Path:
+    """File A: 2 steps with U-Net, LoCon (rank 2, alpha 1) and text-encoder adapters (rank 4, alpha 4)."""
+    return train(lora_config(tmp_path_factory.mktemp("a"), "steps=2", *LOCON_TE), progress=False)
+
+
+def test_init_from_a_lora_file_continues_its_adapters(lora_file, tmp_path):
+    """Oracle: A's own tensors, read with safetensors. A run started from A with a negligible lr
+    (1e-12; lr must be > 0) saves A's tensors again; so does a trainer that loads A converted to
+    PEFT keys by diffusers' own converters, with the EMA equal, step 0 and an empty optimizer."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file, save_file
+
+    a = load_file(lora_file)
+    assert max(v.abs().max() for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-3  # trained, not zero
+    path = train(lora_config(tmp_path / "b", "steps=1", "lr=1e-12", *LOCON_TE), init_from=lora_file, progress=False)
+    b = load_file(path)
+    assert b.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-7, rtol=0)  # an Adam step of lr 1e-12 moves at most 1e-12
+    history = json.loads((tmp_path / "b" / "resumes.jsonl").read_text())
+    assert history["step"] == 0 and history["changes"][0] == f"started from the weights of {lora_file}"
+    assert "ss_learning_rate: '0.002' -> '1e-12'" in history["changes"]
+
+    # PEFT files store no alpha: the attention and text-encoder adapters, whose alpha is their rank
+    plain = {k: v for k, v in a.items() if k.startswith("lora_te") or "_attentions_" in k}
+    tensors, _ = _convert_non_diffusers_lora_to_diffusers(dict(plain))
+    text = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    peft = {**convert_state_dict_to_peft(text), **convert_unet_state_dict_to_peft(
+        {k: v for k, v in tensors.items() if k not in text})}
+    assert all(k.startswith(("unet.", "text_encoder.")) and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in peft)
+    save_file(peft, tmp_path / "peft.safetensors")
+    trainer = make_trainer(lora_config(tmp_path / "c", "lora.text_encoder_lora=true"), "cpu")
+    assert trainer.load_weights(tmp_path / "peft.safetensors") == []  # no kohya fields to compare
+    assert trainer.step == 0 and trainer.ema.num_updates == 0 and not trainer.optimizer.state
+    trainer.save_model()  # the EMA adapters
+    c = load_file(trainer.model_path)
+    assert c.keys() == plain.keys() and all(torch.equal(c[k], plain[k]) for k in plain)
+
+
+def test_init_from_a_lora_file_without_some_adapters_starts_them_fresh(lora_file, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    a = load_file(lora_file)
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_file({k: v for k, v in a.items() if k.startswith("lora_unet_")}, unet_only)
+    trainer = make_trainer(lora_config(tmp_path / "b", *LOCON_TE), "cpu")
+    fresh = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    changes = trainer.load_weights(unet_only)
+    text = [k for k in fresh if k.startswith("adapters.text_encoder/")]
+    assert text and changes == [f"{len(text) // 2} of the {len(fresh) // 2} adapters this config trains are not in "
+                                "unet_only.safetensors and start fresh"]
+    assert changes[0] in capsys.readouterr().err
+    now = trainer.ema.model.state_dict()
+    assert all(torch.equal(now[k], fresh[k]) for k in text)  # the seeded initialisation
+    assert all(not torch.equal(now[k], fresh[k]) for k in fresh if k not in text and k.endswith("lora_up.weight"))
+
+
+def test_init_from_a_lora_file_that_does_not_fit_is_refused(lora_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = load_file(lora_file)
+    to_k = next(k for k in a if "attn2_to_k.lora_down" in k)
+    module = to_k.split(".")[0]
+
+    def written(name: str, tensors: dict) -> Path:
+        save_file(tensors, tmp_path / name)
+        return tmp_path / name
+
+    factor = {"a": "lora_up", "b": "lora_down"}  # LoHa's w_a (out, r), w_b (r, in)
+    loha = written("loha.safetensors", {f"{module}.hada_w{j}_{s}": a[f"{module}.{factor[s]}.weight"].clone()
+                                        for j in "12" for s in "ab"})
+    sdxl = written("sdxl.safetensors", {**a, to_k: torch.zeros(4, 2048)})
+    alien = written("alien.safetensors", {**a, "lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 8),
+                                          "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 4)})
+    cases = [
+        (["lora.rank=8", *LOCON_TE], lora_file, r"it has rank 4 where lora\.rank=8"),
+        ([*LOCON_TE, "lora.conv_rank=4"], lora_file, r"it has rank 2 where lora\.conv_rank=4"),
+        ([*LOCON_TE, "lora.alpha=8"], lora_file, r"it has alpha 4 where lora\.alpha=8 .*kept, not converted"),
+        (["lora.conv_rank=2", "lora.conv_alpha=1"], lora_file,
+         r"layers this config does not train: \d+ in the text encoders \(lora\.text_encoder_lora=true"),
+        (["lora.text_encoder_lora=true"], lora_file, r"\d+ in the U-Net \(lora\.conv_rank > 0 trains"),
+        (LOCON_TE, loha, r"is not a plain LoRA \(loha adapters\)"),
+        (LOCON_TE, sdxl, r"is a LoRA for SDXL \(cross-attention width 2048\); .* cross-attention width 128"),
+        (LOCON_TE, alien, r"1 of its modules are no layer of"),
+    ]
+    for i, (settings, path, message) in enumerate(cases):
+        trainer = make_trainer(lora_config(tmp_path / str(i), *settings), "cpu")
+        with pytest.raises(ValueError, match=message):
+            trainer.load_weights(path)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from unfog.cli import main; sys.exit(main())", *args]
 

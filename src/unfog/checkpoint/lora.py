@@ -48,7 +48,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from ..nn.lora import AdapterWeights
+from ..nn.lora import AdapterLayer, AdapterWeights, LoRALayer
 from .components import few
 from .convert import diffusers_unet_rows
 from .io import atomic_write, load_state_dict, tensor_data_sha256
@@ -222,6 +222,21 @@ def _diffusers_names(unet) -> dict[str, str]:
     return {path: name for path, name in names.items() if name is not None}
 
 
+def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(path, layer) of every Linear / Conv2d of ``model``. A LoRA wrapper (``nn.lora``'s LoRALayer or
+    AdapterLayer, as a LoRA training run holds) stands for the layer it wraps, under that layer's
+    path; its own factors are not layers of the model."""
+    inside: str | None = None  # the path of the wrapper being walked (named_modules is pre-order)
+    for path, module in model.named_modules():
+        if inside is not None and path.startswith(inside + "."):
+            continue
+        if isinstance(module, (LoRALayer, AdapterLayer)):
+            inside = path
+            yield path, module.base
+        elif isinstance(module, ADAPTABLE):
+            yield path, module
+
+
 class ModuleIndex:
     """Every name a LoRA file may give to each adaptable module of a set of models."""
 
@@ -241,9 +256,7 @@ class ModuleIndex:
 
     def _add_unet(self, unet: nn.Module) -> None:
         diffusers = _diffusers_names(unet)
-        for path, module in unet.named_modules():
-            if not isinstance(module, ADAPTABLE):
-                continue
+        for path, module in adaptable_modules(unet):
             target = Target("unet", path, module)
             names = [path, "lora_unet_" + path.replace(".", "_")]
             if path in diffusers:
@@ -252,9 +265,7 @@ class ModuleIndex:
             self._add(target, names)
 
     def _add_text(self, component: str, encoder: nn.Module) -> None:
-        for path, module in encoder.named_modules():
-            if not isinstance(module, ADAPTABLE):
-                continue
+        for path, module in adaptable_modules(encoder):
             target = Target(component, path, module)
             hf = "text_model." + path  # the transformers name, which kohya uses for OpenCLIP encoders too
             names = [DIFFUSERS_TEXT_PREFIXES[component] + hf, DIFFUSERS_TEXT_PREFIXES[component] + path]

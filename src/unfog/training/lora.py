@@ -23,14 +23,17 @@ them, so the EMA's copy, bound the same way, is the EMA model (the sample grid d
 from __future__ import annotations
 
 import copy
+import math
+import sys
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint.lora import Target, kohya_metadata, save_lora
+from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, kohya_metadata, read_lora, save_lora
 from ..conditioning import encode_prompt, sdxl_vector_cond
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..diffusion.schedules import DiscreteSchedule
@@ -42,7 +45,7 @@ from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
 from .base import BaseTrainer
-from .config import LoraOptions, TrainConfig
+from .config import LoraOptions, TrainConfig, field_differences
 from .data import BucketBatches, EpochBatches
 from .lora_data import Posterior, cache_latents, make_lora_data, transform_captions
 from .state import list_states
@@ -51,6 +54,9 @@ UNET_BLOCKS = (SpatialTransformer,)
 CONV_BLOCKS = (ResBlock, Downsample, Upsample)  # LoCon
 TEXT_BLOCKS = (CLIPAttention, CLIPMLP)
 MODEL_SETTINGS = ("schedule", "num_timesteps", "zero_terminal_snr", "prediction")  # read from the model
+# the kohya fields of a LoRA file that --init-from compares with the new run (resumes.jsonl)
+RECORDED = ("ss_sd_model_name", "ss_base_model_version", "ss_v_parameterization", "ss_resolution",
+            "ss_num_train_images", "ss_max_train_steps", "ss_learning_rate", "ss_seed")
 
 
 def default_targets(model: nn.Module, blocks: tuple[type, ...]) -> dict[str, bool]:
@@ -245,19 +251,99 @@ class LoraTrainer(BaseTrainer):
     def model_path(self) -> Path:
         return Path(self.config.out_dir) / f"{self.options.output_name}.safetensors"
 
-    def save_model(self) -> None:
-        """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
-        replace: ``build`` refused a file of that name that is not from this run)."""
+    def metadata(self) -> dict[str, str]:
+        """kohya's ``ss_*`` and ``modelspec.*`` fields of this run's LoRA file, at the current step."""
         c, o, pipe = self.config, self.options, self.pipe
         extra = {"ss_sd_model_name": self.base_path.name, "ss_num_train_images": str(len(self.data)),
                  "ss_max_train_steps": str(c.steps), "ss_steps": str(self.step), "ss_learning_rate": str(c.lr),
                  "ss_seed": str(c.seed), "ss_network_train_unet_only": str(not o.text_encoder_lora)}
-        metadata = kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
-                                  started_at=self.started_at, prediction=pipe.prediction,
-                                  conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
-                                  resolution=c.image_size, extra=extra)
-        save_lora(self.model_path, self.ema.model.adapter_weights(), pipe.family, metadata, unet_config=pipe.unet.config,
-                  overwrite=True)
+        return kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
+                              started_at=self.started_at, prediction=pipe.prediction,
+                              conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
+                              resolution=c.image_size, extra=extra)
+
+    def save_model(self) -> None:
+        """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
+        replace: ``build`` refused a file of that name that is not from this run)."""
+        pipe = self.pipe
+        save_lora(self.model_path, self.ema.model.adapter_weights(), pipe.family, self.metadata(),
+                  unet_config=pipe.unet.config, overwrite=True)
+
+    def load_weights(self, path: Path) -> list[str]:
+        """Continue training a LoRA file (``--init-from some.safetensors``, kohya's ``--network_weights``):
+        any file ``read_lora`` reads (kohya / LoCon, PEFT or diffusers naming). Its factors become the
+        adapters and the EMA; the optimizer, LR schedule and step start afresh.
+
+        Each of its adapters must be a plain LoRA (lora_down, lora_up: LoHa, LoKr, the CP form and
+        DoRA have no trainer here) for the model's family (``check_family``), on a layer this config
+        trains, at this config's rank and alpha (3x3 convs: ``lora.conv_rank`` / ``conv_alpha``).
+        Another alpha is refused rather than converted: alpha / rank scales the factors' gradients,
+        so continuing at another alpha is not the same training, and rescaling lora_up to keep the
+        product is exact only for powers of two; refused, the file's factors load bit for bit and
+        one setting fixes it. Layers the config trains that the file lacks start fresh, as kohya's
+        ``--network_weights`` leaves them, with a note of the count. Returns that note and the
+        differences between the run the file records (its kohya ``ss_*`` fields) and this one,
+        for ``resumes.jsonl``."""
+        frozen, lora = self.net.frozen, read_lora(path)
+        found = self._fitting_adapters(lora)
+        with torch.no_grad():
+            for key, adapter in found.items():
+                mine = self.net.adapters[key]
+                for name in ("lora_down", "lora_up"):
+                    weight = getattr(mine, name).weight
+                    weight.copy_(adapter.tensors[name].reshape(weight.shape))
+        self.ema.model.load_state_dict(self.net.state_dict())
+        changes = []
+        if len(found) < len(frozen.targets):
+            changes.append(f"{len(frozen.targets) - len(found)} of the {len(frozen.targets)} adapters this config "
+                           f"trains are not in {lora.path.name} and start fresh")
+            if self.world.is_main:
+                print(f"note: {changes[-1]}", file=sys.stderr)
+        recorded = {k: str(lora.metadata[k]) for k in RECORDED if k in lora.metadata}
+        return changes + field_differences(recorded, {k: self.metadata()[k] for k in recorded})
+
+    def _fitting_adapters(self, lora: LoraFile) -> dict[str, AdapterWeights]:
+        """The file's adapters by our adapter key, each checked as ``load_weights`` says; an
+        adapter that does not fit is a one-line ValueError naming the setting that would."""
+        o, pipe, frozen, path = self.options, self.pipe, self.net.frozen, lora.path
+        kinds = sorted({a.kind for a in lora.adapters.values()} - {"lora"})
+        extra = sorted({k for a in lora.adapters.values() if a.kind == "lora" for k in a.tensors}
+                       - {"lora_down", "lora_up"})
+        if kinds or extra:
+            found = ", ".join([f"{k} adapters" for k in kinds] + [f"{t} tensors" for t in extra])
+            raise ValueError(f"{path} is not a plain LoRA ({found}); task 'lora' trains lora_down / lora_up factors, "
+                             "so it can continue a LoRA or LoCon file only")
+        check_family(lora, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, str(self.base_path))
+        models = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")}
+        found, unmatched = ModuleIndex(models).resolve(lora)
+        if unmatched:
+            raise ValueError(f"{path}: {len(unmatched)} of its modules are no layer of {self.base_path}, e.g. "
+                             f"{', '.join(sorted(unmatched)[:3])}; is it a LoRA for this model?")
+        key_of = {target: key for key, target in frozen.targets.items()}
+        untrained = [t for t in found if t not in key_of]
+        if untrained:
+            text = sum(t.is_text for t in untrained)
+            where = [f"{text} in the text encoders (lora.text_encoder_lora=true trains them)"] if text else []
+            if len(untrained) > text:
+                where.append(f"{len(untrained) - text} in the U-Net (" + ("lora.conv_rank > 0 trains its ResBlock and "
+                             "sampling convs" if not o.conv_rank else "layers task 'lora' does not train") + ")")
+            first = untrained[0]
+            raise ValueError(f"{path} has adapters on {len(untrained)} layers this config does not train: "
+                             f"{'; '.join(where)}; e.g. {first.component}.{first.path}")
+        wrong: dict[str, set[str]] = defaultdict(set)  # "lora.rank=4" -> the file's values there
+        for target, adapter in found.items():
+            layer = frozen.layers[key_of[target]]
+            conv = isinstance(target.module, nn.Conv2d) and target.module.kernel_size != (1, 1)
+            rank, alpha = ("conv_rank", "conv_alpha") if conv else ("rank", "alpha")
+            if adapter.rank != layer.rank:
+                wrong[f"lora.{rank}={getattr(o, rank)}"].add(f"rank {adapter.rank}")
+            elif not math.isclose(adapter.alpha or adapter.rank, float(layer.alpha), rel_tol=1e-6):
+                wrong[f"lora.{alpha}={getattr(o, alpha):g}"].add(f"alpha {adapter.alpha or adapter.rank:g}")
+        if wrong:
+            raise ValueError(f"{path} does not fit this config: " + "; ".join(
+                f"it has {', '.join(sorted(v))} where {k}" for k, v in wrong.items())
+                + " (set them to the file's values; its alpha / rank scale is kept, not converted)")
+        return {key_of[target]: adapter for target, adapter in found.items()}
 
     def sample_grid(self) -> None:
         c = self.config
