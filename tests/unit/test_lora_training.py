@@ -83,6 +83,10 @@ def test_model_settings_come_from_the_model_and_others_are_refused(tmp_path):
         make_trainer(lora_config(tmp_path, "prediction=x0"), "cpu")
     with pytest.raises(ValueError, match="task 'lora' does not read cond_dropout"):
         lora_config(tmp_path, "cond_dropout=0.3")
+    with pytest.raises(ValueError, match=r"^lora\.alpha must be > 0, got 0 \(kohya's alpha 0 means alpha = rank"):
+        lora_config(tmp_path, "lora.alpha=0")
+    with pytest.raises(ValueError, match=r"^lora\.conv_alpha must be > 0, got -1"):
+        lora_config(tmp_path, "lora.conv_alpha=-1")
 
 
 def test_saved_lora_loaded_on_the_pipeline_reproduces_the_trained_network(tmp_path):

@@ -204,6 +204,10 @@ class LoraOptions(TaskOptions):
             minimum = 1 if name == "rank" else 0
             if getattr(self, name) < minimum:
                 raise ValueError(f"lora.{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name in ("alpha", "conv_alpha"):  # kohya reads network_alpha 0 as "alpha = rank": say so, not train at scale 0
+            if not getattr(self, name) > 0:
+                raise ValueError(f"lora.{name} must be > 0, got {getattr(self, name)} (kohya's alpha 0 means "
+                                 f"alpha = rank: write the rank)")
         check_choice("lora.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
         check_choice("lora.cache_latents", self.cache_latents, ("none", "memory", "disk"))
         if not 0 <= self.caption_dropout < 1:
