@@ -23,6 +23,7 @@ import torch
 from unfog.checkpoint import (
     UnsafeCheckpointError,
     load_pickle_checkpoint,
+    load_pickle_object,
     load_state_dict,
     save_safetensors,
 )
@@ -130,6 +131,24 @@ def test_nested_state_dict_is_unwrapped_and_plain_values_become_metadata(tmp_pat
     _assert_same(tensors, torch.load(path, weights_only=True)["state_dict"])
     assert meta == {"global_step": 5, "epoch": 2}
     assert "optimizer_states" in caplog.text
+
+
+def test_whole_object_graph_keeps_nested_dicts_and_integer_keys(tmp_path):
+    """A1111's hypernetwork files key by context width (int) and nest state dicts in lists;
+    embedding files nest {'*': tensor} dicts: ``load_pickle_object`` returns the graph as
+    ``torch.load(weights_only=True)`` does."""
+    path = tmp_path / "hn.pt"
+    obj = {768: [_weights(), _weights()], "layer_structure": [1, 2, 1], "name": "x", "step": 7,
+           "string_to_param": {"*": torch.randn(2, 4)}, "pair": (1, None, 2.5)}
+    torch.save(obj, path)
+    ours, theirs = load_pickle_object(path), torch.load(path, weights_only=True)
+    assert ours.keys() == theirs.keys() and isinstance(next(iter(ours)), int)
+    for k in (768,):
+        assert len(ours[k]) == 2
+        for a, b in zip(ours[k], theirs[k]):
+            _assert_same(a, b)
+    assert ours["layer_structure"] == [1, 2, 1] and ours["pair"] == (1, None, 2.5) and ours["step"] == 7
+    torch.testing.assert_close(ours["string_to_param"]["*"], theirs["string_to_param"]["*"], rtol=0, atol=0)
 
 
 def test_module_state_dict_and_parameters(tmp_path):

@@ -8,7 +8,7 @@ for the pixel models and the training state.
 from importlib import import_module
 
 from .io import load_safetensors, load_state_dict, save_safetensors
-from .pickle_reader import UnsafeCheckpointError, load_pickle_checkpoint
+from .pickle_reader import UnsafeCheckpointError, load_pickle_checkpoint, load_pickle_object
 
 _LAZY = {
     "Components": "components",
@@ -28,5 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = sorted([*_LAZY, "UnsafeCheckpointError", "load_pickle_checkpoint", "load_safetensors",
+__all__ = sorted([*_LAZY, "UnsafeCheckpointError", "load_pickle_checkpoint", "load_pickle_object", "load_safetensors",
                   "load_state_dict", "save_safetensors"])

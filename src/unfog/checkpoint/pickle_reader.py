@@ -454,12 +454,20 @@ def load_pickle_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     Raises :class:`UnsafeCheckpointError` if the pickle names any global outside the allow-list,
     and ``ValueError`` naming the file for bare-pickle, truncated or corrupt files.
     """
+    return _split(load_pickle_object(path), Path(path))
+
+
+def load_pickle_object(path: str | Path) -> Any:
+    """The whole object graph of a ``torch.save`` file, read without running code: nested dicts
+    (integer keys included), lists, tuples, tensors and plain values, as saved. For files whose
+    layout is not a flat state dict (A1111's textual-inversion embeddings and hypernetworks).
+    Raises as :func:`load_pickle_checkpoint` does."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if _sniff(path) == "legacy":
         try:
-            return _split(_load_legacy(path), path)
+            return _load_legacy(path)
         except UnsafeCheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
@@ -476,10 +484,9 @@ def load_pickle_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
         reader = _StorageReader(zf, prefix, _byteorder(zf, prefix, path))
         try:
             with zf.open(f"{prefix}data.pkl") as f:
-                obj = _RestrictedUnpickler(f, reader, path).load()
+                return _RestrictedUnpickler(f, reader, path).load()
         except UnsafeCheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError, RuntimeError, zipfile.BadZipFile, OSError) as err:
             raise ValueError(f"{path} is not a readable torch checkpoint (corrupt?): {err}") from err
-    return _split(obj, path)
