@@ -382,3 +382,27 @@ def test_archive_without_data_pkl(tmp_path):
         z.writestr("archive/version", b"3\n")
     with pytest.raises(ValueError, match="exactly one data.pkl.*found none"):
         load_pickle_checkpoint(path)
+
+
+def test_parameter_dict_is_read_as_an_inert_record(tmp_path):
+    """Older A1111 embeddings hold ``string_to_param`` as a ``ParameterDict``: it comes back as a
+    ``PickledModule`` whose ``state["_parameters"]`` has the tensors torch.load gives."""
+    vec = torch.randn(3, 8)
+    path = tmp_path / "emb.pt"
+    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)}), "step": 7}, path)
+    obj = load_pickle_object(path)
+    record = obj["string_to_param"]
+    assert isinstance(record, pickle_reader.PickledModule) and obj["step"] == 7
+    assert torch.equal(record.state["_parameters"]["*"], vec)
+
+
+def test_build_on_the_module_class_itself_fails(tmp_path):
+    """The one class handed out cannot be given attributes: BUILD on it fails, and nothing else
+    (no other module class) is found by NEWOBJ."""
+    pkl = b"\x80\x02ctorch.nn.modules.container\nParameterDict\n}S'x'\nK\x01sb."
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        load_pickle_object(_write_zip(tmp_path / "build.pt", pkl))
+    assert not hasattr(pickle_reader.PickledModule, "x")
+    other = b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81."
+    with pytest.raises(UnsafeCheckpointError):
+        load_pickle_object(_write_zip(tmp_path / "linear.pt", other))

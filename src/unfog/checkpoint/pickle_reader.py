@@ -33,7 +33,12 @@ the name is read and before any REDUCE could call it. So:
 - REDUCE, INST and OBJ can only call what ``find_class`` handed out: our functions, which build
   tensors from bytes and take no further action, or inert placeholders, which only record their
   arguments.
-- NEWOBJ / NEWOBJ_EX need a class, and nothing we hand out is a class, so they fail.
+- NEWOBJ / NEWOBJ_EX need a class. The one class we hand out is :class:`PickledModule`, for the
+  name ``torch.nn.modules.container.ParameterDict`` (``_MODULE_GLOBALS``; older A1111 embeddings
+  hold one): it defines no ``__init__`` or ``__new__`` of its own, and its
+  ``__setstate__`` only stores the state (the module's ``__dict__``: tensors and plain values made
+  by the same restricted unpickler). BUILD aimed at the class itself fails (its ``__setstate__``
+  then lacks an argument); every other class name is refused.
 - BUILD calls ``__setstate__`` or sets attributes on the object below it. Our handed-out objects are
   immutable tuples (BUILD on them fails), so a file cannot rewrite our functions for later loads;
   the objects our functions return are plain tensors, ``OrderedDict`` (``state_dict()`` sets
@@ -231,6 +236,25 @@ _INERT_GLOBALS = frozenset(
 )
 
 
+class PickledModule:
+    """A pickled ``torch.nn.ParameterDict``, never built: NEWOBJ makes an empty record and BUILD
+    stores the ``__dict__`` the pickle gives it in ``state`` (``state["_parameters"]`` holds the
+    tensors). Nothing else happens to it."""
+
+    __slots__ = ("state",)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return "<ParameterDict record>"
+
+
+# Module classes a file may hold outside a model: older A1111 textual-inversion embeddings keep
+# ``string_to_param`` as a ``ParameterDict`` (A1111 reads its ``_parameters``).
+_MODULE_GLOBALS = {"torch.nn.modules.container.ParameterDict": PickledModule}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` answering global lookups from the allow-list only."""
 
@@ -245,6 +269,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _TENSOR_GLOBALS[full]
         if full in _INERT_GLOBALS:
             return _Inert(full)
+        if full in _MODULE_GLOBALS:
+            return _MODULE_GLOBALS[full]
         raise UnsafeCheckpointError(
             f"{self._source}: refused. Its pickle asks for the global '{full}', which is not one of "
             f"the tensor-building globals unfog allows, so no code from the file was run. If you "
