@@ -12,6 +12,8 @@ from .pickle_reader import UnsafeCheckpointError, load_pickle_checkpoint, load_p
 
 _LAZY = {
     "Components": "components",
+    "Embedding": "embeddings",
+    "read_embedding": "embeddings",
     "FAMILIES": "detect",
     "Family": "detect",
     "detect_family": "detect",
