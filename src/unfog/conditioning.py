@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import torch
 
@@ -49,7 +49,10 @@ from unfog.choices import check_choice
 from unfog.models.clip_text import CLIPTextEncoder, CLIPTextOutput
 from unfog.models.tokenizer import CLIPTokenizer, Padding
 from unfog.nn.embeddings import timestep_embedding
-from unfog.prompt_parser import CHUNK_LENGTH, Chunk, tokenize_prompt
+from unfog.prompt_parser import CHUNK_LENGTH, Chunk, Word, tokenize_prompt
+
+if TYPE_CHECKING:
+    from unfog.checkpoint.embeddings import Embedding
 
 # Which text encoders a pipeline has and how it reads them (READOUTS). Not ``checkpoint.Family``,
 # which describes a checkpoint's layout (its configs and key prefixes).
@@ -112,6 +115,7 @@ def encode_prompt(
     emphasis: Emphasis = "original",
     zero_empty_negative: bool | None = None,
     with_pooled: bool = False,
+    embeddings: Sequence[Embedding] = (),
 ) -> Conditioning:
     """Prompt(s) and negative prompt(s) -> ``Conditioning`` for ``family``.
 
@@ -121,6 +125,9 @@ def encode_prompt(
         and pooled output instead of encoding "". Default: on for the SDXL families (A1111 does
         this for SDXL; diffusers' SDXL base does it when no negative prompt is given).
     with_pooled: fill ``pooled`` for "sd1" / "sd2" too (the SDXL families always have it).
+    embeddings: textual-inversion embeddings: each one's name written in a prompt or negative
+        prompt is replaced by its n vectors in the token-embedding rows (``embedding_words``;
+        the rows go in after BOS, before the position embeddings, as in A1111).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
@@ -134,10 +141,12 @@ def encode_prompt(
     if zero_empty_negative is None:
         zero_empty_negative = family in ("sdxl", "sdxl_refiner")
     parse = check_choice("emphasis", emphasis, get_args(Emphasis)) != "none"
-    chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in prompts]
-    negative_chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse) for p in negatives]
+    words = embedding_words(embeddings, tokenizer)
+    chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse, words=words) for p in prompts]
+    negative_chunks = [tokenize_prompt(p, tokenizer, parse_emphasis=parse, words=words) for p in negatives]
     n_chunks = max(len(c) for c in chunks + negative_chunks)
-    args = dict(clip_skip=clip_skip, emphasis=emphasis, n_chunks=n_chunks, with_pooled=with_pooled)
+    args = dict(clip_skip=clip_skip, emphasis=emphasis, n_chunks=n_chunks, with_pooled=with_pooled,
+                embeddings=embeddings)
     cond = encode_chunked(family, encoders, tokenizer, chunks, **args)
     if zero_empty_negative and all(p == "" for p in negatives):
         uncond = PromptEmbeddings(*(None if t is None else torch.zeros_like(t) for t in cond))
@@ -156,11 +165,14 @@ def encode_chunked(
     emphasis: Emphasis = "original",
     n_chunks: int | None = None,
     with_pooled: bool = False,
+    embeddings: Sequence[Embedding] = (),
 ) -> PromptEmbeddings:
     """Chunked prompts (``prompt_parser.tokenize_prompt``) -> ``PromptEmbeddings``, each prompt
     given empty chunks up to ``n_chunks`` (default: the most any prompt has). ``with_pooled``:
-    the last encoder supplies ``pooled`` whatever the family (see ``encode_prompt``)."""
+    the last encoder supplies ``pooled`` whatever the family (see ``encode_prompt``).
+    ``embeddings``: those whose names the chunks' ``fixes`` hold."""
     readouts = _readouts(family, encoders, clip_skip)
+    rows = embedding_rows(embeddings, encoders)
     if with_pooled:
         last = encoders[-1].config
         if last.layers < last.depth:
@@ -169,10 +181,12 @@ def encode_chunked(
         readouts = (*readouts[:-1], replace(readouts[-1], pooled=True))
     n_chunks = max(len(c) for c in chunks) if n_chunks is None else n_chunks
     contexts, pooled = [], None
-    for encoder, readout in zip(encoders, readouts):
+    for i, (encoder, readout) in enumerate(zip(encoders, readouts)):
         ids, weights = chunk_tensors(chunks, n_chunks, tokenizer, readout.pad)
         device = encoder.embeddings.token_embedding.weight.device
-        context, first_pooled = encode_chunks(encoder, ids.to(device), weights.to(device), readout, emphasis)
+        fixes = [(b * n_chunks + k, 1 + at, rows[name][i]) for b, prompt_chunks in enumerate(chunks)
+                 for k, chunk in enumerate(prompt_chunks) for at, name in chunk.fixes]  # position 0 is BOS
+        context, first_pooled = encode_chunks(encoder, ids.to(device), weights.to(device), readout, emphasis, fixes)
         contexts.append(context)
         if readout.pooled:
             pooled = first_pooled
@@ -209,18 +223,66 @@ def chunk_tensors(
 
 
 def encode_chunks(
-    encoder: CLIPTextEncoder, ids: torch.Tensor, weights: torch.Tensor, readout: Readout, emphasis: Emphasis
+    encoder: CLIPTextEncoder, ids: torch.Tensor, weights: torch.Tensor, readout: Readout, emphasis: Emphasis,
+    fixes: Sequence[tuple[int, int, torch.Tensor]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids, weights (B, K, 77) -> context (B, 77 * K, W) and the first chunk's ``pooled_output``
-    (B, P). Chunks are encoded independently."""
+    (B, P). Chunks are encoded independently. ``fixes``: (chunk b * K + k, position, rows (n, W)):
+    the token-embedding rows from that position on are replaced by ``rows`` (textual inversion;
+    gradients reach ``rows``)."""
     b, k, length = ids.shape
-    out = encoder(ids.reshape(b * k, length))
+    flat = ids.reshape(b * k, length)
+    inputs_embeds = None
+    if fixes:
+        inputs_embeds = encoder.embeddings.token_embedding(flat)  # (B * K, 77, W), a fresh tensor
+        for chunk, at, rows in fixes:
+            inputs_embeds[chunk, at : at + rows.shape[0]] = rows.to(inputs_embeds)
+    out = encoder(flat, inputs_embeds=inputs_embeds)
     z = out.hidden_states[encoder.config.depth + 1 - readout.clip_skip]  # (B * K, 77, W); [0] = embeddings
     if readout.final_norm:
         z = encoder.final_layer_norm(z)
     z = apply_emphasis(z, weights.reshape(b * k, length), emphasis)
     first_pooled = pooled_output(out).reshape(b, k, -1)[:, 0]  # (B, P)
     return z.reshape(b, k * length, z.shape[-1]), first_pooled
+
+
+def embedding_words(embeddings: Sequence[Embedding], tokenizer: CLIPTokenizer) -> dict[tuple[int, ...], Word]:
+    """Embeddings by the CLIP ids of their names, what ``tokenize_prompt`` matches. Two names with
+    the same ids (they differ only in case or spacing) are refused: the prompt could not say which."""
+    words: dict[tuple[int, ...], Word] = {}
+    for e in embeddings:
+        ids = tuple(tokenizer.encode_clip(e.name))
+        if not ids:
+            raise ValueError(f"embedding name {e.name!r} has no tokens; give it a name with letters or digits")
+        if ids in words:
+            raise ValueError(f"embeddings {words[ids].name!r} and {e.name!r} are the same word to the tokenizer "
+                             "(names match case-insensitively); keep one")
+        words[ids] = Word(e.name, e.n_vectors)
+    return words
+
+
+def embedding_rows(embeddings: Sequence[Embedding], encoders: Sequence[CLIPTextEncoder]) -> dict[str, tuple]:
+    """name -> its rows for each of ``encoders``; an embedding for other text widths is refused."""
+    widths = tuple(e.config.width for e in encoders)
+    rows = {}
+    for e in embeddings:
+        fitted = e.for_widths(widths)
+        if fitted is None:
+            raise ValueError(f"embedding {e.name!r} is for {e.family}; this model's text encoders are "
+                             f"{' + '.join(map(str, widths))} wide")
+        rows[e.name] = fitted
+    return rows
+
+
+def used_embeddings(texts: Sequence[str], tokenizer: CLIPTokenizer, embeddings: Sequence[Embedding],
+                    emphasis: Emphasis = "original") -> list[Embedding]:
+    """The embeddings whose names occur in ``texts``, in order of first use (for ``TI hashes``)."""
+    words = embedding_words(embeddings, tokenizer)
+    parse = emphasis != "none"
+    names = [name for t in texts for chunk in tokenize_prompt(t, tokenizer, parse_emphasis=parse, words=words)
+             for _, name in chunk.fixes]
+    by_name = {e.name: e for e in embeddings}
+    return [by_name[n] for n in dict.fromkeys(names)]
 
 
 def pooled_output(out: CLIPTextOutput) -> torch.Tensor:

@@ -33,7 +33,7 @@ comma is within the last 20 tokens (A1111's "comma padding backtrack", default 2
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from unfog.models.tokenizer import CLIPTokenizer
@@ -121,14 +121,24 @@ def _merge_equal_weights(segments: list) -> list[Segment]:
 
 
 class Chunk(NamedTuple):
-    """Up to ``CHUNK_LENGTH`` prompt token ids (no BOS / EOS / padding) and their weights."""
+    """Up to ``CHUNK_LENGTH`` prompt token ids (no BOS / EOS / padding) and their weights.
+    ``fixes``: (offset in ``ids``, name) of each textual-inversion embedding the chunk holds; its
+    n positions hold the id 0 as placeholders, as in A1111, and get the embedding's rows."""
 
     ids: list[int]
     weights: list[float]
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+class Word(NamedTuple):
+    """A textual-inversion embedding as the chunker sees it: its name and number of vectors."""
+
+    name: str
+    length: int
 
 
 def chunk_tokens(
-    pieces: Sequence[tuple[Sequence[int], float] | Segment],
+    pieces: Sequence[tuple[Sequence[int | Word], float] | Segment],
     comma_id: int,
     chunk_length: int = CHUNK_LENGTH,
     comma_backtrack: int = COMMA_BACKTRACK,
@@ -139,7 +149,11 @@ def chunk_tokens(
     A full chunk is closed before the next token is added; if that token is not a comma and the
     chunk's last comma lies within its last ``comma_backtrack`` tokens, the tokens after the comma
     start the next chunk instead (0 disables this). ``BREAK`` closes the current chunk even when
-    it is empty. An empty prompt gives one empty chunk.
+    it is empty. An empty prompt gives one empty chunk. A ``Word`` in a run (an embedding) takes
+    its n positions in one chunk: if they do not fit in the current one, it starts the next, as
+    A1111 does (after the comma backtrack a token at a full chunk would have caused). Tokens the
+    backtrack moves take their embeddings along (A1111 leaves those behind, writing their rows
+    over the old chunk's padding).
     """
     if chunk_length < 1 or comma_backtrack < 0:
         raise ValueError(
@@ -148,12 +162,13 @@ def chunk_tokens(
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1  # index in `ids` of the current chunk's last comma
 
     def close_chunk() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append(Chunk(ids, weights))
-        ids, weights, last_comma = [], [], -1
+        nonlocal ids, weights, fixes, last_comma
+        chunks.append(Chunk(ids, weights, tuple(fixes)))
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for piece in pieces:
         if piece == BREAK:
@@ -161,7 +176,8 @@ def chunk_tokens(
             continue
         run, weight = piece
         for token in run:
-            if token == comma_id:
+            word = token if isinstance(token, Word) else None
+            if word is None and token == comma_id:
                 last_comma = len(ids)
             elif (
                 comma_backtrack
@@ -170,25 +186,66 @@ def chunk_tokens(
                 and len(ids) - last_comma <= comma_backtrack
             ):
                 keep = last_comma + 1
-                moved_ids, moved_weights = ids[keep:], weights[keep:]
-                ids, weights = ids[:keep], weights[:keep]
+                moved = ids[keep:], weights[keep:], [(at - keep, name) for at, name in fixes if at >= keep]
+                ids, weights, fixes = ids[:keep], weights[:keep], [f for f in fixes if f[0] < keep]
                 close_chunk()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, fixes = moved
             if len(ids) == chunk_length:
                 close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            if word is None:
+                ids.append(token)
+                weights.append(weight)
+                continue
+            if word.length > chunk_length:
+                raise ValueError(f"embedding {word.name!r} has {word.length} vectors; a prompt chunk holds at most "
+                                 f"{chunk_length}")
+            if len(ids) + word.length > chunk_length:  # never split: the whole embedding starts the next chunk
+                close_chunk()
+            fixes.append((len(ids), word.name))
+            ids += [0] * word.length
+            weights += [weight] * word.length
     if ids or not chunks:
         close_chunk()
     return chunks
 
 
-def tokenize_prompt(prompt: str, tokenizer: CLIPTokenizer, *, parse_emphasis: bool = True) -> list[Chunk]:
+def tokenize_prompt(prompt: str, tokenizer: CLIPTokenizer, *, parse_emphasis: bool = True,
+                    words: Mapping[tuple[int, ...], Word] | None = None) -> list[Chunk]:
     """A prompt -> its chunks of token ids and weights. With ``parse_emphasis`` False the prompt
     is plain text (brackets are ordinary characters, no ``BREAK``), all weights 1.
 
     Each segment is tokenized on its own, as A1111 does, so "(red)car" gives the tokens of "red"
-    and "car", not of "redcar"."""
+    and "car", not of "redcar".
+
+    ``words``: textual-inversion embeddings by the CLIP ids of their names (``encode_clip``). As
+    in A1111, a run of a segment's ids equal to a name's ids (the longest match first) becomes
+    the embedding: matching is on CLIP's full vocabulary for every tokenizer, so a small model's
+    ``SubVocabTokenizer``, where a new name's pieces are unknown (id 0), still finds it. A name is
+    thus found case-insensitively and wherever CLIP's pre-tokenizer splits it off ("a,my-style").
+    A multi-vector embedding never splits across chunks (``chunk_tokens``)."""
     segments = parse_prompt_attention(prompt) if parse_emphasis else [Segment(prompt, 1.0)]
-    pieces = [seg if seg == BREAK else (tokenizer.encode(seg.text), seg.weight) for seg in segments]
+    by_first: dict[int, list[tuple[tuple[int, ...], Word]]] = {}
+    for ids, word in sorted((words or {}).items(), key=lambda item: -len(item[0])):
+        by_first.setdefault(ids[0], []).append((ids, word))
+    pieces = [seg if seg == BREAK else (_with_words(seg.text, tokenizer, by_first), seg.weight) for seg in segments]
     return chunk_tokens(pieces, comma_id=tokenizer.vocab[",</w>"])
+
+
+def _with_words(text: str, tokenizer: CLIPTokenizer, by_first: dict) -> list:
+    """The model ids of ``text``, with a ``Word`` in place of each embedding name's ids."""
+    if not by_first:
+        return tokenizer.encode(text)
+    clip = tokenizer.encode_clip(text)
+    out: list = []
+    plain: list[int] = []
+    i = 0
+    while i < len(clip):
+        match = next((w for ids, w in by_first.get(clip[i], ()) if tuple(clip[i : i + len(ids)]) == ids), None)
+        if match is None:
+            plain.append(clip[i])
+            i += 1
+            continue
+        out += tokenizer.from_clip(plain) + [match]
+        plain = []
+        i += len(next(ids for ids, w in by_first[clip[i]] if w is match))
+    return out + tokenizer.from_clip(plain)

@@ -154,9 +154,10 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         n = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:n]  # (B, N, W)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (B, N, W)
+        return tokens + self.position_embedding.weight[:n]  # (B, N, W)
 
 
 class LayerShape(Protocol):
@@ -245,13 +246,20 @@ class CLIPTextEncoder(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CLIPTextOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> CLIPTextOutput:
         """input_ids: (B, N) token ids, N <= max_positions; attention_mask: optional (B, N), 1 for
         real tokens and 0 for padding, which then cannot be attended to. With the causal attention
-        of CLIP the mask changes only the states at padded positions; Stable Diffusion passes none."""
+        of CLIP the mask changes only the states at padded positions; Stable Diffusion passes none.
+        inputs_embeds: optional (B, N, W) token-embedding rows used instead of looking up
+        ``input_ids`` (textual inversion puts its vectors there); the position embeddings are
+        added to them, and ``input_ids`` still choose the pooled position."""
         self._check_ids(input_ids)
+        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape, self.config.width):
+            raise ValueError(f"inputs_embeds must be {(*input_ids.shape, self.config.width)} (the ids' shape and "
+                             f"the width), got {tuple(inputs_embeds.shape)}")
         mask = None if attention_mask is None else self._padding_mask(attention_mask)
-        x = self.embeddings(input_ids)  # (B, N, W)
+        x = self.embeddings(input_ids, inputs_embeds)  # (B, N, W)
         hidden_states = [x]
         for layer in self.encoder.layers:
             x = layer(x, mask)

@@ -150,6 +150,14 @@ class CLIPTokenizer:
                     ids.extend(self._bpe_cached(piece))
         return ids
 
+    def encode_clip(self, text: str) -> list[int]:
+        """Ids of ``text`` in CLIP's full vocabulary (textual-inversion names are matched on these,
+        whatever ids a model uses); ``from_clip`` turns them into this tokenizer's ids."""
+        return self.encode(text)
+
+    def from_clip(self, ids: Sequence[int]) -> list[int]:
+        return list(ids)
+
     def __call__(
         self, texts: str | Sequence[str], pad: Padding = "eos", max_length: int = MAX_LENGTH
     ) -> Tokens:
@@ -231,7 +239,13 @@ class SubVocabTokenizer(CLIPTokenizer):
         return len(self.kept_ids) + 1  # + the unknown id
 
     def encode(self, text: str) -> list[int]:
-        return [self._compact.get(i, self.UNKNOWN_ID) for i in self.base.encode(text)]
+        return self.from_clip(self.base.encode(text))
+
+    def encode_clip(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def from_clip(self, ids: Sequence[int]) -> list[int]:
+        return [self._compact.get(i, self.UNKNOWN_ID) for i in ids]
 
     def unknown_words(self, text: str) -> list[str]:
         """The pre-tokens of ``text`` with at least one token outside the subset."""
