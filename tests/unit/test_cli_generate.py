@@ -400,3 +400,24 @@ def test_unfog_load_refuses_a_pixel_model(workdir):
 def test_import_unfog_stays_light():
     code = "import sys, unfog; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+# ---------------------------------------------------------------- textual inversion
+
+
+def test_embeddings_dir_loads_the_named_embeddings_and_records_ti_hashes(models, workdir, capsys):
+    folder = workdir / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"string_to_param": {"*": torch.randn(2, TINY_CLIP.width, generator=g) * 5}}, folder / "mystyle.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, 768, generator=g)}}, folder / "sub" / "wide.pt")
+    (folder / "unused.pt").write_bytes(b"not read: its name is not in the prompt")
+    args = ("generate", "a (mystyle:1.2) cat, wide", "--model", models["sd1"], "--seed", 3, *FAST)
+    assert cli(*args, "--embeddings-dir", folder, "--output", "with.png") == 0
+    err = capsys.readouterr().err
+    assert "skipped embedding wide" in err and "it is for SD 1.x (768)" in err and "unused" not in err
+    sha12 = hashlib.sha256((folder / "mystyle.pt").read_bytes()).hexdigest()[:12]
+    assert params_of(workdir / "with.png")["TI hashes"] == f"mystyle: {sha12}"
+    assert cli(*args, "--output", "without.png") == 0
+    assert "TI hashes" not in params_of(workdir / "without.png")
+    assert not np.array_equal(pixels(workdir / "with.png"), pixels(workdir / "without.png"))

@@ -17,7 +17,8 @@ from typing import Literal
 
 from PIL import Image
 
-from ..conditioning import READOUTS
+from ..checkpoint.embeddings import EMBEDDING_SUFFIXES
+from ..conditioning import READOUTS, used_embeddings
 from ..diffusion import SPACINGS, resolve_sampler
 from ..diffusion.schedules import check_choice
 from ..models.tokenizer import SubVocabTokenizer
@@ -56,6 +57,7 @@ class Job:
     overwrite: bool = False
     source: dict[str, str] | None = None
     lora_dirs: tuple[Path, ...] = ()
+    embedding_dirs: tuple[Path, ...] = ()
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
@@ -129,6 +131,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     _compare_models(job, model_id, refiner_id, warn)
     s = job.settings
     encoded = _apply_loras(pipe, s, job, warn)  # the prompts without their <lora:…> tags
+    _load_embeddings(pipe, refiner, encoded, job.embedding_dirs, warn)
     _check_vocabulary(pipe, encoded, warn)
 
     seed = draw_seed(s.seed)
@@ -200,6 +203,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Denoising strength": s.strength, "Clip skip": clip_skip,
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
         "Lora hashes": hashes_text(pipe.loras) or None,
+        "TI hashes": ti_hashes_text(pipe, s) or None,
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
@@ -224,6 +228,36 @@ def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, i
     with StepProgress(steps, desc + " (refiner)") as bar:
         return refiner(s.prompt, s.negative_prompt, **common, latents=out, denoising_start=end,
                        callback=bar.callback)[0]
+
+
+def _load_embeddings(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, folders: tuple[Path, ...],
+                     warn: Callable[[str], None]) -> None:
+    """Load the embedding files of ``folders`` (searched recursively, as A1111 does) whose names,
+    their file stems, occur in the prompt or negative prompt (matched on CLIP ids, as in the prompt
+    itself), into the base and the refiner. Reading only those keeps a large folder cheap."""
+    texts = [tuple(pipe.tokenizer.encode_clip(prompt_words(t))) for t in (s.prompt, s.negative_prompt)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"--embeddings-dir {folder} is not a folder")
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
+                continue
+            ids = tuple(pipe.tokenizer.encode_clip(path.stem))
+            if ids and any(_contains(text, ids) for text in texts):
+                for target in (pipe, refiner):
+                    if target is not None:
+                        target.load_embedding(path, warn=warn)
+
+
+def _contains(seq: tuple[int, ...], part: tuple[int, ...]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def ti_hashes_text(pipe: StableDiffusion, s: Settings) -> str:
+    """The value A1111 writes as ``TI hashes``: ``"name: hash, ..."`` for each embedding the prompts
+    use, its name without ":" and ",", the file's 12-digit sha256."""
+    used = used_embeddings([s.prompt, s.negative_prompt], pipe.tokenizer, pipe.embeddings)
+    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}" for e in used if e.short_hash)
 
 
 def _apply_loras(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[str], None]) -> Settings:

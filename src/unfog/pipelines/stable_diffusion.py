@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, encode_prompt
+from ..checkpoint.embeddings import Embedding, read_embedding
+from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, embedding_words, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler)
 from ..choices import check_choice
@@ -84,6 +85,7 @@ class StableDiffusion:
         self.spacing, self.steps_offset = check_choice("sigma spacing", spacing, SPACINGS), steps_offset
         self.native_size = native_size
         self._lora_stack: LoraStack | None = None
+        self._embeddings: dict[str, Embedding] = {}
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
@@ -178,6 +180,39 @@ class StableDiffusion:
         """Take every LoRA off, restoring the exact original weights."""
         if self._lora_stack is not None:
             self._lora_stack.clear()
+
+    # ------------------------------------------------------------ textual inversion
+
+    @property
+    def embeddings(self) -> list[Embedding]:
+        """The textual-inversion embeddings a prompt can call by name, in the order loaded."""
+        return list(self._embeddings.values())
+
+    def load_embedding(self, path: str | Path, name: str | None = None,
+                       warn: Callable[[str], None] | None = None) -> Embedding | None:
+        """Read a textual-inversion file (``checkpoint.embeddings``: A1111, diffusers, kohya, SDXL,
+        A1111 PNG / WebP) and make its name (default: as A1111 names it, the file's stem) a word
+        prompts can use. An embedding for other text widths is skipped: None, and one message
+        through ``warn`` naming the family it is for. A name already loaded (compared as the
+        tokenizer sees it, so case aside) is replaced: the later file wins, and ``warn`` says so."""
+        warn = warn or (lambda message: None)
+        e = read_embedding(path, name)
+        encoders = [getattr(self, n) for n in ENCODERS[self.family]]
+        widths = tuple(enc.config.width for enc in encoders)
+        if e.for_widths(widths) is None:
+            warn(f"skipped embedding {e.name} ({path}): it is for {e.family}, this model's text encoders are "
+                 f"{' + '.join(map(str, widths))} wide")
+            return None
+        embedding_words([e], self.tokenizer)  # a name with no tokens is refused before anything changes
+        same = tuple(self.tokenizer.encode_clip(e.name))
+        for old in [o for o in self._embeddings.values() if tuple(self.tokenizer.encode_clip(o.name)) == same]:
+            warn(f"embedding {e.name} ({path}) replaces {old.name} ({old.path}): the later one wins")
+            del self._embeddings[old.name]
+        self._embeddings[e.name] = e
+        return e
+
+    def unload_embeddings(self) -> None:
+        self._embeddings.clear()
 
     @property
     def inpainting_unet(self) -> bool:
@@ -294,7 +329,7 @@ class StableDiffusion:
     def _conditioning(self, prompts, negative_prompt, clip_skip, per_prompt, y) -> tuple[dict, dict]:
         encoders = [getattr(self, name) for name in ENCODERS[self.family]]
         c = encode_prompt(self.family, encoders, self.tokenizer, prompts, negative_prompt, clip_skip=clip_skip,
-                          with_pooled=self.size_conditioning)
+                          with_pooled=self.size_conditioning, embeddings=self.embeddings)
         cond, uncond = {"context": c.context}, {"context": c.negative_context}
         if self.family in ("sdxl", "sdxl_refiner") or self.size_conditioning:
             vector = "sdxl" if self.size_conditioning else self.family  # the base's sizes and crop
