@@ -122,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     job = Job(args.mode, settings, model, init=_path(args, "init"), mask=_path(args, "mask"),
               refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
               device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
-              source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir))
+              source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir),
+              hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
 
@@ -330,6 +331,9 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    help="take the prompt and settings from a PNG's parameters (the model still comes from --model)")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="a folder of LoRA files for the prompt's <lora:NAME:WEIGHT> tags (repeat for several)")
+    p.add_argument("--hypernetwork-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of hypernetwork files (.pt, .safetensors) for the prompt's <hypernet:NAME:WEIGHT> "
+                        "tags (repeat for several)")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
         p.add_argument("--strength", type=finite_float, default=None,
