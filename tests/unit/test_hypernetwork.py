@@ -208,3 +208,13 @@ def test_generate_with_a_hypernet_tag_records_and_checks_its_hash(tmp_path, caps
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--hypernetwork-dir", str(folder), "--output",
                  str(tmp_path / "c.png")]) == 2
     assert "the image was made with hypernetwork ink [" in capsys.readouterr().err
+
+
+def test_runs_in_float32_under_a_bfloat16_unet(unet):
+    """As A1111 (``cond_cast_float``): the modules stay float32, the context is cast in and out."""
+    hn = random_hypernetwork([32, 64], activation="gelu", layer_norm=True)
+    unet.set_context_transform(HypernetworkTransform([hn]))
+    want = forward(unet)
+    got = forward(unet.to(torch.bfloat16))
+    assert got.dtype == torch.float32 and hn.pairs["32"][0].linear[0].weight.dtype == torch.float32
+    assert (got - want).abs().max() / want.abs().max() < 0.05
