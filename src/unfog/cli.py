@@ -123,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
               refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
               device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
               source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir),
-              embedding_dirs=tuple(Path(d) for d in args.embeddings_dir))
+              embedding_dirs=tuple(Path(d) for d in args.embeddings_dir),
+              hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
 
@@ -334,6 +335,9 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
                    help="a folder of textual-inversion embeddings: those whose file names the prompt uses as "
                    "words are loaded (repeat for several)")
+    p.add_argument("--hypernetwork-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of hypernetwork files (.pt, .safetensors) for the prompt's <hypernet:NAME:WEIGHT> "
+                        "tags (repeat for several)")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
         p.add_argument("--strength", type=finite_float, default=None,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unfog.nn.attention import AttentionBlock, resolve_heads
+from unfog.nn.attention import AttentionBlock, ContextTransform, CrossAttention, resolve_heads
 from unfog.nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample, zero_
 from unfog.nn.embeddings import timestep_embedding
 from unfog.nn.norm import normalization
@@ -297,6 +297,13 @@ class UNet(nn.Module):
             size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
             h = self._run(block, h, emb, context, size)
         return self.out(h).to(x.dtype)  # (B, C_out, H, W)
+
+    def set_context_transform(self, transform: ContextTransform | None) -> None:
+        """Give every attention layer, self and cross, ``transform`` as the map from its context to
+        the contexts of ``to_k`` and ``to_v`` (hypernetworks: ``nn.hypernetwork``); None removes it."""
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.context_transform = transform
 
     def _embed(
         self, timesteps: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype

@@ -7,6 +7,8 @@ Parameter names follow the official LDM checkpoints (``to_q``/``to_k``/``to_v``/
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,11 +46,20 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+# context (B, M, C) -> (context for to_k, context for to_v); see nn/hypernetwork.py
+ContextTransform = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries ``x`` over ``context`` (self-attention when it is None).
 
     LDM ``CrossAttention``: bias-free ``to_q``/``to_k``/``to_v``, then ``to_out.0`` (Linear with
     bias) and ``to_out.1`` (Dropout). Scores are scaled by ``1 / sqrt(head_dim)``.
+
+    ``context_transform`` (None by default) is the one hook for hypernetworks: a callable that
+    maps the context (the hidden states in self-attention) to the two contexts ``to_k`` and
+    ``to_v`` read; q is untouched. It is a plain attribute, not a submodule, so it never enters
+    the state dict.
     """
 
     def __init__(
@@ -67,13 +78,17 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.context_transform: ContextTransform | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, N, query_dim); context: (B, M, context_dim) or None (then M = N)
         context = x if context is None else context
+        context_k = context_v = context
+        if self.context_transform is not None:
+            context_k, context_v = self.context_transform(context)
         q = _split_heads(self.to_q(x), self.heads)  # (B, H, N, D)
-        k = _split_heads(self.to_k(context), self.heads)  # (B, H, M, D)
-        v = _split_heads(self.to_v(context), self.heads)  # (B, H, M, D)
+        k = _split_heads(self.to_k(context_k), self.heads)  # (B, H, M, D)
+        v = _split_heads(self.to_v(context_v), self.heads)  # (B, H, M, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
         return self.to_out(_merge_heads(out))  # (B, N, query_dim)
 

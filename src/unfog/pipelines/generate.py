@@ -27,6 +27,7 @@ from .images import open_image, read_parameters
 from .inputs import check_image_size
 from .precision import DTYPES, resolve_device
 from .latent_model import recommended_settings
+from . import hypernetwork
 from .lora import extract_lora_tags, find_lora, hashes_text, parse_hashes
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, check_seed, draw_seed, format_parameters,
                       merge_settings, parse_parameters, sampler_name, schedule_type, settings_from_parameters)
@@ -58,6 +59,7 @@ class Job:
     source: dict[str, str] | None = None
     lora_dirs: tuple[Path, ...] = ()
     embedding_dirs: tuple[Path, ...] = ()
+    hypernetwork_dirs: tuple[Path, ...] = ()
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
@@ -131,6 +133,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     _compare_models(job, model_id, refiner_id, warn)
     s = job.settings
     encoded = _apply_loras(pipe, s, job, warn)  # the prompts without their <lora:…> tags
+    encoded = _apply_hypernetworks(pipe, encoded, job, warn)  # nor their <hypernet:…> tags
     _load_embeddings(pipe, refiner, encoded, job.embedding_dirs, warn)
     _check_vocabulary(pipe, encoded, warn)
 
@@ -204,6 +207,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
         "Lora hashes": hashes_text(pipe.loras) or None,
         "TI hashes": ti_hashes_text(pipe, s) or None,
+        "Hypernet hashes": hypernetwork.hashes_text(pipe.hypernetworks) or None,
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
@@ -276,6 +280,25 @@ def _apply_loras(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[s
         if tag.name in recorded and recorded[tag.name].lower() != applied.hash:
             raise ValueError(f"the image was made with LoRA {tag.name} [{recorded[tag.name]}], but {path} has hash "
                              f"{applied.hash}: it is another file (put the one with that hash in --lora-dir)")
+    return replace(s, prompt=prompt, negative_prompt=negative)
+
+
+def _apply_hypernetworks(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[str], None]) -> Settings:
+    """Apply the hypernetworks the prompt's ``<hypernet:NAME:W>`` tags ask for (found in
+    ``job.hypernetwork_dirs``), checked against the hashes a ``--from`` PNG recorded; returns the
+    settings without those tags (those of the negative prompt are removed and ignored, as in A1111)."""
+    prompt, tags = hypernetwork.extract_hypernet_tags(s.prompt)
+    negative, ignored = hypernetwork.extract_hypernet_tags(s.negative_prompt)
+    if ignored:
+        warn(f"hypernetwork tags in the negative prompt are ignored: {', '.join(t.name for t in ignored)}")
+    recorded = parse_hashes((job.source or {}).get("Hypernet hashes", ""))
+    for tag in tags:
+        path = hypernetwork.find_hypernetwork(tag.name, job.hypernetwork_dirs)
+        applied = pipe.load_hypernetwork(path, tag.weight, name=tag.name)
+        if tag.name in recorded and recorded[tag.name].lower() != applied.hash:
+            raise ValueError(f"the image was made with hypernetwork {tag.name} [{recorded[tag.name]}], but {path} has "
+                             f"hash {applied.hash}: it is another file (put the one with that hash in "
+                             "--hypernetwork-dir)")
     return replace(s, prompt=prompt, negative_prompt=negative)
 
 

@@ -139,8 +139,17 @@ def _stderr(message: str) -> None:
 
 # ---------------------------------------------------------------- prompt tags and LoRA folders
 
-# A1111: <lora:NAME>, <lora:NAME:W>, <lora:NAME:TE_W:UNET_W>; LyCORIS' extension wrote <lyco:…>.
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+# A1111's extra-network tags <KIND:NAME:FIELD:…>: <lora:NAME:W> (LyCORIS' extension wrote <lyco:…>),
+# <hypernet:NAME:W>. One parser for every kind.
+def _tag_pattern(kinds: Sequence[str]) -> re.Pattern[str]:
+    return re.compile(rf"<(?:{'|'.join(map(re.escape, kinds))}):([^:>]+)((?::[^:>]*)*)>")
+
+
+def extract_network_tags(prompt: str, kinds: Sequence[str]) -> tuple[str, list[tuple[str, list[str]]]]:
+    """The prompt without its ``<KIND:NAME:…>`` tags of ``kinds``, and each tag's (name, fields)."""
+    pattern = _tag_pattern(kinds)
+    tags = [(m[1].strip(), [f.strip() for f in m[2].split(":")[1:]]) for m in pattern.finditer(prompt)]
+    return pattern.sub("", prompt), tags
 
 
 @dataclass(frozen=True)
@@ -156,38 +165,45 @@ class LoraTag:
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     """The prompt without its ``<lora:…>`` tags (the text encoder never sees them), and the tags.
     A1111 order: ``<lora:NAME:A:B>`` is text-encoder weight A and U-Net weight B."""
+    text, found = extract_network_tags(prompt, ("lora", "lyco"))
     tags = []
-    for match in _TAG.finditer(prompt):
-        name = match[1].strip()
-        fields = [f.strip() for f in match[2].split(":")[1:]]
+    for name, fields in found:
+        tag = f"<lora:{':'.join([name, *fields])}>"
         if len(fields) > 2:
-            raise ValueError(f"{match[0]}: a LoRA tag is <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:"
+            raise ValueError(f"{tag}: a LoRA tag is <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:"
                              "UNET_WEIGHT>")
-        numbers = [_finite(f, f"the weight in {match[0]}") for f in fields] or [1.0]
-        te, unet = (numbers[0], numbers[-1])
-        tags.append(LoraTag(name, unet, te))
-    return _TAG.sub("", prompt), tags
+        numbers = [_finite(f, f"the weight in {tag}") for f in fields] or [1.0]
+        tags.append(LoraTag(name, numbers[-1], numbers[0]))
+    return text, tags
 
 
 def find_lora(name: str, folders: Sequence[str | Path]) -> Path:
     """The LoRA file called ``name`` (its file name without the extension) in ``folders`` or their
     subfolders; an unknown name is a ValueError naming the closest ones."""
+    return find_named_file(name, folders, LORA_EXTENSIONS, "LoRA", "lora", "--lora-dir")
+
+
+def find_named_file(name: str, folders: Sequence[str | Path], extensions: Sequence[str], what: str,
+                    kind: str, flag: str) -> Path:
+    """The ``what`` file called ``name`` (its stem) in ``folders`` or their subfolders, for the
+    prompt tag ``<kind:NAME>`` (folders given with ``flag``); the first folder given wins. An
+    unknown name is a ValueError naming the closest ones."""
     if not folders:
-        raise ValueError(f"the prompt asks for <lora:{name}>; give the folder that holds it with --lora-dir")
+        raise ValueError(f"the prompt asks for <{kind}:{name}>; give the folder that holds it with {flag}")
     found = {}
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"LoRA folder not found: {folder}")
+            raise FileNotFoundError(f"{what} folder not found: {folder}")
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in LORA_EXTENSIONS and path.is_file():
+            if path.suffix.lower() in extensions and path.is_file():
                 found.setdefault(path.stem, path)
     if name in found:
         return found[name]
     close = difflib.get_close_matches(name, list(found), n=3, cutoff=0.5)
-    hint = f"; closest: {', '.join(close)}" if close else f"; {len(found)} LoRAs there" + (
+    hint = f"; closest: {', '.join(close)}" if close else f"; {len(found)} {what}s there" + (
         f", e.g. {', '.join(sorted(found)[:3])}" if found else "")
-    raise ValueError(f"LoRA {name!r} not found in {', '.join(str(f) for f in folders)}{hint}")
+    raise ValueError(f"{what} {name!r} not found in {', '.join(str(f) for f in folders)}{hint}")
 
 
 def hashes_text(applied: Iterable[AppliedLora]) -> str:

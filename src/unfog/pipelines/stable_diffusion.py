@@ -31,6 +31,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from . import inputs
+from .hypernetwork import AppliedHypernetwork, HypernetworkStack
 from .lora import AppliedLora, LoraStack
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .sdxl import vector_conditions
@@ -86,6 +87,7 @@ class StableDiffusion:
         self.native_size = native_size
         self._lora_stack: LoraStack | None = None
         self._embeddings: dict[str, Embedding] = {}
+        self._hypernetwork_stack = HypernetworkStack(self.unet)
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
@@ -152,6 +154,7 @@ class StableDiffusion:
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
                 module.to(device)
+        self._hypernetwork_stack.to(device)
         use_device_layout(self.unet, self.vae)
         return self
 
@@ -213,6 +216,22 @@ class StableDiffusion:
 
     def unload_embeddings(self) -> None:
         self._embeddings.clear()
+
+    # ------------------------------------------------------------ hypernetworks (pipelines/hypernetwork.py)
+
+    @property
+    def hypernetworks(self) -> list[AppliedHypernetwork]:
+        """The hypernetworks applied to the U-Net's attention, in the order they were loaded."""
+        return list(self._hypernetwork_stack.applied)
+
+    def load_hypernetwork(self, path: str | Path, weight: float = 1.0, name: str | None = None) -> AppliedHypernetwork:
+        """Apply a hypernetwork file (A1111 ``.pt`` or unfog ``.safetensors``) with multiplier
+        ``weight`` to every attention layer; several chain. A bad file changes nothing."""
+        return self._hypernetwork_stack.add(path, weight, name)
+
+    def unload_hypernetworks(self) -> None:
+        """Take every hypernetwork off (the U-Net's weights were never changed)."""
+        self._hypernetwork_stack.clear()
 
     @property
     def inpainting_unet(self) -> bool:
