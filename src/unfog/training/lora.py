@@ -1,6 +1,7 @@
-"""Task "lora": a LoRA (Hu et al. 2021; LoCon with ``conv_rank``) trained on a frozen model that
-unfog loads: an official SD 1.x / 2.x / SDXL single file or diffusers folder, or an unfog
-text-to-image file (the embedded "shapes" model by default). Only the adapters train.
+"""Task "lora": a LoRA (Hu et al. 2021; LoCon with ``conv_rank``; LyCORIS' LoHa or LoKr with
+``algo``) trained on a frozen model that unfog loads: an official SD 1.x / 2.x / SDXL single file
+or diffusers folder, or an unfog text-to-image file (the embedded "shapes" model by default). Only
+the adapters train.
 
 The model loads through ``StableDiffusion.load``, so every format the pipelines read works, and
 the training uses that pipeline's own pieces: its noise schedule and prediction type (a config
@@ -16,7 +17,7 @@ q/k/v/out_proj and fc1/fc2.
 
 The frozen models never enter the module the optimiser, EMA and DDP see (``LoraNetwork``): its
 parameters and state dict are the adapters alone, so states are small and the EMA copies only
-them. Its forward binds its adapters into the frozen models' ``LoRALayer`` wrappers and runs
+them. Its forward binds its adapters into the frozen models' ``TrainableLayer`` wrappers and runs
 them, so the EMA's copy, bound the same way, is the EMA model (the sample grid draws with it).
 """
 
@@ -40,7 +41,7 @@ from ..diffusion.schedules import DiscreteSchedule
 from ..embedded import DEFAULT_TEXT_MODEL, default_model_path
 from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
-from ..nn.lora import AdapterWeights, LoRALayer, add_lora
+from ..nn.lora import AdapterWeights, TrainableLayer, add_lora
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
@@ -73,18 +74,21 @@ def default_targets(model: nn.Module, blocks: tuple[type, ...]) -> dict[str, boo
 
 
 class _Adapter(nn.Module):
-    """The trained factors of one LoRALayer (the same modules): down (r, in[, kh, kw]), up (out, r[, 1, 1])."""
+    """The trained factors of one TrainableLayer (the same modules / Parameters, under the layer's
+    ``factor_names``): LoRA's lora_down (r, in[, kh, kw]) and lora_up (out, r[, 1, 1]) modules, LoHa's
+    hada_*, LoKr's lokr_* tensors."""
 
-    def __init__(self, layer: LoRALayer):
+    def __init__(self, layer: TrainableLayer):
         super().__init__()
-        self.lora_down, self.lora_up = layer.lora_down, layer.lora_up
+        for name in layer.factor_names:
+            setattr(self, name, getattr(layer, name))
 
 
 class Frozen:
-    """The loaded pipeline with LoRALayers in it, by adapter key; not a module, so never copied,
+    """The loaded pipeline with TrainableLayers in it, by adapter key; not a module, so never copied,
     saved or handed to the optimiser."""
 
-    def __init__(self, pipe: StableDiffusion, layers: dict[str, LoRALayer], targets: dict[str, Target],
+    def __init__(self, pipe: StableDiffusion, layers: dict[str, TrainableLayer], targets: dict[str, Target],
                  train_text_encoder: bool):
         self.pipe, self.layers, self.targets, self.train_text_encoder = pipe, layers, targets, train_text_encoder
 
@@ -103,9 +107,10 @@ class LoraNetwork(nn.Module):
         return twin.train(self.training)
 
     def bind(self) -> None:
-        """Make the frozen model's LoRALayers use these adapters."""
+        """Make the frozen model's TrainableLayers use these adapters."""
         for key, layer in self.frozen.layers.items():
-            layer.lora_down, layer.lora_up = self.adapters[key].lora_down, self.adapters[key].lora_up
+            for name in layer.factor_names:
+                setattr(layer, name, getattr(self.adapters[key], name))
 
     def forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
         self.bind()
@@ -122,10 +127,8 @@ class LoraNetwork(nn.Module):
 
     def adapter_weights(self) -> dict[Target, AdapterWeights]:
         """The adapters as a LoRA file stores them, on their targets."""
-        return {self.frozen.targets[key]: AdapterWeights("lora", {"lora_down": a.lora_down.weight.detach(),
-                                                                   "lora_up": a.lora_up.weight.detach()},
-                                                         float(self.frozen.layers[key].alpha))
-                for key, a in self.adapters.items()}
+        layers = self.frozen.layers
+        return {self.frozen.targets[key]: layers[key].adapter_weights(a) for key, a in self.adapters.items()}
 
 
 class LoraTrainer(BaseTrainer):
@@ -168,8 +171,8 @@ class LoraTrainer(BaseTrainer):
         self.loss_config = replace(c.loss_config(), prediction=pipe.prediction)
 
     def _add_adapters(self) -> tuple[nn.ModuleDict, Frozen]:
-        """Freeze the models, wrap the default targets in LoRALayers (fp32 adapters; seeded), then
-        cast the frozen weights to ``base_dtype``."""
+        """Freeze the models, wrap the default targets in ``lora.algo``'s TrainableLayers (fp32
+        adapters; seeded), then cast the frozen weights to ``base_dtype``."""
         c, o, pipe = self.config, self.options, self.pipe
         components = ["unet"] + (list(ENCODERS[pipe.family]) if o.text_encoder_lora else [])
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -181,8 +184,9 @@ class LoraTrainer(BaseTrainer):
             model = getattr(pipe, component)
             blocks = UNET_BLOCKS + (CONV_BLOCKS if o.conv_rank and component == "unet" else ())
             found = default_targets(model, blocks if component == "unet" else TEXT_BLOCKS)
-            wrapped = {**add_lora(model, [p for p, conv in found.items() if not conv], o.rank, o.alpha),
-                       **add_lora(model, [p for p, conv in found.items() if conv], o.conv_rank or 1, o.conv_alpha)}
+            wrapped = {**add_lora(model, [p for p, conv in found.items() if not conv], o.rank, o.alpha, o.algo),
+                       **add_lora(model, [p for p, conv in found.items() if conv], o.conv_rank or 1, o.conv_alpha,
+                                  o.algo)}
             for path in found:  # in module order
                 key = f"{component}/{path.replace('.', '/')}"
                 layers[key], targets[key] = wrapped[path], Target(component, path, wrapped[path].base)
@@ -260,7 +264,7 @@ class LoraTrainer(BaseTrainer):
         return kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
                               started_at=self.started_at, prediction=pipe.prediction,
                               conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
-                              resolution=c.image_size, extra=extra)
+                              resolution=c.image_size, algo=o.algo, extra=extra)
 
     def save_model(self) -> None:
         """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
