@@ -223,6 +223,26 @@ def test_init_from_a_lora_file_without_some_adapters_starts_them_fresh(lora_file
     assert all(not torch.equal(now[k], fresh[k]) for k in fresh if k not in text and k.endswith("lora_up.weight"))
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_init_from_a_lycoris_file_continues_its_adapters(tmp_path, algo):
+    """As for LoRA: a LoHa / LoKr run (LoKr: full and low-rank lokr_w2) started from file A with lr
+    1e-12 saves A's tensors again; a LoKr file made at another rank is refused naming lora.rank."""
+    from safetensors.torch import load_file
+
+    settings = [*LOCON_TE[:2], "lora.conv_rank=4", f"lora.algo={algo}"]
+    a_path = train(lora_config(tmp_path / "a", "steps=2", *settings), progress=False)
+    a = load_file(a_path)
+    assert max(v.abs().max() for k, v in a.items() if k.endswith(("hada_w2_a", "lokr_w2", "lokr_w2_b"))) > 1e-3
+    b = load_file(train(lora_config(tmp_path / "b", "steps=1", "lr=1e-12", *settings), init_from=a_path,
+                        progress=False))
+    assert b.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-7, rtol=0)
+    trainer = make_trainer(lora_config(tmp_path / "c", *settings, "lora.rank=8"), "cpu")
+    with pytest.raises(ValueError, match=r"it has rank 4 where lora\.rank=8"):
+        trainer.load_weights(a_path)
+
+
 def test_init_from_a_lora_file_that_does_not_fit_is_refused(lora_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -247,7 +267,8 @@ def test_init_from_a_lora_file_that_does_not_fit_is_refused(lora_file, tmp_path)
         (["lora.conv_rank=2", "lora.conv_alpha=1"], lora_file,
          r"layers this config does not train: \d+ in the text encoders \(lora\.text_encoder_lora=true"),
         (["lora.text_encoder_lora=true"], lora_file, r"\d+ in the U-Net \(lora\.conv_rank > 0 trains"),
-        (LOCON_TE, loha, r"is not a plain LoRA \(loha adapters\)"),
+        (LOCON_TE, loha, r"is not a plain lora file \(loha adapters\).*; lora\.algo=loha trains its kind"),
+        ([*LOCON_TE, "lora.algo=loha"], lora_file, r"is not a plain loha file \(lora adapters\)"),
         (LOCON_TE, sdxl, r"is a LoRA for SDXL \(cross-attention width 2048\); .* cross-attention width 128"),
         (LOCON_TE, alien, r"1 of its modules are no layer of"),
     ]

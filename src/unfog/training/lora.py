@@ -275,12 +275,14 @@ class LoraTrainer(BaseTrainer):
 
     def load_weights(self, path: Path) -> list[str]:
         """Continue training a LoRA file (``--init-from some.safetensors``, kohya's ``--network_weights``):
-        any file ``read_lora`` reads (kohya / LoCon, PEFT or diffusers naming). Its factors become the
-        adapters and the EMA; the optimizer, LR schedule and step start afresh.
+        any file ``read_lora`` reads (kohya / LoCon, PEFT or diffusers naming; LyCORIS LoHa / LoKr).
+        Its factors become the adapters and the EMA; the optimizer, LR schedule and step start afresh.
 
-        Each of its adapters must be a plain LoRA (lora_down, lora_up: LoHa, LoKr, the CP form and
-        DoRA have no trainer here) for the model's family (``check_family``), on a layer this config
-        trains, at this config's rank and alpha (3x3 convs: ``lora.conv_rank`` / ``conv_alpha``).
+        Each of its adapters must be of ``lora.algo``'s kind, holding the tensors this config's layer
+        trains (lora_down, lora_up; hada_w*; lokr_w1 with lokr_w2 or lokr_w2_a / _b as LyCORIS' defaults
+        lay them out: the CP / Tucker forms and DoRA have no trainer here), for the model's family
+        (``check_family``), on a layer this config trains, at this config's rank and alpha (3x3 convs:
+        ``lora.conv_rank`` / ``conv_alpha``; a LoKr layer with a full lokr_w2 has neither).
         Another alpha is refused rather than converted: alpha / rank scales the factors' gradients,
         so continuing at another alpha is not the same training, and rescaling lora_up to keep the
         product is exact only for powers of two; refused, the file's factors load bit for bit and
@@ -293,8 +295,9 @@ class LoraTrainer(BaseTrainer):
         with torch.no_grad():
             for key, adapter in found.items():
                 mine = self.net.adapters[key]
-                for name in ("lora_down", "lora_up"):
-                    weight = getattr(mine, name).weight
+                for name in frozen.layers[key].factor_names:
+                    factor = getattr(mine, name)
+                    weight = factor.weight if isinstance(factor, nn.Module) else factor  # LoRA's are modules
                     weight.copy_(adapter.tensors[name].reshape(weight.shape))
         self.ema.model.load_state_dict(self.net.state_dict())
         changes = []
@@ -310,13 +313,14 @@ class LoraTrainer(BaseTrainer):
         """The file's adapters by our adapter key, each checked as ``load_weights`` says; an
         adapter that does not fit is a one-line ValueError naming the setting that would."""
         o, pipe, frozen, path = self.options, self.pipe, self.net.frozen, lora.path
-        kinds = sorted({a.kind for a in lora.adapters.values()} - {"lora"})
-        extra = sorted({k for a in lora.adapters.values() if a.kind == "lora" for k in a.tensors}
-                       - {"lora_down", "lora_up"})
+        kinds = sorted({a.kind for a in lora.adapters.values()} - {o.algo})
+        trained = {name for layer in frozen.layers.values() for name in layer.factor_names}
+        extra = sorted({k for a in lora.adapters.values() if a.kind == o.algo for k in a.tensors} - trained)
         if kinds or extra:
             found = ", ".join([f"{k} adapters" for k in kinds] + [f"{t} tensors" for t in extra])
-            raise ValueError(f"{path} is not a plain LoRA ({found}); task 'lora' trains lora_down / lora_up factors, "
-                             "so it can continue a LoRA or LoCon file only")
+            hint = f"; lora.algo={kinds[0]} trains its kind" if len(kinds) == 1 and not extra else ""
+            raise ValueError(f"{path} is not a plain {o.algo} file ({found}); with lora.algo={o.algo} task 'lora' "
+                             f"trains {', '.join(sorted(trained))}, so it can continue such a file only{hint}")
         check_family(lora, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, str(self.base_path))
         models = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")}
         found, unmatched = ModuleIndex(models).resolve(lora)
@@ -336,12 +340,18 @@ class LoraTrainer(BaseTrainer):
                              f"{'; '.join(where)}; e.g. {first.component}.{first.path}")
         wrong: dict[str, set[str]] = defaultdict(set)  # "lora.rank=4" -> the file's values there
         for target, adapter in found.items():
-            layer = frozen.layers[key_of[target]]
+            ours = frozen.layers[key_of[target]].adapter_weights()  # the rank and scale a file of it states
             conv = isinstance(target.module, nn.Conv2d) and target.module.kernel_size != (1, 1)
             rank, alpha = ("conv_rank", "conv_alpha") if conv else ("rank", "alpha")
-            if adapter.rank != layer.rank:
+            shapes = {k: v.numel() for k, v in adapter.tensors.items()}
+            if adapter.rank != ours.rank:
                 wrong[f"lora.{rank}={getattr(o, rank)}"].add(f"rank {adapter.rank}")
-            elif not math.isclose(adapter.alpha or adapter.rank, float(layer.alpha), rel_tol=1e-6):
+            elif shapes != {k: v.numel() for k, v in ours.tensors.items()}:
+                raise ValueError(f"{path}: the {adapter.kind} tensors of {target.component}.{target.path} are laid out "
+                                 f"otherwise than this config trains them ({', '.join(sorted(adapter.tensors))} with "
+                                 f"{sorted(shapes.values())} elements, not {', '.join(ours.tensors)}); task 'lora' "
+                                 "trains LyCORIS' default layout")
+            elif not math.isclose(adapter.scale, ours.scale, rel_tol=1e-6):
                 wrong[f"lora.{alpha}={getattr(o, alpha):g}"].add(f"alpha {adapter.alpha or adapter.rank:g}")
         if wrong:
             raise ValueError(f"{path} does not fit this config: " + "; ".join(
