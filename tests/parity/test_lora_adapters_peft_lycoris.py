@@ -1,6 +1,6 @@
 """nn/lora.py against PEFT (the LoRA layer's forward and delta) and lycoris-lora (the Delta W of LoRA /
-LoCon, LoHa and LoKr in every stored variant, and the DoRA merge), on the same random tensors.
-Tolerance: 1e-5 relative, fp32.
+LoCon, LoHa and LoKr in every stored variant, the DoRA merge, and the trainable LoHa / LoKr layers
+against LyCORIS' own LohaModule / LokrModule), on the same random tensors. Tolerance: 1e-5 relative, fp32.
 
 lycoris' functional API takes `gamma` = alpha / rank for locon and loha; lokr.diff_weight takes gamma =
 alpha and divides by the rank itself (w1a.shape[1] or w2a.shape[1], else no scale)."""
@@ -12,10 +12,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from lycoris.functional import apply_dora_scale, locon, loha, lokr, weight_decompose
+from lycoris.functional import apply_dora_scale, factorization, locon, loha, lokr, weight_decompose
 from lycoris.modules.locon import LoConModule
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
 from peft import LoraConfig, get_peft_model
 
+from unfog.nn import lora as unfog_lora
 from unfog.nn.lora import AdapterWeights, add_lora, merged_weight
 
 RTOL = 1e-5
@@ -178,3 +181,74 @@ def test_dora_multiplier_matches_lycoris_apply_dora_scale(multiplier):
     adapter = AdapterWeights("lora", {**t, "dora_scale": s}, 2.0)
     ref = apply_dora_scale(w, adapter.delta(w.shape), s, multiplier)
     close(merged_weight(w, [(adapter, multiplier)]), ref)
+
+
+# ------------------------------------------------------------------ (d) trainable LoHa / LoKr layers vs lycoris
+
+# LoKr splits out = a*b, in = c*d (128 = 8*16, 64 = 8*8, 32 = 4*8) and makes W2 (b, d) low-rank when
+# rank < max(b, d) / 2: the Linear at rank 4 and the conv at rank 2 get lokr_w2_a / lokr_w2_b, at
+# rank 8 / 4 a full lokr_w2 (then gamma = 1 whatever alpha is).
+LAYER_CASES = [
+    ("loha", "linear", 4), ("loha", "conv3x3", 4),
+    ("lokr", "linear", 4), ("lokr", "linear", 8), ("lokr", "conv3x3", 2), ("lokr", "conv3x3", 4),
+]
+BASES = {"linear": (lambda: nn.Linear(64, 128), (5, 64)),
+         "conv3x3": (lambda: nn.Conv2d(32, 64, 3, stride=2, padding=1), (2, 32, 9, 9))}
+LYCORIS = {"loha": LohaModule, "lokr": LokrModule}
+
+
+def reference_delta(algo: str, t: dict[str, torch.Tensor], alpha: float, rank: int) -> torch.Tensor:
+    if algo == "loha":
+        return loha.diff_weight(t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], None, None,
+                                gamma=alpha / rank, backend="torch")
+    return lokr.diff_weight(*(t.get(k) for k in LOKR_KEYS), gamma=alpha, backend="torch")
+
+
+@pytest.mark.parametrize("algo, kind, rank", LAYER_CASES, ids=[f"{a}-{k}-r{r}" for a, k, r in LAYER_CASES])
+def test_trainable_layer_matches_lycoris_module_and_functional(algo, kind, rank):
+    """The layer holds the tensors LyCORIS' module holds with its defaults (names, shapes, alpha buffer,
+    which factor starts at zero); on the same random factors its Delta W equals lycoris' functional
+    diff_weight and its forward equals the module's forward."""
+    torch.manual_seed(0)
+    make, x_shape = BASES[kind]
+    base, alpha = make(), 3.0
+    layer = add_lora(nn.Sequential(copy.deepcopy(base)), ["0"], rank, alpha, algo)["0"]
+    ref = LYCORIS[algo]("x", base, 1.0, rank, alpha)
+    theirs = dict(ref.named_parameters())
+    ours = {name: getattr(layer, name) for name in layer.factor_names}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert float(layer.alpha) == float(ref.alpha)
+    assert {k for k, v in ours.items() if not v.any()} == {k for k, v in theirs.items() if not v.any()} != set()
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.copy_(rand(*p.shape))
+            theirs[name].copy_(p)
+        tensors = {k: v.detach() for k, v in ours.items()}
+        close(layer.delta(), reference_delta(algo, tensors, alpha, rank).reshape(base.weight.shape))
+        x = rand(*x_shape)
+        close(layer(x), ref(x))
+    assert layer.adapter_weights().tensors.keys() == ours.keys()
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_trainable_layer_starts_as_the_identity(algo, kind):
+    """With its initial factors a layer's Delta W is exactly zero and its output is the base layer's, bit
+    for bit; the factors still receive gradients (the zero factor at least)."""
+    torch.manual_seed(0)
+    make, x_shape = BASES[kind]
+    base = make()
+    layer = add_lora(nn.Sequential(copy.deepcopy(base)), ["0"], 4, 2.0, algo)["0"]
+    delta = layer.adapter_weights().delta(base.weight.shape)
+    assert torch.equal(delta, torch.zeros_like(delta))
+    x = rand(*x_shape)
+    y = layer(x)
+    assert torch.equal(y, base(x))
+    y.square().sum().backward()
+    factors = [p for name, p in layer.named_parameters() if name not in ("weight", "bias")]
+    assert len(factors) >= 2 and any(p.grad.abs().sum() > 0 for p in factors)
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 127, 128, 192, 250, 320, 360, 512, 768, 1024, 1280, 2048])
+def test_lokr_factorization_is_lycoris_default(dim):
+    assert unfog_lora.factorization(dim) == factorization(dim, -1)

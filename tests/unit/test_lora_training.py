@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import unfog
 from unfog.conditioning import encode_prompt
@@ -59,8 +60,10 @@ def test_only_the_adapters_train_and_the_frozen_model_is_unchanged(tmp_path):
 
 
 @pytest.mark.slow  # 25 steps: about a minute on a busy 2-core machine
-def test_loss_falls_when_overfitting_two_images(tmp_path):
-    trainer = make_trainer(lora_config(tmp_path, "data_size=2", "lr=0.01", "lora.rank=8", "lora.alpha=8"), "cpu")
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_loss_falls_when_overfitting_two_images(tmp_path, algo):
+    trainer = make_trainer(lora_config(tmp_path, "data_size=2", "lr=0.01", "lora.rank=8", "lora.alpha=8",
+                                       f"lora.algo={algo}"), "cpu")
 
     def held_out_loss() -> float:  # the same noise and timesteps every time: a deterministic measure
         trainer.noise_gen.manual_seed(123)
@@ -89,16 +92,31 @@ def test_model_settings_come_from_the_model_and_others_are_refused(tmp_path):
         lora_config(tmp_path, "lora.conv_alpha=-1")
 
 
-def test_saved_lora_loaded_on_the_pipeline_reproduces_the_trained_network(tmp_path):
-    """Oracle: the trainer's own EMA network (the frozen U-Net with the LoRALayers) against a fresh
-    pipeline with the saved kohya file merged by ``load_lora``; text-encoder adapters and LoCon too."""
-    config = lora_config(tmp_path, "steps=2", "lora.text_encoder_lora=true", "lora.conv_rank=2", "lora.conv_alpha=1")
+# tensor names each algo's file must hold (LyCORIS' keys); with lora.conv_rank=4 LoKr's 64-channel
+# convs get a full lokr_w2 (4 >= max(8, 8) / 2) and its other layers a low-rank one
+SAVED = {"lora": {"lora_down.weight", "lora_up.weight"},
+         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+         "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}}
+
+
+@pytest.mark.parametrize("algo, conv_rank", [("lora", 2), ("loha", 2), ("lokr", 4)])
+def test_saved_lora_loaded_on_the_pipeline_reproduces_the_trained_network(tmp_path, algo, conv_rank):
+    """Oracle: the trainer's own EMA network (the frozen U-Net with the trainable layers) against a fresh
+    pipeline with the saved kohya / LyCORIS file merged by ``load_lora``; text-encoder adapters and
+    convolutions (LoCon) too, for each ``lora.algo``."""
+    config = lora_config(tmp_path, "steps=2", "lora.text_encoder_lora=true", f"lora.conv_rank={conv_rank}",
+                         "lora.conv_alpha=1", f"lora.algo={algo}")
     trainer = make_trainer(config, "cpu")
     for _ in range(2):
         trainer.train_step()
     trainer.save_model()
     path = tmp_path / "lora.safetensors"
     assert path.is_file()
+    with safe_open(path, "pt") as f:
+        names = {k.split(".", 1)[1] for k in f.keys()} - {"alpha"}
+        network = f.metadata()["ss_network_module"], json.loads(f.metadata()["ss_network_args"]).get("algo")
+    assert names == SAVED[algo]
+    assert network == (("networks.lora", None) if algo == "lora" else ("lycoris.kohya", algo))
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([100.0, 700.0])
     prompts = ["a red circle", "a blue square"]
@@ -205,6 +223,26 @@ def test_init_from_a_lora_file_without_some_adapters_starts_them_fresh(lora_file
     assert all(not torch.equal(now[k], fresh[k]) for k in fresh if k not in text and k.endswith("lora_up.weight"))
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_init_from_a_lycoris_file_continues_its_adapters(tmp_path, algo):
+    """As for LoRA: a LoHa / LoKr run (LoKr: full and low-rank lokr_w2) started from file A with lr
+    1e-12 saves A's tensors again; a LoKr file made at another rank is refused naming lora.rank."""
+    from safetensors.torch import load_file
+
+    settings = [*LOCON_TE[:2], "lora.conv_rank=4", f"lora.algo={algo}"]
+    a_path = train(lora_config(tmp_path / "a", "steps=2", *settings), progress=False)
+    a = load_file(a_path)
+    assert max(v.abs().max() for k, v in a.items() if k.endswith(("hada_w2_a", "lokr_w2", "lokr_w2_b"))) > 1e-3
+    b = load_file(train(lora_config(tmp_path / "b", "steps=1", "lr=1e-12", *settings), init_from=a_path,
+                        progress=False))
+    assert b.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-7, rtol=0)
+    trainer = make_trainer(lora_config(tmp_path / "c", *settings, "lora.rank=8"), "cpu")
+    with pytest.raises(ValueError, match=r"it has rank 4 where lora\.rank=8"):
+        trainer.load_weights(a_path)
+
+
 def test_init_from_a_lora_file_that_does_not_fit_is_refused(lora_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -229,7 +267,8 @@ def test_init_from_a_lora_file_that_does_not_fit_is_refused(lora_file, tmp_path)
         (["lora.conv_rank=2", "lora.conv_alpha=1"], lora_file,
          r"layers this config does not train: \d+ in the text encoders \(lora\.text_encoder_lora=true"),
         (["lora.text_encoder_lora=true"], lora_file, r"\d+ in the U-Net \(lora\.conv_rank > 0 trains"),
-        (LOCON_TE, loha, r"is not a plain LoRA \(loha adapters\)"),
+        (LOCON_TE, loha, r"is not a plain lora file \(loha adapters\).*; lora\.algo=loha trains its kind"),
+        ([*LOCON_TE, "lora.algo=loha"], lora_file, r"is not a plain loha file \(lora adapters\)"),
         (LOCON_TE, sdxl, r"is a LoRA for SDXL \(cross-attention width 2048\); .* cross-attention width 128"),
         (LOCON_TE, alien, r"1 of its modules are no layer of"),
     ]

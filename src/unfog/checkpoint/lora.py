@@ -48,7 +48,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from ..nn.lora import AdapterLayer, AdapterWeights, LoRALayer
+from ..choices import check_choice
+from ..nn.lora import TRAINABLE, AdapterLayer, AdapterWeights, TrainableLayer
 from .components import few
 from .convert import diffusers_unet_rows
 from .io import atomic_write, load_state_dict, tensor_data_sha256
@@ -223,14 +224,14 @@ def _diffusers_names(unet) -> dict[str, str]:
 
 
 def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """(path, layer) of every Linear / Conv2d of ``model``. A LoRA wrapper (``nn.lora``'s LoRALayer or
-    AdapterLayer, as a LoRA training run holds) stands for the layer it wraps, under that layer's
-    path; its own factors are not layers of the model."""
+    """(path, layer) of every Linear / Conv2d of ``model``. A LoRA wrapper (``nn.lora``'s trainable
+    LoRA / LoHa / LoKr layers or AdapterLayer, as a LoRA training run holds) stands for the layer it
+    wraps, under that layer's path; its own factors are not layers of the model."""
     inside: str | None = None  # the path of the wrapper being walked (named_modules is pre-order)
     for path, module in model.named_modules():
         if inside is not None and path.startswith(inside + "."):
             continue
-        if isinstance(module, (LoRALayer, AdapterLayer)):
+        if isinstance(module, (TrainableLayer, AdapterLayer)):
             inside = path
             yield path, module.base
         elif isinstance(module, ADAPTABLE):
@@ -478,14 +479,18 @@ _RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024, "sdxl_refiner": 1024}
 
 def kohya_metadata(family: NamingFamily, *, rank: int, alpha: float, output_name: str, started_at: float,
                    prediction: str = "eps", conv_rank: int | None = None, conv_alpha: float | None = None,
-                   resolution: int | None = None, title: str | None = None,
+                   resolution: int | None = None, title: str | None = None, algo: str = "lora",
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The usual kohya ``ss_*`` fields and ``modelspec.*`` of a LoRA, all strings, from explicit
     arguments: ``rank`` / ``alpha`` the network's dim and alpha (``conv_*`` for 3x3 convs, in
     ``ss_network_args`` as kohya writes them), ``started_at`` a Unix time, ``prediction`` "eps" or
-    "v", ``resolution`` the training side (default: the family's; SD 2.x v-models 768). ``extra``
-    (e.g. ``ss_num_train_images``, ``ss_learning_rate``) is added last and wins."""
+    "v", ``resolution`` the training side (default: the family's; SD 2.x v-models 768). ``algo``
+    "loha" / "lokr" records the network as kohya + LyCORIS do (``ss_network_module`` lycoris.kohya,
+    ``algo`` in ``ss_network_args``; without conv_rank the preset "attn-mlp", whose targets are
+    ours: LyCORIS' default preset also trains the ResBlocks). ``extra`` (e.g. ``ss_num_train_images``,
+    ``ss_learning_rate``) is added last and wins."""
     _check_family(family)
+    check_choice("network algo", algo, TRAINABLE)
     if prediction not in ("eps", "v"):
         raise ValueError(f"unknown prediction type {prediction!r} for LoRA metadata; valid: eps, v")
     v = prediction == "v"
@@ -503,7 +508,14 @@ def kohya_metadata(family: NamingFamily, *, rank: int, alpha: float, output_name
         "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.date": datetime.datetime.fromtimestamp(int(started_at), datetime.timezone.utc).isoformat(),
     }
+    args = {} if algo == "lora" else {"algo": algo}
     if conv_rank is not None:
         conv_alpha = conv_rank if conv_alpha is None else conv_alpha
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+        args.update({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+    elif algo != "lora":
+        args["preset"] = "attn-mlp"
+    if algo != "lora":
+        meta["ss_network_module"] = "lycoris.kohya"
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     return {**meta, **(extra or {})}

@@ -1,4 +1,5 @@
-"""LoRA and LyCORIS adapters: the weight change each stored form means, merging, and two wrappers.
+"""LoRA and LyCORIS adapters: the weight change each stored form means, merging, and the wrappers:
+trainable LoRA / LoHa / LoKr layers (``add_lora``) and one that applies loaded adapters (``AdapterLayer``).
 
 Notation: W is the target weight, (out, in) for a Linear or (out, in, kh, kw) for a Conv2d; r the rank;
 alpha the stored alpha (missing or 0: alpha = r, as kohya and LyCORIS read it); gamma = alpha / r; m the
@@ -43,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..choices import check_choice
 
 Kind = Literal["lora", "loha", "lokr"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -282,27 +285,55 @@ class _Wrapped(nn.Module):
         return self.base
 
 
-class LoRALayer(_Wrapped):
-    """Trainable LoRA around a frozen layer: base(x) + multiplier * alpha / rank * up(down(x)). down is
-    Kaiming-uniform (a = sqrt(5), as PEFT and kohya), up zero, so the wrapper starts as the identity.
-    On a conv, down has the conv's kernel, stride, padding and dilation and up is 1x1. Parameters
-    `lora_down.weight`, `lora_up.weight` and an `alpha` buffer: the kohya names. Freezing the base
-    is the caller's business."""
+def _tensor(factor: nn.Module | Tensor) -> Tensor:
+    """A factor as stored: a LoRA factor is a bias-free Linear / Conv2d (its weight), LoHa's and LoKr's are tensors."""
+    return factor.weight if isinstance(factor, nn.Module) else factor
+
+
+class TrainableLayer(_Wrapped):
+    """Base of the trainable adapters around a frozen layer. ``factor_names`` are the trained
+    attributes, named as the file names their tensors (``adapter_weights`` maps them one to one), so a
+    trainer can hold them elsewhere and bind them back by name. ``alpha`` is a buffer (the file's
+    alpha); ``multiplier`` scales the change at forward time. Freezing the base is the caller's business."""
+
+    kind: Kind
+    factor_names: tuple[str, ...]
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, multiplier: float = 1.0):
         super().__init__(base)
-        _need(isinstance(rank, int) and rank >= 1, f"LoRA rank must be a positive integer, got {rank!r}")
+        _need(isinstance(rank, int) and rank >= 1, f"{self.kind} rank must be a positive integer, got {rank!r}")
+        groups = getattr(base, "groups", 1)
+        _need(groups == 1, f"{self.kind} on a grouped conv is not supported (groups={groups})")
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank, self.multiplier = rank, float(multiplier)
+
+    def adapter_weights(self, factors: nn.Module | None = None) -> AdapterWeights:
+        """The adapter as a file stores it (detached tensors): this layer's factors, or those that
+        ``factors`` holds under the same names (a trainer's copy, e.g. its EMA)."""
+        source = self if factors is None else factors
+        tensors = {name: _tensor(getattr(source, name)).detach() for name in self.factor_names}
+        return AdapterWeights(self.kind, tensors, float(self.alpha))
+
+
+class LoRALayer(TrainableLayer):
+    """Trainable LoRA around a frozen layer: base(x) + multiplier * alpha / rank * up(down(x)). down is
+    Kaiming-uniform (a = sqrt(5), as PEFT and kohya), up zero, so the wrapper starts as the identity.
+    On a conv, down has the conv's kernel, stride, padding and dilation and up is 1x1. Parameters
+    `lora_down.weight`, `lora_up.weight` and an `alpha` buffer: the kohya names."""
+
+    kind = "lora"
+    factor_names = ("lora_down", "lora_up")
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, multiplier: float = 1.0):
+        super().__init__(base, rank, alpha, multiplier)
         kw = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
         if isinstance(base, nn.Linear):
             self.lora_down = nn.Linear(base.in_features, rank, **kw)
             self.lora_up = nn.Linear(rank, base.out_features, **kw)
         else:
-            _need(base.groups == 1, f"LoRA on a grouped conv is not supported (groups={base.groups})")
             geometry = base.kernel_size, base.stride, base.padding, base.dilation
             self.lora_down = nn.Conv2d(base.in_channels, rank, *geometry, **kw)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, **kw)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.rank, self.multiplier = rank, float(multiplier)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
@@ -311,10 +342,97 @@ class LoRALayer(_Wrapped):
         h = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
         return y + (h * (self.alpha * (self.multiplier / self.rank))).to(y.dtype)
 
-    def adapter_weights(self) -> AdapterWeights:
-        """The trained adapter as a file would store it (detached tensors)."""
-        tensors = {"lora_down": self.lora_down.weight.detach(), "lora_up": self.lora_up.weight.detach()}
-        return AdapterWeights("lora", tensors, float(self.alpha))
+
+class _DeltaLayer(TrainableLayer):
+    """A trainable adapter applied as a weight: base(x) + op(x, multiplier * Delta W), with Delta W
+    built from the factors by ``AdapterWeights.delta`` (the loader's own maths, so what trains is
+    what a saved file merges into). Building Delta W each step costs an (out, in*kh*kw) tensor per
+    layer, which is nothing for the models trained here; LyCORIS' bypass mode avoids it for large ones."""
+
+    def _param(self, name: str, *shape: int) -> None:
+        w = self.weight
+        setattr(self, name, nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype)))
+
+    def delta(self) -> Tensor:
+        """Delta W shaped like the weight, float32, alpha / rank included, multiplier not; differentiable."""
+        tensors = {name: getattr(self, name) for name in self.factor_names}
+        return AdapterWeights(self.kind, tensors, float(self.alpha)).delta(self.weight.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.op(x, self.weight, self.bias)
+        d = self.delta()
+        return y + self.op(x.to(d.dtype), d * self.multiplier).to(y.dtype)
+
+
+def _flat_in(base: nn.Module) -> int:
+    """in * kh * kw: the columns of a weight flattened to 2-D."""
+    return base.weight[0].numel()
+
+
+class LoHaLayer(_DeltaLayer):
+    """Trainable LoHa (module docstring): Delta W = alpha / rank * (W1a @ W1b) * (W2a @ W2b), the
+    parametrisation of LyCORIS' LohaModule without Tucker (its default, use_tucker=False): W1a, W2a
+    (out, r), W1b, W2b (r, in*kh*kw), a conv's kernel flattened into the columns. Initialised as
+    LyCORIS does: W1a ~ N(0, 0.1^2), W1b, W2b ~ N(0, 1) and W2a = 0, so Delta W starts at 0 and the
+    first step moves W2a alone (the other factors' gradients carry the factor W2a @ W2b = 0)."""
+
+    kind = "loha"
+    factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, multiplier: float = 1.0):
+        super().__init__(base, rank, alpha, multiplier)
+        out, flat_in = self.weight.shape[0], _flat_in(base)
+        for j in "12":
+            self._param(f"hada_w{j}_a", out, rank)
+            self._param(f"hada_w{j}_b", rank, flat_in)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+
+
+def factorization(dim: int) -> tuple[int, int]:
+    """(m, n) with m * n = dim, m <= n and m + n smallest: m is the largest divisor of dim up to
+    sqrt(dim). This is LyCORIS' ``factorization(dim, factor=-1)``, its default: 128 -> (8, 16),
+    64 -> (8, 8), 127 -> (1, 127)."""
+    m = max(k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0)
+    return m, dim // m
+
+
+class LoKrLayer(_DeltaLayer):
+    """Trainable LoKr (module docstring): Delta W = gamma * kron(W1, W2), laid out as LyCORIS'
+    LokrModule with its defaults (factor=-1, decompose_both=False, use_tucker=False, full_matrix=False):
+    out = a * b and in = c * d by ``factorization`` (a <= b, c <= d); W1 "lokr_w1" (a, c) is always
+    full; W2 is low-rank, "lokr_w2_a" (b, r) @ "lokr_w2_b" (r, d*kh*kw) (a conv's kernel flattened
+    into the columns), when rank < max(b, d) / 2, else full "lokr_w2" (b, d[, kh, kw]).
+    gamma = alpha / rank with a low-rank W2; with W2 full there is no rank, gamma = 1 and the stored
+    alpha is the rank (LyCORIS sets alpha = lora_dim there). Initialised as LyCORIS does: W1 and
+    W2a Kaiming-uniform (a = sqrt(5)), W2b (or a full W2) zero, so Delta W starts at 0."""
+
+    kind = "lokr"
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, multiplier: float = 1.0):
+        super().__init__(base, rank, alpha, multiplier)
+        w = self.weight
+        (a, b), (c, d), kernel = factorization(w.shape[0]), factorization(w.shape[1]), tuple(w.shape[2:])
+        low_rank = rank < max(b, d) / 2
+        if not low_rank:
+            self.alpha = torch.tensor(float(rank))  # the buffer: gamma = 1
+        self._param("lokr_w1", a, c)
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        if low_rank:
+            self.factor_names = ("lokr_w1", "lokr_w2_a", "lokr_w2_b")
+            self._param("lokr_w2_a", b, rank)
+            self._param("lokr_w2_b", rank, d * math.prod(kernel))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            nn.init.zeros_(self.lokr_w2_b)
+        else:
+            self.factor_names = ("lokr_w1", "lokr_w2")
+            self._param("lokr_w2", b, d, *kernel)
+            nn.init.zeros_(self.lokr_w2)
+
+
+TRAINABLE: dict[str, type[TrainableLayer]] = {"lora": LoRALayer, "loha": LoHaLayer, "lokr": LoKrLayer}
 
 
 class AdapterLayer(_Wrapped):
@@ -363,9 +481,12 @@ def _wrap(root: nn.Module, names: Sequence[str], make) -> dict[str, _Wrapped]:
     return wrappers
 
 
-def add_lora(root: nn.Module, names: Sequence[str], rank: int, alpha: float) -> dict[str, LoRALayer]:
-    """Replace each named submodule (dotted path) of root by a LoRALayer around it."""
-    return _wrap(root, names, lambda m: LoRALayer(m, rank, alpha))
+def add_lora(root: nn.Module, names: Sequence[str], rank: int, alpha: float,
+             algo: Kind = "lora") -> dict[str, TrainableLayer]:
+    """Replace each named submodule (dotted path) of root by a trainable adapter around it:
+    ``algo`` "lora" (LoRALayer), "loha" (LoHaLayer) or "lokr" (LoKrLayer), as LyCORIS' ``algo``."""
+    check_choice("adapter algo", algo, TRAINABLE)
+    return _wrap(root, names, lambda m: TRAINABLE[algo](m, rank, alpha))
 
 
 def add_adapter_layers(root: nn.Module, names: Sequence[str]) -> dict[str, AdapterLayer]:
@@ -374,7 +495,7 @@ def add_adapter_layers(root: nn.Module, names: Sequence[str]) -> dict[str, Adapt
 
 
 def remove_lora(root: nn.Module) -> None:
-    """Put back the original module of every wrapper (LoRALayer or AdapterLayer) under root."""
+    """Put back the original module of every wrapper (a TrainableLayer or AdapterLayer) under root."""
     for name, module in list(root.named_modules()):
         if isinstance(module, _Wrapped) and name:
             parent, _, leaf = name.rpartition(".")

@@ -28,6 +28,7 @@ from ..diffusion.registry import resolve_sampler
 from ..diffusion.schedules import BETA_SCHEDULES, check_choice
 from ..models.clip_text import CLIPTextConfig
 from ..models.vae import TINY_VAE, VAEConfig
+from ..nn.lora import TRAINABLE
 
 if TYPE_CHECKING:
     from .base import BaseTrainer
@@ -175,11 +176,13 @@ class Text2ImageOptions(TaskOptions):
 
 @dataclass(frozen=True)
 class LoraOptions(TaskOptions):
-    """Task "lora": a LoRA (LoCon with ``conv_rank``) on a frozen model that unfog loads (an SD
-    1.x / 2.x / SDXL single file or diffusers folder, or an unfog text-to-image file); only the
-    adapters train. The model's own noise schedule and prediction type are used (``training/lora.py``)."""
+    """Task "lora": a LoRA (LoCon with ``conv_rank``; LyCORIS' LoHa / LoKr with ``algo``) on a frozen
+    model that unfog loads (an SD 1.x / 2.x / SDXL single file or diffusers folder, or an unfog
+    text-to-image file); only the adapters train. The model's own noise schedule and prediction type
+    are used (``training/lora.py``)."""
 
     base_model: str | None = None  # the model to adapt; None: the embedded "shapes" text-to-image model
+    algo: str = "lora"  # LyCORIS' algo: "lora" (LoRA / LoCon), "loha" (Hadamard) or "lokr" (Kronecker)
     rank: int = 8  # kohya's network_dim: attention, feed-forward, proj_in / proj_out, text encoder layers
     alpha: float = 8.0  # kohya's network_alpha: the adapters are scaled by alpha / rank
     conv_rank: int = 0  # > 0: LoCon, also the ResBlocks' and down/up-sampling convolutions at this rank
@@ -208,6 +211,7 @@ class LoraOptions(TaskOptions):
             if not getattr(self, name) > 0:
                 raise ValueError(f"lora.{name} must be > 0, got {getattr(self, name)} (kohya's alpha 0 means "
                                  f"alpha = rank: write the rank)")
+        check_choice("lora.algo", self.algo, TRAINABLE)
         check_choice("lora.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
         check_choice("lora.cache_latents", self.cache_latents, ("none", "memory", "disk"))
         if not 0 <= self.caption_dropout < 1:

@@ -1,6 +1,7 @@
-"""Task "lora": a LoRA (Hu et al. 2021; LoCon with ``conv_rank``) trained on a frozen model that
-unfog loads: an official SD 1.x / 2.x / SDXL single file or diffusers folder, or an unfog
-text-to-image file (the embedded "shapes" model by default). Only the adapters train.
+"""Task "lora": a LoRA (Hu et al. 2021; LoCon with ``conv_rank``; LyCORIS' LoHa or LoKr with
+``algo``) trained on a frozen model that unfog loads: an official SD 1.x / 2.x / SDXL single file
+or diffusers folder, or an unfog text-to-image file (the embedded "shapes" model by default). Only
+the adapters train.
 
 The model loads through ``StableDiffusion.load``, so every format the pipelines read works, and
 the training uses that pipeline's own pieces: its noise schedule and prediction type (a config
@@ -16,7 +17,7 @@ q/k/v/out_proj and fc1/fc2.
 
 The frozen models never enter the module the optimiser, EMA and DDP see (``LoraNetwork``): its
 parameters and state dict are the adapters alone, so states are small and the EMA copies only
-them. Its forward binds its adapters into the frozen models' ``LoRALayer`` wrappers and runs
+them. Its forward binds its adapters into the frozen models' ``TrainableLayer`` wrappers and runs
 them, so the EMA's copy, bound the same way, is the EMA model (the sample grid draws with it).
 """
 
@@ -40,7 +41,7 @@ from ..diffusion.schedules import DiscreteSchedule
 from ..embedded import DEFAULT_TEXT_MODEL, default_model_path
 from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
-from ..nn.lora import AdapterWeights, LoRALayer, add_lora
+from ..nn.lora import AdapterWeights, TrainableLayer, add_lora
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
@@ -73,18 +74,21 @@ def default_targets(model: nn.Module, blocks: tuple[type, ...]) -> dict[str, boo
 
 
 class _Adapter(nn.Module):
-    """The trained factors of one LoRALayer (the same modules): down (r, in[, kh, kw]), up (out, r[, 1, 1])."""
+    """The trained factors of one TrainableLayer (the same modules / Parameters, under the layer's
+    ``factor_names``): LoRA's lora_down (r, in[, kh, kw]) and lora_up (out, r[, 1, 1]) modules, LoHa's
+    hada_*, LoKr's lokr_* tensors."""
 
-    def __init__(self, layer: LoRALayer):
+    def __init__(self, layer: TrainableLayer):
         super().__init__()
-        self.lora_down, self.lora_up = layer.lora_down, layer.lora_up
+        for name in layer.factor_names:
+            setattr(self, name, getattr(layer, name))
 
 
 class Frozen:
-    """The loaded pipeline with LoRALayers in it, by adapter key; not a module, so never copied,
+    """The loaded pipeline with TrainableLayers in it, by adapter key; not a module, so never copied,
     saved or handed to the optimiser."""
 
-    def __init__(self, pipe: StableDiffusion, layers: dict[str, LoRALayer], targets: dict[str, Target],
+    def __init__(self, pipe: StableDiffusion, layers: dict[str, TrainableLayer], targets: dict[str, Target],
                  train_text_encoder: bool):
         self.pipe, self.layers, self.targets, self.train_text_encoder = pipe, layers, targets, train_text_encoder
 
@@ -103,9 +107,10 @@ class LoraNetwork(nn.Module):
         return twin.train(self.training)
 
     def bind(self) -> None:
-        """Make the frozen model's LoRALayers use these adapters."""
+        """Make the frozen model's TrainableLayers use these adapters."""
         for key, layer in self.frozen.layers.items():
-            layer.lora_down, layer.lora_up = self.adapters[key].lora_down, self.adapters[key].lora_up
+            for name in layer.factor_names:
+                setattr(layer, name, getattr(self.adapters[key], name))
 
     def forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
         self.bind()
@@ -122,10 +127,8 @@ class LoraNetwork(nn.Module):
 
     def adapter_weights(self) -> dict[Target, AdapterWeights]:
         """The adapters as a LoRA file stores them, on their targets."""
-        return {self.frozen.targets[key]: AdapterWeights("lora", {"lora_down": a.lora_down.weight.detach(),
-                                                                   "lora_up": a.lora_up.weight.detach()},
-                                                         float(self.frozen.layers[key].alpha))
-                for key, a in self.adapters.items()}
+        layers = self.frozen.layers
+        return {self.frozen.targets[key]: layers[key].adapter_weights(a) for key, a in self.adapters.items()}
 
 
 class LoraTrainer(BaseTrainer):
@@ -168,8 +171,8 @@ class LoraTrainer(BaseTrainer):
         self.loss_config = replace(c.loss_config(), prediction=pipe.prediction)
 
     def _add_adapters(self) -> tuple[nn.ModuleDict, Frozen]:
-        """Freeze the models, wrap the default targets in LoRALayers (fp32 adapters; seeded), then
-        cast the frozen weights to ``base_dtype``."""
+        """Freeze the models, wrap the default targets in ``lora.algo``'s TrainableLayers (fp32
+        adapters; seeded), then cast the frozen weights to ``base_dtype``."""
         c, o, pipe = self.config, self.options, self.pipe
         components = ["unet"] + (list(ENCODERS[pipe.family]) if o.text_encoder_lora else [])
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -181,8 +184,9 @@ class LoraTrainer(BaseTrainer):
             model = getattr(pipe, component)
             blocks = UNET_BLOCKS + (CONV_BLOCKS if o.conv_rank and component == "unet" else ())
             found = default_targets(model, blocks if component == "unet" else TEXT_BLOCKS)
-            wrapped = {**add_lora(model, [p for p, conv in found.items() if not conv], o.rank, o.alpha),
-                       **add_lora(model, [p for p, conv in found.items() if conv], o.conv_rank or 1, o.conv_alpha)}
+            wrapped = {**add_lora(model, [p for p, conv in found.items() if not conv], o.rank, o.alpha, o.algo),
+                       **add_lora(model, [p for p, conv in found.items() if conv], o.conv_rank or 1, o.conv_alpha,
+                                  o.algo)}
             for path in found:  # in module order
                 key = f"{component}/{path.replace('.', '/')}"
                 layers[key], targets[key] = wrapped[path], Target(component, path, wrapped[path].base)
@@ -260,7 +264,7 @@ class LoraTrainer(BaseTrainer):
         return kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
                               started_at=self.started_at, prediction=pipe.prediction,
                               conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
-                              resolution=c.image_size, extra=extra)
+                              resolution=c.image_size, algo=o.algo, extra=extra)
 
     def save_model(self) -> None:
         """The EMA adapters as a kohya LoRA file, ``out_dir/<output_name>.safetensors`` (ours to
@@ -271,12 +275,14 @@ class LoraTrainer(BaseTrainer):
 
     def load_weights(self, path: Path) -> list[str]:
         """Continue training a LoRA file (``--init-from some.safetensors``, kohya's ``--network_weights``):
-        any file ``read_lora`` reads (kohya / LoCon, PEFT or diffusers naming). Its factors become the
-        adapters and the EMA; the optimizer, LR schedule and step start afresh.
+        any file ``read_lora`` reads (kohya / LoCon, PEFT or diffusers naming; LyCORIS LoHa / LoKr).
+        Its factors become the adapters and the EMA; the optimizer, LR schedule and step start afresh.
 
-        Each of its adapters must be a plain LoRA (lora_down, lora_up: LoHa, LoKr, the CP form and
-        DoRA have no trainer here) for the model's family (``check_family``), on a layer this config
-        trains, at this config's rank and alpha (3x3 convs: ``lora.conv_rank`` / ``conv_alpha``).
+        Each of its adapters must be of ``lora.algo``'s kind, holding the tensors this config's layer
+        trains (lora_down, lora_up; hada_w*; lokr_w1 with lokr_w2 or lokr_w2_a / _b as LyCORIS' defaults
+        lay them out: the CP / Tucker forms and DoRA have no trainer here), for the model's family
+        (``check_family``), on a layer this config trains, at this config's rank and alpha (3x3 convs:
+        ``lora.conv_rank`` / ``conv_alpha``; a LoKr layer with a full lokr_w2 has neither).
         Another alpha is refused rather than converted: alpha / rank scales the factors' gradients,
         so continuing at another alpha is not the same training, and rescaling lora_up to keep the
         product is exact only for powers of two; refused, the file's factors load bit for bit and
@@ -289,8 +295,9 @@ class LoraTrainer(BaseTrainer):
         with torch.no_grad():
             for key, adapter in found.items():
                 mine = self.net.adapters[key]
-                for name in ("lora_down", "lora_up"):
-                    weight = getattr(mine, name).weight
+                for name in frozen.layers[key].factor_names:
+                    factor = getattr(mine, name)
+                    weight = factor.weight if isinstance(factor, nn.Module) else factor  # LoRA's are modules
                     weight.copy_(adapter.tensors[name].reshape(weight.shape))
         self.ema.model.load_state_dict(self.net.state_dict())
         changes = []
@@ -306,13 +313,14 @@ class LoraTrainer(BaseTrainer):
         """The file's adapters by our adapter key, each checked as ``load_weights`` says; an
         adapter that does not fit is a one-line ValueError naming the setting that would."""
         o, pipe, frozen, path = self.options, self.pipe, self.net.frozen, lora.path
-        kinds = sorted({a.kind for a in lora.adapters.values()} - {"lora"})
-        extra = sorted({k for a in lora.adapters.values() if a.kind == "lora" for k in a.tensors}
-                       - {"lora_down", "lora_up"})
+        kinds = sorted({a.kind for a in lora.adapters.values()} - {o.algo})
+        trained = {name for layer in frozen.layers.values() for name in layer.factor_names}
+        extra = sorted({k for a in lora.adapters.values() if a.kind == o.algo for k in a.tensors} - trained)
         if kinds or extra:
             found = ", ".join([f"{k} adapters" for k in kinds] + [f"{t} tensors" for t in extra])
-            raise ValueError(f"{path} is not a plain LoRA ({found}); task 'lora' trains lora_down / lora_up factors, "
-                             "so it can continue a LoRA or LoCon file only")
+            hint = f"; lora.algo={kinds[0]} trains its kind" if len(kinds) == 1 and not extra else ""
+            raise ValueError(f"{path} is not a plain {o.algo} file ({found}); with lora.algo={o.algo} task 'lora' "
+                             f"trains {', '.join(sorted(trained))}, so it can continue such a file only{hint}")
         check_family(lora, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, str(self.base_path))
         models = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")}
         found, unmatched = ModuleIndex(models).resolve(lora)
@@ -332,12 +340,18 @@ class LoraTrainer(BaseTrainer):
                              f"{'; '.join(where)}; e.g. {first.component}.{first.path}")
         wrong: dict[str, set[str]] = defaultdict(set)  # "lora.rank=4" -> the file's values there
         for target, adapter in found.items():
-            layer = frozen.layers[key_of[target]]
+            ours = frozen.layers[key_of[target]].adapter_weights()  # the rank and scale a file of it states
             conv = isinstance(target.module, nn.Conv2d) and target.module.kernel_size != (1, 1)
             rank, alpha = ("conv_rank", "conv_alpha") if conv else ("rank", "alpha")
-            if adapter.rank != layer.rank:
+            shapes = {k: v.numel() for k, v in adapter.tensors.items()}
+            if adapter.rank != ours.rank:
                 wrong[f"lora.{rank}={getattr(o, rank)}"].add(f"rank {adapter.rank}")
-            elif not math.isclose(adapter.alpha or adapter.rank, float(layer.alpha), rel_tol=1e-6):
+            elif shapes != {k: v.numel() for k, v in ours.tensors.items()}:
+                raise ValueError(f"{path}: the {adapter.kind} tensors of {target.component}.{target.path} are laid out "
+                                 f"otherwise than this config trains them ({', '.join(sorted(adapter.tensors))} with "
+                                 f"{sorted(shapes.values())} elements, not {', '.join(ours.tensors)}); task 'lora' "
+                                 "trains LyCORIS' default layout")
+            elif not math.isclose(adapter.scale, ours.scale, rel_tol=1e-6):
                 wrong[f"lora.{alpha}={getattr(o, alpha):g}"].add(f"alpha {adapter.alpha or adapter.rank:g}")
         if wrong:
             raise ValueError(f"{path} does not fit this config: " + "; ".join(
