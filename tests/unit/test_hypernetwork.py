@@ -43,6 +43,12 @@ def test_pt_and_safetensors_hold_the_same_hypernetwork(tmp_path):
                              layer_structure=(1, 1.5, 1), dropout_structure=(0, 0.3, 0))
     save_hypernetwork(hn, tmp_path / "a.pt")
     save_hypernetwork(hn, tmp_path / "a.safetensors")
+    for suffix in (".pt", ".safetensors"):  # a user's file is never replaced unasked
+        before = (tmp_path / f"a{suffix}").read_bytes()
+        with pytest.raises(FileExistsError, match=f"a{suffix} exists; pass overwrite=True"):
+            save_hypernetwork(random_hypernetwork([32]), tmp_path / f"a{suffix}")
+        assert (tmp_path / f"a{suffix}").read_bytes() == before
+        save_hypernetwork(hn, tmp_path / f"a{suffix}", overwrite=True)
     theirs = torch.load(tmp_path / "a.pt", weights_only=True)  # what A1111's torch.load sees
     assert sorted(k for k in theirs if isinstance(k, int)) == [32, 64]
     assert set(theirs[32][0]) == {f"linear.{i}.{p}" for i, p in [(0, "weight"), (0, "bias"), (1, "weight"),
@@ -204,7 +210,7 @@ def test_generate_with_a_hypernet_tag_records_and_checks_its_hash(tmp_path, caps
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--hypernetwork-dir", str(folder), "--output",
                  str(tmp_path / "b.png")]) == 0
-    save_hypernetwork(random_hypernetwork(widths, seed=9), folder / "ink.pt")
+    save_hypernetwork(random_hypernetwork(widths, seed=9), folder / "ink.pt", overwrite=True)
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--hypernetwork-dir", str(folder), "--output",
                  str(tmp_path / "c.png")]) == 2
     assert "the image was made with hypernetwork ink [" in capsys.readouterr().err

@@ -152,6 +152,8 @@ def test_prompt_tags():
         extract_lora_tags("<lora:x:abc>")
     with pytest.raises(ValueError, match="must be a finite number"):
         extract_lora_tags("<lora:x:nan>")
+    with pytest.raises(ValueError, match=r"the weight in <lyco:x: 2e> must be a number"):  # the tag as written
+        extract_lora_tags("a <lyco:x: 2e>")
 
 
 def test_find_lora_names_the_closest(tmp_path):

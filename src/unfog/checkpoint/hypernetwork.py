@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..nn.hypernetwork import Hypernetwork, HypernetworkOptions
-from .io import load_safetensors, save_safetensors
+from .io import atomic_write, load_safetensors, save_safetensors
 from .pickle_reader import load_pickle_object
 
 FORMAT = "unfog.hypernetwork"
@@ -151,15 +151,18 @@ def _unflatten(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Pat
     return raw
 
 
-def save_hypernetwork(hn: Hypernetwork, path: str | Path) -> None:
-    """Write ``hn`` as unfog's ``.safetensors`` or, for a ``.pt`` path, as A1111's layout."""
+def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write ``hn`` as unfog's ``.safetensors`` or, for a ``.pt`` path, as A1111's layout, atomically.
+    An existing file is a FileExistsError unless ``overwrite``."""
     path = Path(path)
+    if path.suffix.lower() not in (".pt", ".safetensors"):
+        raise ValueError(f"{path}: a hypernetwork is saved as .safetensors or .pt")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     raw = to_a1111_dict(hn)
     if path.suffix.lower() == ".pt":
-        torch.save(raw, path)
+        atomic_write(path, lambda tmp: torch.save(raw, tmp), replace=overwrite)
         return
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: a hypernetwork is saved as .safetensors or .pt")
     tensors = {f"{w}.{side}.{k}": t for w in hn.widths for side, state in zip(SIDES, raw[w]) for k, t in state.items()}
     meta = {k: v for k, v in raw.items() if isinstance(k, str)}
-    save_safetensors(path, tensors, {"format": FORMAT, **meta})
+    save_safetensors(path, tensors, {"format": FORMAT, **meta})  # atomic too

@@ -19,7 +19,7 @@ from ..checkpoint.hypernetwork import read_hypernetwork
 from ..checkpoint.io import sha256_from
 from ..models.unet import UNet
 from ..nn.hypernetwork import Hypernetwork, HypernetworkTransform
-from .lora import _finite, extract_network_tags, find_named_file
+from .extra_networks import extract_network_tags, find_named_file, finite_weight
 
 HYPERNETWORK_EXTENSIONS = (".pt", ".safetensors")
 FAMILY_OF_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
@@ -50,7 +50,7 @@ class HypernetworkStack:
     def add(self, path: str | Path, weight: float = 1.0, name: str | None = None) -> AppliedHypernetwork:
         """Read ``path`` in full, check that it has modules for this U-Net's context width, then
         apply it (a bad file changes nothing)."""
-        weight = _finite(weight, "hypernetwork weight")
+        weight = finite_weight(weight, "hypernetwork weight")
         path = Path(path)
         hn = read_hypernetwork(path)
         context = self.unet.config.context_dim
@@ -90,11 +90,10 @@ def extract_hypernet_tags(prompt: str) -> tuple[str, list[HypernetTag]]:
     """The prompt without its ``<hypernet:…>`` tags, and the tags."""
     text, found = extract_network_tags(prompt, ("hypernet",))
     tags = []
-    for name, fields in found:
-        tag = f"<hypernet:{':'.join([name, *fields])}>"
+    for tag, name, fields in found:
         if len(fields) > 1:
             raise ValueError(f"{tag}: a hypernetwork tag is <hypernet:NAME> or <hypernet:NAME:WEIGHT>")
-        tags.append(HypernetTag(name, _finite(fields[0], f"the weight in {tag}") if fields else 1.0))
+        tags.append(HypernetTag(name, finite_weight(fields[0], f"the weight in {tag}") if fields else 1.0))
     return text, tags
 
 

@@ -13,10 +13,7 @@ folders, and the short hash A1111 writes in a PNG's ``Lora hashes``.
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
-import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import sha256_from, tensor_data_sha256
-from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, read_lora
+from ..checkpoint.lora import ModuleIndex, Target, check_family, read_lora
 from ..nn.lora import AdapterWeights, merged_weight
+from .extra_networks import extract_network_tags, find_named_file, finite_weight
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 
@@ -76,8 +74,8 @@ class LoraStack:
         """Merge the LoRA at ``path``: U-Net adapters times ``weight``, text-encoder adapters times
         ``text_encoder_weight`` (default: ``weight``). Keys that match no module are reported
         through ``warn`` (count and examples) and kept in ``AppliedLora.unmatched``."""
-        weight = _finite(weight, "LoRA weight")
-        te_weight = weight if text_encoder_weight is None else _finite(text_encoder_weight, "text encoder weight")
+        weight = finite_weight(weight, "LoRA weight")
+        te_weight = weight if text_encoder_weight is None else finite_weight(text_encoder_weight, "text encoder weight")
         lora = read_lora(path)
         check_family(lora, self.models["unet"], self.models.get("text_encoder"), self.models.get("text_encoder_2"),
                      self.model_name)
@@ -123,34 +121,11 @@ class LoraStack:
         self._adapters, self.applied = adapters, applied
 
 
-def _finite(value: object, what: str) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return number
-
-
 def _stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- prompt tags and LoRA folders
-
-# A1111's extra-network tags <KIND:NAME:FIELD:…>: <lora:NAME:W> (LyCORIS' extension wrote <lyco:…>),
-# <hypernet:NAME:W>. One parser for every kind.
-def _tag_pattern(kinds: Sequence[str]) -> re.Pattern[str]:
-    return re.compile(rf"<(?:{'|'.join(map(re.escape, kinds))}):([^:>]+)((?::[^:>]*)*)>")
-
-
-def extract_network_tags(prompt: str, kinds: Sequence[str]) -> tuple[str, list[tuple[str, list[str]]]]:
-    """The prompt without its ``<KIND:NAME:…>`` tags of ``kinds``, and each tag's (name, fields)."""
-    pattern = _tag_pattern(kinds)
-    tags = [(m[1].strip(), [f.strip() for f in m[2].split(":")[1:]]) for m in pattern.finditer(prompt)]
-    return pattern.sub("", prompt), tags
-
 
 @dataclass(frozen=True)
 class LoraTag:
@@ -167,12 +142,11 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     A1111 order: ``<lora:NAME:A:B>`` is text-encoder weight A and U-Net weight B."""
     text, found = extract_network_tags(prompt, ("lora", "lyco"))
     tags = []
-    for name, fields in found:
-        tag = f"<lora:{':'.join([name, *fields])}>"
+    for tag, name, fields in found:
         if len(fields) > 2:
             raise ValueError(f"{tag}: a LoRA tag is <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:"
                              "UNET_WEIGHT>")
-        numbers = [_finite(f, f"the weight in {tag}") for f in fields] or [1.0]
+        numbers = [finite_weight(f, f"the weight in {tag}") for f in fields] or [1.0]
         tags.append(LoraTag(name, numbers[-1], numbers[0]))
     return text, tags
 
@@ -181,29 +155,6 @@ def find_lora(name: str, folders: Sequence[str | Path]) -> Path:
     """The LoRA file called ``name`` (its file name without the extension) in ``folders`` or their
     subfolders; an unknown name is a ValueError naming the closest ones."""
     return find_named_file(name, folders, LORA_EXTENSIONS, "LoRA", "lora", "--lora-dir")
-
-
-def find_named_file(name: str, folders: Sequence[str | Path], extensions: Sequence[str], what: str,
-                    kind: str, flag: str) -> Path:
-    """The ``what`` file called ``name`` (its stem) in ``folders`` or their subfolders, for the
-    prompt tag ``<kind:NAME>`` (folders given with ``flag``); the first folder given wins. An
-    unknown name is a ValueError naming the closest ones."""
-    if not folders:
-        raise ValueError(f"the prompt asks for <{kind}:{name}>; give the folder that holds it with {flag}")
-    found = {}
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{what} folder not found: {folder}")
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in extensions and path.is_file():
-                found.setdefault(path.stem, path)
-    if name in found:
-        return found[name]
-    close = difflib.get_close_matches(name, list(found), n=3, cutoff=0.5)
-    hint = f"; closest: {', '.join(close)}" if close else f"; {len(found)} {what}s there" + (
-        f", e.g. {', '.join(sorted(found)[:3])}" if found else "")
-    raise ValueError(f"{what} {name!r} not found in {', '.join(str(f) for f in folders)}{hint}")
 
 
 def hashes_text(applied: Iterable[AppliedLora]) -> str:
