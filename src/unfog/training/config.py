@@ -218,18 +218,24 @@ class LoraOptions(TaskOptions):
             raise ValueError(f"lora.output_name must be a file name without folders, got {self.output_name!r}")
 
     def check(self, config: TrainConfig) -> None:
-        _needs_rgb(config)
+        _check_finetune(config, "the caption dropout lora.caption_dropout")
         if self.aspect_buckets and config.data in ("digits", "shapes"):
             raise ValueError(f"lora.aspect_buckets need an image folder of images of many shapes, not {config.data!r}")
         if self.aspect_bucket_step < 8:
             raise ValueError(f"lora.aspect_bucket_step must be >= 8 (the VAE's factor), got {self.aspect_bucket_step}")
-        if self.cache_latents != "none" and not config.center_crop:
-            raise ValueError("lora.cache_latents needs center_crop true: random crops change every step")
-        unused = [k for k in ("model", "model_overrides", "cond_dropout")
-                  if getattr(config, k) != _defaults(TrainConfig)[k]]
-        if unused:
-            raise ValueError(f"task 'lora' does not read {', '.join(unused)} (the model is lora.base_model, the "
-                             "caption dropout lora.caption_dropout); leave them out")
+
+
+def _check_finetune(config: TrainConfig, instead: str) -> None:
+    """The shared fields a fine-tuning task (``finetune.py``) can train with; ``instead`` names
+    the task's own option in place of ``cond_dropout``, for the message."""
+    task = config.task
+    _needs_rgb(config)
+    if config.options.cache_latents != "none" and not config.center_crop:
+        raise ValueError(f"{task}.cache_latents needs center_crop true: random crops change every step")
+    unused = [k for k in ("model", "model_overrides", "cond_dropout") if getattr(config, k) != _defaults(TrainConfig)[k]]
+    if unused:
+        raise ValueError(f"task {task!r} does not read {', '.join(unused)} (the model is {task}.base_model, "
+                         f"{instead}); leave them out")
 
 
 # ---- the registry of tasks ------------------------------------------------------------------------------
