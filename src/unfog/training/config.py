@@ -238,6 +238,78 @@ def _check_finetune(config: TrainConfig, instead: str) -> None:
                          f"{instead}); leave them out")
 
 
+# Built-in template sets of task "textual_inversion" (A1111's textual_inversion_templates idea, our
+# wording): [name] is the embedding's name, [filewords] the image's caption.
+TI_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "subject": ("a picture of a [name]", "an image of a [name]", "a drawing of a [name]", "a photo of a [name]",
+                "a close-up picture of a [name]", "a [name]"),
+    "subject_filewords": ("a picture of a [name], [filewords]", "an image of a [name], [filewords]",
+                          "a photo of a [name], [filewords]", "a [name], [filewords]"),
+    "style": ("a picture in the style of [name]", "an image in the style of [name]",
+              "a drawing in the style of [name]", "a painting in the style of [name]"),
+    "style_filewords": ("[filewords], in the style of [name]", "a picture of [filewords], in the style of [name]",
+                        "an image of [filewords], by [name]"),
+    "filewords": ("[filewords]",),  # captions that call the name themselves
+}
+
+
+@dataclass(frozen=True)
+class TextualInversionOptions(TaskOptions):
+    """Task "textual_inversion": new token-embedding rows for the word ``name`` on a frozen model
+    that unfog loads (as task "lora"'s); only the vectors train (``training/textual_inversion.py``)."""
+
+    base_model: str | None = None  # the model; None: the embedded "shapes" text-to-image model
+    name: str = ""  # the word prompts call the embedding by; the file is out_dir/<name>.safetensors
+    init_words: str = "*"  # the vectors start as these words' token embeddings (A1111's initialization text)
+    num_vectors: int = 1  # rows per text encoder
+    # a built-in set of TI_TEMPLATES or a text file of templates, one a line, each with [name]
+    # ([filewords]: the image's caption); each sample draws one
+    templates: str = "subject"
+    base_dtype: str = "fp32"  # the frozen model's dtype; the vectors are always fp32
+    cache_latents: str = "none"  # "memory" or "disk" (out_dir/latent_cache.safetensors)
+    validation_prompts: list = field(default_factory=list)  # [name] is replaced; []: 4 training prompts
+    save_pt: bool = False  # also out_dir/<name>.pt, A1111's .pt layout
+    save_diffusers: bool = False  # also out_dir/learned_embeds.safetensors, diffusers' {name: (n, W)} (SD 1.x / 2.x)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.name.strip():
+            raise ValueError("textual_inversion.name is required: the word prompts will call the embedding by, "
+                             "e.g. \"<sks>\" (the file is out_dir/<name>.safetensors)")
+        if any(ch in self.name for ch in '/\\:,()[]'):
+            raise ValueError(f"textual_inversion.name {self.name!r} must be one prompt word and a file name: no / \\ "
+                             ": , ( ) [ ]")
+        if not 1 <= self.num_vectors <= 75:
+            raise ValueError(f"textual_inversion.num_vectors must be in 1..75 (a prompt chunk's tokens), got "
+                             f"{self.num_vectors}")
+        check_choice("textual_inversion.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
+        check_choice("textual_inversion.cache_latents", self.cache_latents, ("none", "memory", "disk"))
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"textual_inversion.validation_prompts must be a list of strings, got "
+                             f"{self.validation_prompts!r}")
+        self.template_list()  # a missing file or a template without [name] fails here, not mid-run
+
+    def template_list(self) -> tuple[str, ...]:
+        """The templates: a built-in set, else the lines of the file ``templates`` (blank lines skipped)."""
+        if self.templates in TI_TEMPLATES:
+            return TI_TEMPLATES[self.templates]
+        path = Path(self.templates)
+        if not path.is_file():
+            raise ValueError(f"textual_inversion.templates {self.templates!r} is neither a built-in set "
+                             f"({', '.join(TI_TEMPLATES)}) nor a file of templates")
+        found = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not found:
+            raise ValueError(f"textual_inversion.templates: {path} holds no templates (one a line, each with [name])")
+        missing = [t for t in found if "[name]" not in t]
+        if missing:
+            raise ValueError(f"textual_inversion.templates: {path}: {len(missing)} template(s) without [name], e.g. "
+                             f"{missing[0]!r}; the embedding trains only through prompts that call it")
+        return found
+
+    def check(self, config: TrainConfig) -> None:
+        _check_finetune(config, "no caption dropout: the templates make the prompts")
+
+
 # ---- the registry of tasks ------------------------------------------------------------------------------
 def _pixel_trainer() -> type[BaseTrainer]:
     from .pixel import PixelTrainer
@@ -263,6 +335,12 @@ def _lora_trainer() -> type[BaseTrainer]:
     return LoraTrainer
 
 
+def _textual_inversion_trainer() -> type[BaseTrainer]:
+    from .textual_inversion import TextualInversionTrainer
+
+    return TextualInversionTrainer
+
+
 @dataclass(frozen=True)
 class Task:
     """A training task: its section of the config and its trainer (imported when first asked
@@ -280,6 +358,9 @@ TASKS: dict[str, Task] = {
                        "a latent U-Net with cross-attention on a text encoder, on an autoencoder's latents (stage 2)"),
     "lora": Task(LoraOptions, _lora_trainer, "a LoRA / LoCon on a frozen model unfog loads (SD 1.x, 2.x, SDXL, "
                  "an unfog text-to-image file)"),
+    "textual_inversion": Task(TextualInversionOptions, _textual_inversion_trainer,
+                              "a textual-inversion embedding (new token vectors for a word) on a frozen model unfog "
+                              "loads"),
 }
 
 
@@ -296,8 +377,8 @@ def section_name(options: type[TaskOptions]) -> str:
 # ---- the config -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    # task: a name in TASKS, "pixel", "autoencoder", "text2image" or "lora"; its own settings are the
-    # section ``options`` (TASKS[task].options; in JSON, the key named after the task)
+    # task: a name in TASKS, "pixel", "autoencoder", "text2image", "lora" or "textual_inversion"; its
+    # own settings are the section ``options`` (TASKS[task].options; in JSON, the key named after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
     # procedural captioned set, ``data_size`` items from ``seed``) or an image folder
@@ -546,6 +627,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 # ---- comparing configs ----------------------------------------------------------------------------------
 # Settings that do not change the training trajectory; a resumed run may change them freely.
 RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "lora.validation_prompts", "lora.output_name",
+                     "textual_inversion.validation_prompts", "textual_inversion.save_pt",
+                     "textual_inversion.save_diffusers",
                      "log_every", "sample_every", "save_every", "keep_last", "sample_sampler", "sample_steps",
                      "sample_cfg_scale")
 

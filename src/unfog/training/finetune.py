@@ -61,6 +61,8 @@ def frozen_forward(pipe: StableDiffusion, x: Tensor, t: Tensor, prompts: list[st
 
 
 class FineTuneTrainer(BaseTrainer):
+    output_option = "output_name"  # the section's option that names the output files, for messages
+
     def build(self) -> None:
         c, o = self.config, self.options
         self.base_path = Path(o.base_model) if o.base_model else default_model_path(DEFAULT_TEXT_MODEL)
@@ -74,7 +76,7 @@ class FineTuneTrainer(BaseTrainer):
             for path in self.output_paths():
                 if path.exists():
                     raise FileExistsError(f"{path} exists and is not from a training run in {c.out_dir}; choose "
-                                          f"another out_dir or {c.task}.output_name")
+                                          f"another out_dir or {c.task}.{self.output_option}")
         self.data = make_lora_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
                                    bucket_step=self.bucket_step(), min_bucket=c.batch_size,
                                    shapes_config=c.shapes_config(), workers=c.data_workers)
