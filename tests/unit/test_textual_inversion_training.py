@@ -163,3 +163,32 @@ def test_bad_options_are_one_line_errors(tmp_path):
     for extra, message in built:
         with pytest.raises(ValueError, match=message):
             make_trainer(ti_config(tmp_path, *extra), "cpu")
+
+
+def test_shapes_only_shapes_and_colors_draw_one_concept_and_the_default_set_is_unchanged():
+    from unfog.datasets.shapes import make_item
+    from unfog.datasets.shapes_text import ShapesConfig
+
+    one = ShapesConfig(categories=("single_object",), only_shapes=("triangle",), only_colors=("green",))
+    scenes = [make_item(i, 32, 0, one)[0] for i in range(20)]
+    assert {(o.shape, o.color) for s in scenes for o in s.objects} == {("triangle", "green")}
+    # the default config draws from the full sets, with the draws of a config without the fields
+    assert ShapesConfig().shapes == ("circle", "square", "triangle") and len(ShapesConfig().colors) == 6
+    with pytest.raises(ValueError, match=r"only_shapes holds one shape, but categories color_attr, position"):
+        ShapesConfig(only_shapes=("triangle",))
+    with pytest.raises(ValueError, match=r"unknown shape 'star'; valid choices: circle, square, triangle"):
+        ShapesConfig(categories=("single_object",), only_shapes=("star",))
+
+
+def test_committed_config_loads():
+    root = Path(__file__).resolve().parents[2]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)  # the template file path is relative to the repository, as the config is run
+    try:
+        config = load_config(root / "configs" / "ti_shapes.json")
+    finally:
+        os.chdir(cwd)
+    assert config.task == "textual_inversion" and config.options.name == NAME and config.data_size == 20
+    assert config.shapes_config().shapes == ("triangle",)
