@@ -512,7 +512,7 @@ def _sectioned(values: dict[str, Any], task: str, strict: bool = True) -> dict[s
         return out  # config_from_dict names the problem
     section = dict(section)
     for key in [k for k in values if k not in SHARED_KEYS and k not in TASKS]:
-        owner = _owner(key)
+        owner = task if key in _option_keys(task) else _owner(key)  # the fine-tuning tasks share names
         if owner == task:
             if key in section:
                 raise ValueError(f"{key} is given twice: at top level (its place in older configs) and as "
