@@ -131,7 +131,7 @@ def test_templates_fill_name_and_filewords(tmp_path):
     templates = tmp_path / "t.txt"
     templates.write_text("a picture of [name]\n\n[filewords], by [name]\n")
     trainer = make_trainer(ti_config(tmp_path / "run", f"textual_inversion.templates={templates}",
-                                     f"textual_inversion.validation_prompts=[\"[name] on a white background\"]"), "cpu")
+                                     "textual_inversion.validation_prompts=[\"[name] on a white background\"]"), "cpu")
     assert trainer.templates == ("a picture of [name]", "[filewords], by [name]")
     assert trainer.make_prompts(["a red circle", "two squares"], (torch.tensor([0, 1]),)) == \
         [f"a picture of {NAME}", f"two squares, by {NAME}"]
@@ -192,3 +192,17 @@ def test_committed_config_loads():
         os.chdir(cwd)
     assert config.task == "textual_inversion" and config.options.name == NAME and config.data_size == 20
     assert config.shapes_config().shapes == ("triangle",)
+
+
+def test_init_from_an_embedding_file_continues_its_vectors(tmp_path):
+    first = make_trainer(ti_config(tmp_path / "a", "ema_decay=0"), "cpu")
+    first.train_step()
+    first.save_model()
+    path = tmp_path / "a" / f"{NAME}.safetensors"
+    second = make_trainer(ti_config(tmp_path / "b"), "cpu")
+    assert second.load_weights(path) == [f"embedding {NAME} at step 1"]
+    assert torch.equal(second.net.vectors[0], first.net.vectors[0])
+    assert torch.equal(second.ema.model.vectors[0], first.net.vectors[0])
+    with pytest.raises(ValueError, match=r"holds 3 vectors for a model with text width 128; this run trains "
+                                         r"textual_inversion\.num_vectors=2"):
+        make_trainer(ti_config(tmp_path / "c", "textual_inversion.num_vectors=2"), "cpu").load_weights(path)
