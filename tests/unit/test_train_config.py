@@ -53,13 +53,21 @@ def test_every_task_has_a_frozen_section_and_a_trainer(name):
     assert issubclass(task.options, TaskOptions) and task.options.__dataclass_params__.frozen
     assert issubclass(task.load_trainer(), BaseTrainer)
     keys = {f.name for f in dataclasses.fields(task.options)}
-    # older flat configs move a key into its section by name: no key may be shared or in two sections
+    # older flat configs move a key into its section by name: no key may be a shared one; a key of
+    # two sections (the fine-tuning tasks' base_model, ...) moves into the config's own task's
     assert not keys & set(SHARED_KEYS) and name not in SHARED_KEYS
-    assert all(not keys & {f.name for f in dataclasses.fields(t.options)} for n, t in TASKS.items() if n != name)
+
+
+def test_a_key_of_two_fine_tuning_sections_moves_into_the_configs_own():
+    for task, extra in (("lora", {}), ("textual_inversion", {"name": "<x>"})):
+        flat = {"task": task, "data": "shapes", "base_model": "m.safetensors", "cache_latents": "memory", **extra}
+        options = config_from_dict(flat).options
+        assert (options.base_model, options.cache_latents) == ("m.safetensors", "memory")
 
 
 def test_unknown_task_lists_the_tasks_and_a_trainer_refuses_another_tasks_config(tmp_path):
-    with pytest.raises(ValueError, match=r"^unknown task 'nope'; valid choices: pixel, autoencoder, text2image, lora$"):
+    with pytest.raises(ValueError, match=r"^unknown task 'nope'; valid choices: pixel, autoencoder, text2image, lora, "
+                                     r"textual_inversion$"):
         get_task("nope")
     config = load_config(None, ["task=autoencoder", "data=shapes"])
     with pytest.raises(ValueError, match="PixelTrainer cannot train task 'autoencoder', whose trainer is "

@@ -6,7 +6,8 @@ called by a word in the prompt (``conditioning.py`` puts the rows in). The forma
     A1111 .pt / .bin          {"string_to_token": {"*": 265}, "string_to_param": {"*": (n, W)},
                                "name", "step", "sd_checkpoint", "sd_checkpoint_name"}; older files
                                hold string_to_param as a ParameterDict (read as a PickledModule)
-    .safetensors              {"emb_params": (n, W)} (A1111 / kohya SD 1.x-2.x), or any single tensor
+    .safetensors              {"emb_params": (n, W)} (A1111 / kohya SD 1.x-2.x), or any single tensor;
+                              step / sd_checkpoint / sd_checkpoint_name from its metadata (unfog's files)
     SDXL (.safetensors, .pt)  {"clip_l": (n, 768), "clip_g": (n, 1280)} (kohya, A1111, Civitai)
     diffusers                 learned_embeds.safetensors / .bin: {token: (n, W) or (W,)}
     A1111 PNG / WebP          the A1111 .pt dict as JSON (tensors as {"TORCHTENSOR": nested lists}):
@@ -114,14 +115,15 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     if suffix in IMAGE_SUFFIXES:
         data = _read_image(path)
         stored_name = data.get("name") if isinstance(data.get("name"), str) else None
+        meta = data
     elif suffix == ".safetensors":
-        data = load_safetensors(path)[0]
+        data, meta = load_safetensors(path)  # unfog's files keep A1111's step / sd_checkpoint here
     else:
         data = load_pickle_object(path)
+        meta = data if isinstance(data, dict) else {}
     vectors = _vectors(data, path)
     with open(path, "rb") as f:
         digest = sha256_from(f)
-    meta = data if isinstance(data, dict) else {}
     step = meta.get("step")
     return Embedding(
         name=name or stored_name or path.stem,

@@ -135,6 +135,10 @@ class ShapesConfig:
     extra_shapes: tuple[str, ...] = ()  # of EXTRA_SHAPES, drawn alongside SHAPES
     extra_colors: tuple[str, ...] = ()  # of EXTRA_COLORS, drawn alongside COLORS
     extra_fraction: float = 0.0  # scenes redrawn until they show an extra shape or colour
+    # draw only these shapes / colours (of those above; () = all): e.g. 20 images of one concept
+    # ({"categories": ["single_object"], "only_shapes": ["triangle"], "only_colors": ["green"]})
+    only_shapes: tuple[str, ...] = ()
+    only_colors: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.categories:
@@ -158,16 +162,25 @@ class ShapesConfig:
             raise ValueError(f"extra_fraction is a probability in [0, 1], got {self.extra_fraction!r}")
         if self.extra_fraction > 0 and not (self.extra_shapes or self.extra_colors):
             raise ValueError("extra_fraction > 0 needs extra_shapes or extra_colors to draw")
+        for name, known in (("only_shapes", SHAPES + self.extra_shapes), ("only_colors", (*COLORS, *self.extra_colors))):
+            for value in getattr(self, name):
+                check_choice(name[5:-1], value, known)
+        pairs = {"two_objects", "position", "color_attr"}.intersection(self.categories)
+        if len(self.only_shapes) == 1 and pairs:
+            raise ValueError(f"only_shapes holds one shape, but categories {', '.join(sorted(pairs))} draw two "
+                             "different shapes; give two or more, or leave those categories out")
+        if len(self.only_colors) == 1 and "color_attr" in self.categories:
+            raise ValueError("only_colors holds one colour, but category color_attr draws two different colours")
 
     @property
     def shapes(self) -> tuple[str, ...]:
-        """The shapes this config draws: SHAPES, then its extra ones."""
-        return SHAPES + self.extra_shapes
+        """The shapes this config draws: SHAPES, then its extra ones (or ``only_shapes``)."""
+        return self.only_shapes or SHAPES + self.extra_shapes
 
     @property
     def colors(self) -> tuple[str, ...]:
-        """The colour names this config draws: those of COLORS, then its extra ones."""
-        return (*COLORS, *self.extra_colors)
+        """The colour names this config draws: those of COLORS, then its extra ones (or ``only_colors``)."""
+        return self.only_colors or (*COLORS, *self.extra_colors)
 
 
 # ---------------------------------------------------------------------------------- prompts

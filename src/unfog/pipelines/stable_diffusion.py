@@ -198,18 +198,22 @@ class StableDiffusion:
         prompts can use. An embedding for other text widths is skipped: None, and one message
         through ``warn`` naming the family it is for. A name already loaded (compared as the
         tokenizer sees it, so case aside) is replaced: the later file wins, and ``warn`` says so."""
+        return self.add_embedding(read_embedding(path, name), warn)
+
+    def add_embedding(self, e: Embedding, warn: Callable[[str], None] | None = None) -> Embedding | None:
+        """``load_embedding`` for an embedding already in memory (e.g. one being trained)."""
         warn = warn or (lambda message: None)
-        e = read_embedding(path, name)
+        where = e.path or "in memory"
         encoders = [getattr(self, n) for n in ENCODERS[self.family]]
         widths = tuple(enc.config.width for enc in encoders)
         if e.for_widths(widths) is None:
-            warn(f"skipped embedding {e.name} ({path}): it is for {e.family}, this model's text encoders are "
+            warn(f"skipped embedding {e.name} ({where}): it is for {e.family}, this model's text encoders are "
                  f"{' + '.join(map(str, widths))} wide")
             return None
         embedding_words([e], self.tokenizer)  # a name with no tokens is refused before anything changes
         same = tuple(self.tokenizer.encode_clip(e.name))
         for old in [o for o in self._embeddings.values() if tuple(self.tokenizer.encode_clip(o.name)) == same]:
-            warn(f"embedding {e.name} ({path}) replaces {old.name} ({old.path}): the later one wins")
+            warn(f"embedding {e.name} ({where}) replaces {old.name} ({old.path or 'in memory'}): the later one wins")
             del self._embeddings[old.name]
         self._embeddings[e.name] = e
         return e

@@ -132,8 +132,9 @@ class BaseTrainer:
 
     def load_weights(self, path: Path) -> list[str]:
         """Start from the weights of a saved model file (``--init-from model.safetensors``)."""
-        raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs and lora runs (a LoRA "
-                         f"file); for a {self.config.task} run give a training state (a state_*.pt file or a run folder)")
+        raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs, lora runs (a LoRA "
+                         f"file) and textual_inversion runs (an embedding); for a {self.config.task} run give a "
+                         "training state (a state_*.pt file or a run folder)")
 
     def extra_state(self) -> dict:
         """More state a task keeps (e.g. a discriminator and its optimiser)."""

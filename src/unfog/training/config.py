@@ -222,18 +222,96 @@ class LoraOptions(TaskOptions):
             raise ValueError(f"lora.output_name must be a file name without folders, got {self.output_name!r}")
 
     def check(self, config: TrainConfig) -> None:
-        _needs_rgb(config)
+        _check_finetune(config, "the caption dropout lora.caption_dropout")
         if self.aspect_buckets and config.data in ("digits", "shapes"):
             raise ValueError(f"lora.aspect_buckets need an image folder of images of many shapes, not {config.data!r}")
         if self.aspect_bucket_step < 8:
             raise ValueError(f"lora.aspect_bucket_step must be >= 8 (the VAE's factor), got {self.aspect_bucket_step}")
-        if self.cache_latents != "none" and not config.center_crop:
-            raise ValueError("lora.cache_latents needs center_crop true: random crops change every step")
-        unused = [k for k in ("model", "model_overrides", "cond_dropout")
-                  if getattr(config, k) != _defaults(TrainConfig)[k]]
-        if unused:
-            raise ValueError(f"task 'lora' does not read {', '.join(unused)} (the model is lora.base_model, the "
-                             "caption dropout lora.caption_dropout); leave them out")
+
+
+def _check_finetune(config: TrainConfig, instead: str) -> None:
+    """The shared fields a fine-tuning task (``finetune.py``) can train with; ``instead`` names
+    the task's own option in place of ``cond_dropout``, for the message."""
+    task = config.task
+    _needs_rgb(config)
+    if config.options.cache_latents != "none" and not config.center_crop:
+        raise ValueError(f"{task}.cache_latents needs center_crop true: random crops change every step")
+    unused = [k for k in ("model", "model_overrides", "cond_dropout") if getattr(config, k) != _defaults(TrainConfig)[k]]
+    if unused:
+        raise ValueError(f"task {task!r} does not read {', '.join(unused)} (the model is {task}.base_model, "
+                         f"{instead}); leave them out")
+
+
+# Built-in template sets of task "textual_inversion" (A1111's textual_inversion_templates idea, our
+# wording): [name] is the embedding's name, [filewords] the image's caption.
+TI_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "subject": ("a picture of a [name]", "an image of a [name]", "a drawing of a [name]", "a photo of a [name]",
+                "a close-up picture of a [name]", "a [name]"),
+    "subject_filewords": ("a picture of a [name], [filewords]", "an image of a [name], [filewords]",
+                          "a photo of a [name], [filewords]", "a [name], [filewords]"),
+    "style": ("a picture in the style of [name]", "an image in the style of [name]",
+              "a drawing in the style of [name]", "a painting in the style of [name]"),
+    "style_filewords": ("[filewords], in the style of [name]", "a picture of [filewords], in the style of [name]",
+                        "an image of [filewords], by [name]"),
+    "filewords": ("[filewords]",),  # captions that call the name themselves
+}
+
+
+@dataclass(frozen=True)
+class TextualInversionOptions(TaskOptions):
+    """Task "textual_inversion": new token-embedding rows for the word ``name`` on a frozen model
+    that unfog loads (as task "lora"'s); only the vectors train (``training/textual_inversion.py``)."""
+
+    base_model: str | None = None  # the model; None: the embedded "shapes" text-to-image model
+    name: str = ""  # the word prompts call the embedding by; the file is out_dir/<name>.safetensors
+    init_words: str = "*"  # the vectors start as these words' token embeddings (A1111's initialization text)
+    num_vectors: int = 1  # rows per text encoder
+    # a built-in set of TI_TEMPLATES or a text file of templates, one a line, each with [name]
+    # ([filewords]: the image's caption); each sample draws one
+    templates: str = "subject"
+    base_dtype: str = "fp32"  # the frozen model's dtype; the vectors are always fp32
+    cache_latents: str = "none"  # "memory" or "disk" (out_dir/latent_cache.safetensors)
+    validation_prompts: list = field(default_factory=list)  # [name] is replaced; []: 4 training prompts
+    save_pt: bool = False  # also out_dir/<name>.pt, A1111's .pt layout
+    save_diffusers: bool = False  # also out_dir/learned_embeds.safetensors, diffusers' {name: (n, W)} (SD 1.x / 2.x)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.name.strip():
+            raise ValueError("textual_inversion.name is required: the word prompts will call the embedding by, "
+                             "e.g. \"<sks>\" (the file is out_dir/<name>.safetensors)")
+        if any(ch in self.name for ch in '/\\:,()[]'):
+            raise ValueError(f"textual_inversion.name {self.name!r} must be one prompt word and a file name: no / \\ "
+                             ": , ( ) [ ]")
+        if not 1 <= self.num_vectors <= 75:
+            raise ValueError(f"textual_inversion.num_vectors must be in 1..75 (a prompt chunk's tokens), got "
+                             f"{self.num_vectors}")
+        check_choice("textual_inversion.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
+        check_choice("textual_inversion.cache_latents", self.cache_latents, ("none", "memory", "disk"))
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"textual_inversion.validation_prompts must be a list of strings, got "
+                             f"{self.validation_prompts!r}")
+        self.template_list()  # a missing file or a template without [name] fails here, not mid-run
+
+    def template_list(self) -> tuple[str, ...]:
+        """The templates: a built-in set, else the lines of the file ``templates`` (blank lines skipped)."""
+        if self.templates in TI_TEMPLATES:
+            return TI_TEMPLATES[self.templates]
+        path = Path(self.templates)
+        if not path.is_file():
+            raise ValueError(f"textual_inversion.templates {self.templates!r} is neither a built-in set "
+                             f"({', '.join(TI_TEMPLATES)}) nor a file of templates")
+        found = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if not found:
+            raise ValueError(f"textual_inversion.templates: {path} holds no templates (one a line, each with [name])")
+        missing = [t for t in found if "[name]" not in t]
+        if missing:
+            raise ValueError(f"textual_inversion.templates: {path}: {len(missing)} template(s) without [name], e.g. "
+                             f"{missing[0]!r}; the embedding trains only through prompts that call it")
+        return found
+
+    def check(self, config: TrainConfig) -> None:
+        _check_finetune(config, "no caption dropout: the templates make the prompts")
 
 
 # ---- the registry of tasks ------------------------------------------------------------------------------
@@ -261,6 +339,12 @@ def _lora_trainer() -> type[BaseTrainer]:
     return LoraTrainer
 
 
+def _textual_inversion_trainer() -> type[BaseTrainer]:
+    from .textual_inversion import TextualInversionTrainer
+
+    return TextualInversionTrainer
+
+
 @dataclass(frozen=True)
 class Task:
     """A training task: its section of the config and its trainer (imported when first asked
@@ -278,6 +362,9 @@ TASKS: dict[str, Task] = {
                        "a latent U-Net with cross-attention on a text encoder, on an autoencoder's latents (stage 2)"),
     "lora": Task(LoraOptions, _lora_trainer, "a LoRA / LoCon on a frozen model unfog loads (SD 1.x, 2.x, SDXL, "
                  "an unfog text-to-image file)"),
+    "textual_inversion": Task(TextualInversionOptions, _textual_inversion_trainer,
+                              "a textual-inversion embedding (new token vectors for a word) on a frozen model unfog "
+                              "loads"),
 }
 
 
@@ -294,8 +381,8 @@ def section_name(options: type[TaskOptions]) -> str:
 # ---- the config -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    # task: a name in TASKS, "pixel", "autoencoder", "text2image" or "lora"; its own settings are the
-    # section ``options`` (TASKS[task].options; in JSON, the key named after the task)
+    # task: a name in TASKS, "pixel", "autoencoder", "text2image", "lora" or "textual_inversion"; its
+    # own settings are the section ``options`` (TASKS[task].options; in JSON, the key named after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
     # procedural captioned set, ``data_size`` items from ``seed``) or an image folder
@@ -429,7 +516,7 @@ def _sectioned(values: dict[str, Any], task: str, strict: bool = True) -> dict[s
         return out  # config_from_dict names the problem
     section = dict(section)
     for key in [k for k in values if k not in SHARED_KEYS and k not in TASKS]:
-        owner = _owner(key)
+        owner = task if key in _option_keys(task) else _owner(key)  # the fine-tuning tasks share names
         if owner == task:
             if key in section:
                 raise ValueError(f"{key} is given twice: at top level (its place in older configs) and as "
@@ -544,6 +631,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 # ---- comparing configs ----------------------------------------------------------------------------------
 # Settings that do not change the training trajectory; a resumed run may change them freely.
 RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "lora.validation_prompts", "lora.output_name",
+                     "textual_inversion.validation_prompts", "textual_inversion.save_pt",
+                     "textual_inversion.save_diffusers",
                      "log_every", "sample_every", "save_every", "keep_last", "sample_sampler", "sample_steps",
                      "sample_cfg_scale")
 

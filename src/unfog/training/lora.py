@@ -1,13 +1,8 @@
 """Task "lora": a LoRA (Hu et al. 2021; LoCon with ``conv_rank``; LyCORIS' LoHa or LoKr with
 ``algo``) trained on a frozen model that unfog loads: an official SD 1.x / 2.x / SDXL single file
 or diffusers folder, or an unfog text-to-image file (the embedded "shapes" model by default). Only
-the adapters train.
-
-The model loads through ``StableDiffusion.load``, so every format the pipelines read works, and
-the training uses that pipeline's own pieces: its noise schedule and prediction type (a config
-that sets ``schedule``, ``num_timesteps``, ``zero_terminal_snr`` or ``prediction`` to something
-else is refused), and its prompt encoding (``conditioning.encode_prompt``: one conditioner for
-training and inference; SDXL's vector y from the pooled output and each image's sizes).
+the adapters train. The model loading, data, latent cache, loss and sample grid are the fine-tuning
+tasks' (``finetune.py``).
 
 Targets, as kohya's ``networks/lora.py``: in the U-Net every Linear and 1x1 conv inside the
 transformer blocks (attention q/k/v/out, feed-forward, proj_in / proj_out) at ``rank``; with
@@ -26,8 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,26 +30,17 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, kohya_metadata, read_lora, save_lora
-from ..conditioning import encode_prompt, sdxl_vector_cond
-from ..diffusion.losses import diffusion_loss, draw_noise
-from ..diffusion.schedules import DiscreteSchedule
-from ..embedded import DEFAULT_TEXT_MODEL, default_model_path
 from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from ..nn.lora import AdapterWeights, TrainableLayer, add_lora
-from ..pipelines.images import make_grid, save_png
-from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
-from .base import BaseTrainer
-from .config import LoraOptions, TrainConfig, field_differences
-from .data import BucketBatches, EpochBatches
-from .lora_data import Posterior, cache_latents, make_lora_data, transform_captions
-from .state import list_states
+from .config import LoraOptions, field_differences
+from .finetune import FineTuneTrainer, frozen_forward
+from .lora_data import transform_captions
 
 UNET_BLOCKS = (SpatialTransformer,)
 CONV_BLOCKS = (ResBlock, Downsample, Upsample)  # LoCon
 TEXT_BLOCKS = (CLIPAttention, CLIPMLP)
-MODEL_SETTINGS = ("schedule", "num_timesteps", "zero_terminal_snr", "prediction")  # read from the model
 # the kohya fields of a LoRA file that --init-from compares with the new run (resumes.jsonl)
 RECORDED = ("ss_sd_model_name", "ss_base_model_version", "ss_v_parameterization", "ss_resolution",
             "ss_num_train_images", "ss_max_train_steps", "ss_learning_rate", "ss_seed")
@@ -114,16 +100,7 @@ class LoraNetwork(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
         self.bind()
-        pipe = self.frozen.pipe
-        encoders = [getattr(pipe, name) for name in ENCODERS[pipe.family]]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen.train_text_encoder):
-            c = encode_prompt(pipe.family, encoders, pipe.tokenizer, prompts, "", zero_empty_negative=True,
-                              with_pooled=pipe.size_conditioning)
-        dtype = next(pipe.unet.parameters()).dtype
-        y = None
-        if pipe.family == "sdxl" or pipe.size_conditioning:  # original (h, w), crop (top, left), target (h, w)
-            y = sdxl_vector_cond(c.pooled, sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6]).to(dtype)
-        return pipe.unet(x.to(dtype), t, c.context.to(dtype), y).float()
+        return frozen_forward(self.frozen.pipe, x, t, prompts, sizes, text_grad=self.frozen.train_text_encoder)
 
     def adapter_weights(self) -> dict[Target, AdapterWeights]:
         """The adapters as a LoRA file stores them, on their targets."""
@@ -131,53 +108,24 @@ class LoraNetwork(nn.Module):
         return {self.frozen.targets[key]: layers[key].adapter_weights(a) for key, a in self.adapters.items()}
 
 
-class LoraTrainer(BaseTrainer):
+class LoraTrainer(FineTuneTrainer):
     options: LoraOptions
 
-    def build(self) -> None:
-        c, o = self.config, self.options
-        self.base_path = Path(o.base_model) if o.base_model else default_model_path(DEFAULT_TEXT_MODEL)
-        self.pipe = StableDiffusion.load(self.base_path, device=self.device)
-        if self.pipe.family == "sdxl_refiner":
-            raise ValueError(f"{self.base_path} is an SDXL refiner; task 'lora' trains on SD 1.x / 2.x / SDXL base "
-                             "models and unfog text-to-image models")
-        self._use_model_settings()
-        self.started_at = time.time()
-        if self.model_path.exists() and not list_states(Path(c.out_dir) / "states"):
-            raise FileExistsError(f"{self.model_path} exists and is not from a training run in {c.out_dir}; choose another "
-                                  "out_dir or lora.output_name")
-        self.data = make_lora_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
-                                   bucket_step=o.aspect_bucket_step if o.aspect_buckets else None, min_bucket=c.batch_size,
-                                   shapes_config=c.shapes_config(), workers=c.data_workers)
-        self.net = LoraNetwork(*self._add_adapters())
-        if o.gradient_checkpointing:
+    def make_network(self) -> LoraNetwork:
+        net = LoraNetwork(*self._add_adapters())
+        if self.options.gradient_checkpointing:
             self.pipe.unet.config = replace(self.pipe.unet.config, gradient_checkpointing=True)
-        self.latents: list[Posterior] | None = None
-        if o.cache_latents != "none":
-            path = Path(c.out_dir) / "latent_cache.safetensors" if o.cache_latents == "disk" else None
-            self.latents = cache_latents(self.data, self.pipe.vae, self.device, path, progress=self.world.is_main)
+        return net
 
-    def _use_model_settings(self) -> None:
-        """The loaded model's schedule and prediction type; a config that sets others is refused."""
-        c, pipe = self.config, self.pipe
-        changed = [k for k in MODEL_SETTINGS if getattr(c, k) != getattr(TrainConfig, k)]
-        if changed:
-            mine = DiscreteSchedule.make(c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr)
-            a, b = mine.alphas_cumprod, pipe.schedule.alphas_cumprod
-            if c.prediction != pipe.prediction or a.shape != b.shape or not torch.allclose(a, b.to(a)):
-                raise ValueError(f"task 'lora' trains with the model's own noise schedule and prediction type "
-                                 f"({pipe.prediction!r}); leave {', '.join(changed)} out of the config")
-        self.schedule = pipe.schedule
-        self.loss_config = replace(c.loss_config(), prediction=pipe.prediction)
+    def bucket_step(self) -> int | None:
+        return self.options.aspect_bucket_step if self.options.aspect_buckets else None
 
     def _add_adapters(self) -> tuple[nn.ModuleDict, Frozen]:
         """Freeze the models, wrap the default targets in ``lora.algo``'s TrainableLayers (fp32
         adapters; seeded), then cast the frozen weights to ``base_dtype``."""
         c, o, pipe = self.config, self.options, self.pipe
         components = ["unet"] + (list(ENCODERS[pipe.family]) if o.text_encoder_lora else [])
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if getattr(pipe, name) is not None:
-                getattr(pipe, name).requires_grad_(False).eval()
+        self.freeze()
         torch.manual_seed(c.seed)
         layers, targets = {}, {}
         for component in components:
@@ -191,65 +139,29 @@ class LoraTrainer(BaseTrainer):
                 key = f"{component}/{path.replace('.', '/')}"
                 layers[key], targets[key] = wrapped[path], Target(component, path, wrapped[path].base)
         adapters = nn.ModuleDict({key: _Adapter(layer) for key, layer in layers.items()})
-        trained = {id(p) for p in adapters.parameters()}
-        dtype = DTYPES[o.base_dtype]
-        for component in ("unet", "text_encoder", "text_encoder_2"):
-            model = getattr(pipe, component)
-            for tensor in [] if model is None else [*model.parameters(), *model.buffers()]:
-                if id(tensor) not in trained and tensor.is_floating_point():
-                    tensor.data = tensor.data.to(dtype)
+        self.cast_frozen({id(p) for p in adapters.parameters()})
         return adapters, Frozen(pipe, layers, targets, o.text_encoder_lora)
 
-    def trainable(self) -> nn.Module:
-        return self.net
-
-    def make_batches(self) -> EpochBatches | BucketBatches:
-        if self.data.bucket_of is None:
-            return super().make_batches()
-        return BucketBatches(self.data.bucket_of, self.config.batch_size, self.config.seed)
-
-    def posteriors(self, idx: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-        """Items ``idx``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6) and captions."""
-        if self.latents is not None:
-            cached = [self.latents[int(i)] for i in idx]
-            captions = [self.data.caption_of(int(i)) for i in idx]
-            return (torch.stack([p.mean for p in cached]), torch.stack([p.std for p in cached]),
-                    torch.stack([p.sizes for p in cached]), captions)
-        batch = self.data.batch(idx, seeds)
-        vae = self.pipe.vae
-        with torch.no_grad():
-            posterior = vae.encode(batch.images.to(self.device, next(vae.parameters()).dtype))
-        return posterior.mean.float(), posterior.std.float(), batch.sizes, batch.captions
-
-    def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
-        o, g, b = self.options, self.noise_gen, idx.numel()
-        h, w = self.data.target_of(int(idx[0]))  # a batch is of one size (one bucket)
-        vae = self.pipe.vae.config
-        latent_shape = (b, vae.latent_channels, h // vae.downsample_factor, w // vae.downsample_factor)
-        # Every draw is made for the global batch, in a fixed order, then sliced (distributed.py).
+    def prompt_draws(self, b: int, g: torch.Generator) -> tuple[Tensor | None, ...]:
+        o = self.options
         drop = torch.rand(b, generator=g) < o.caption_dropout
         shuffle = torch.randint(0, 2**62, (b,), generator=g) if o.shuffle_tags else None
-        posterior_noise = torch.randn(latent_shape, generator=g)
-        t, noise = draw_noise(latent_shape, self.schedule, self.loss_config, g)
-        seeds = self.data.crop_seeds(b, g)  # random crops only
-        mine = self.world.local_slice(b)
-        mean, std, sizes, captions = self.posteriors(idx[mine], None if seeds is None else seeds[mine])
-        z = (mean + std * posterior_noise[mine].to(mean.device)) * vae.scaling_factor  # (b, C, h / f, w / f)
-        prompts = transform_captions(captions, drop[mine], None if shuffle is None else shuffle[mine], o.keep_tokens)
-        return diffusion_loss(model, z.to(self.device), self.schedule, self.loss_config, t=t[mine], noise=noise[mine],
-                              prompts=prompts, sizes=sizes.to(self.device))
+        return drop, shuffle
 
-    def validation_prompts(self) -> list[str]:
-        """The grid's prompts: ``lora.validation_prompts``, else the first 4 distinct captions."""
-        if self.options.validation_prompts:
-            return list(self.options.validation_prompts)
-        captions = []
-        for i in range(len(self.data)):
-            if self.data.caption_of(i) not in captions:
-                captions.append(self.data.caption_of(i))
-            if len(captions) == 4:
-                break
-        return captions
+    def make_prompts(self, captions: list[str], draws: tuple[Tensor | None, ...]) -> list[str]:
+        drop, shuffle = draws
+        return transform_captions(captions, drop, shuffle, self.options.keep_tokens)
+
+    @contextmanager
+    def applied(self):
+        self.ema.model.bind()  # the EMA adapters in the frozen model
+        try:
+            yield
+        finally:
+            self.net.bind()
+
+    def describe(self) -> str:
+        return f"LoRA {self.options.output_name}"
 
     @property
     def model_path(self) -> Path:
@@ -358,19 +270,3 @@ class LoraTrainer(BaseTrainer):
                 f"it has {', '.join(sorted(v))} where {k}" for k, v in wrong.items())
                 + " (set them to the file's values; its alpha / rank scale is kept, not converted)")
         return {key_of[target]: adapter for target, adapter in found.items()}
-
-    def sample_grid(self) -> None:
-        c = self.config
-        prompts = self.validation_prompts()
-        self.ema.model.bind()  # the EMA adapters in the frozen model
-        try:
-            images = self.pipe(prompts, steps=c.sample_steps, sampler=c.sample_sampler, cfg_scale=c.sample_cfg_scale,
-                               seed=0, batch_size=2, width=c.image_size, height=c.image_size, output="tensor")
-        finally:
-            self.net.bind()
-        grid = make_grid(images.view(len(prompts), 2, *images.shape[1:]).transpose(0, 1).flatten(0, 1),
-                         nrow=len(prompts), scale=2 if c.image_size <= 128 else 1)  # a row per seed
-        save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png",
-                 f"step {self.step}; LoRA {self.options.output_name} on {self.base_path.name}; columns: "
-                 f"{' | '.join(prompts)}; sampler {c.sample_sampler}, {c.sample_steps} steps, cfg {c.sample_cfg_scale}",
-                 overwrite=True)
