@@ -16,10 +16,12 @@ if TYPE_CHECKING:
 
     import torch
 
+    from .models.controlnet import ControlNet
+    from .models.unet import UNet
     from .pipelines.stable_diffusion import StableDiffusion
 
 __version__ = "0.1.0"
-__all__ = ["load"]
+__all__ = ["load", "load_controlnet"]
 
 
 def load(
@@ -51,3 +53,25 @@ def load(
 
     return StableDiffusion.load(path, dtype=torch.float32 if dtype is None else dtype, device=device, family=family,
                                 prediction=prediction, use_ema=use_ema)
+
+
+def load_controlnet(
+    path: str | Path,
+    base: UNet | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ControlNet:
+    """A ControlNet (SD 1.x, 2.x or SDXL) from an official single file (``control_model.`` prefix or
+    none; fp16 or fp32) or a diffusers folder. Calling it, ``(x, timesteps, context, hint, y=None)``,
+    gives the residuals that ``pipe.unet(x, timesteps, context, y, control=residuals)`` adds.
+
+    base: the U-Net a ``difference`` file was made against (usually SD 1.5's, e.g. ``pipe.unet``),
+        whose weights are added back; refused for other files. dtype: of the module (None:
+        torch.float32). See docs/controlnet.md.
+    """
+    import torch
+
+    from .checkpoint.controlnet import load_controlnet as load
+
+    return load(path, base=base, dtype=torch.float32 if dtype is None else dtype).to(device)

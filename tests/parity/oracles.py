@@ -31,8 +31,9 @@ CLIP_VOCAB, CLIP_LAYERS = 49408, 3  # clip_pair: the real vocabulary, three laye
 # ---------------------------------------------------------------- U-Net
 
 
-def diffusers_twin(cfg: UNetConfig, **extra) -> diffusers.UNet2DConditionModel:
-    """diffusers' UNet2DConditionModel with the same architecture as ``cfg``."""
+def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
+    """The arguments of diffusers' UNet2DConditionModel / ControlNetModel for the architecture of
+    ``cfg`` (the decoder's block types aside)."""
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
     # diffusers gives the middle block the depth of the deepest level (the last entry of
     # transformer_layers_per_block); a level without attention ignores its entry, so there the
@@ -45,18 +46,24 @@ def diffusers_twin(cfg: UNetConfig, **extra) -> diffusers.UNet2DConditionModel:
         heads = [cfg.num_heads] * len(chans)  # diffusers' "attention_head_dim" is a head count
     else:
         heads = [c // cfg.num_head_channels for c in chans]
-    return diffusers.UNet2DConditionModel(
+    return dict(
         in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         block_out_channels=tuple(chans),
         layers_per_block=cfg.num_res_blocks,
         cross_attention_dim=cfg.context_dim,
         attention_head_dim=tuple(heads),
         transformer_layers_per_block=depths,
         use_linear_projection=cfg.use_linear_projection,
-        **extra,
+    )
+
+
+def diffusers_twin(cfg: UNetConfig, **extra) -> diffusers.UNet2DConditionModel:
+    """diffusers' UNet2DConditionModel with the same architecture as ``cfg``."""
+    kwargs = diffusers_unet_kwargs(cfg)
+    up = tuple(b.replace("Down", "Up") for b in reversed(kwargs["down_block_types"]))
+    return diffusers.UNet2DConditionModel(
+        out_channels=cfg.out_channels, up_block_types=up, **kwargs, **extra
     ).eval()
 
 

@@ -272,3 +272,55 @@ def test_parity_with_diffusers_sdxl_like():
         cond = {"text_embeds": pooled, "time_ids": size_ids}
         expected = twin(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
         assert rel_err(ours(x, t, ctx, y=y), expected) < 1e-4
+
+
+# ---------------------------------------------------------------- ControlNet residuals (control=)
+
+
+def _residuals(model: UNet, x: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """Random residuals shaped as each input block's output, then the middle block's."""
+    g = torch.Generator().manual_seed(seed)
+    shapes, h = [], x
+    with torch.no_grad():
+        emb = model.embed(torch.tensor([1.0] * x.shape[0]), x, None, torch.float32)
+        ctx = torch.zeros(x.shape[0], 1, model.config.context_dim)
+        for block in model.input_blocks:
+            h = block(h, emb, ctx)
+            shapes.append(h.shape)
+        shapes.append(model.middle_block(h, emb, ctx).shape)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 11)])
+def test_control_residuals_match_diffusers_additional_residuals(size):
+    """control= adds the residuals where diffusers adds down_block_additional_residuals (the skips)
+    and mid_block_additional_residual (the middle block's output)."""
+    cfg = SD1_LIKE
+    ours = randomize_(UNet(cfg)).eval()
+    twin = diffusers_twin(cfg)
+    load_into_diffusers(ours, twin)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, *size, generator=g), torch.randn(2, 5, cfg.context_dim, generator=g)
+    t = torch.tensor([17.0, 803.0])
+    control = _residuals(ours, x, seed=4)
+    assert len(control) == 7  # input conv + 3 levels x 1 ResBlock + 2 Downsamples, then the middle
+    with torch.no_grad():
+        expected = twin(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=tuple(control[:-1]),
+                        mid_block_additional_residual=control[-1]).sample
+        mine = ours(x, t, ctx, control=control)
+        plain = ours(x, t, ctx)
+        zeros = ours(x, t, ctx, control=[torch.zeros_like(c) for c in control])
+    assert rel_err(mine, expected) < 1e-4
+    assert rel_err(mine, plain) > 1e-2  # the residuals matter
+    assert torch.equal(zeros, plain)
+
+
+def test_control_bad_inputs_raise():
+    model = UNet(TINY).eval()
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32)
+    control = _residuals(model, x, seed=0)
+    with pytest.raises(ValueError, match=r"control must hold 5 residuals \(4 input blocks and the middle block\), got 4"):
+        model(x, 1, ctx, control=control[:-1])
+    control[2] = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"control\[2\] has shape \(1, 4, 8, 8\), but the output it joins has"):
+        model(x, 1, ctx, control=control)

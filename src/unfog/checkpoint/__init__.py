@@ -12,6 +12,8 @@ from .pickle_reader import UnsafeCheckpointError, load_pickle_checkpoint, load_p
 
 _LAZY = {
     "Components": "components",
+    "check_controlnet_family": "controlnet",
+    "load_controlnet": "controlnet",
     "Embedding": "embeddings",
     "read_embedding": "embeddings",
     "FAMILIES": "detect",

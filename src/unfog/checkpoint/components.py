@@ -69,9 +69,15 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
 
 def build_module(component: Component, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, what: str):
     """The module of ``component`` with ``config``, holding the tensors of ``state_dict`` cast to
-    ``dtype`` (taken out of the dict one at a time, so two full copies never coexist)."""
+    ``dtype`` (see ``fill_module``)."""
     with torch.device("meta"):
         module = MODULES[component](config)
+    return fill_module(module, state_dict, dtype, what)
+
+
+def fill_module(module: nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, what: str):
+    """``module``, built on the meta device, holding the tensors of ``state_dict`` cast to ``dtype``
+    (taken out of the dict one at a time, so two full copies never coexist); checked first."""
     check_state_dict(module, state_dict, what)
     weights = {}
     for name in list(state_dict):

@@ -353,3 +353,29 @@ def convert_diffusers_unet(state_dict: Mapping[str, torch.Tensor], cfg: UNetConf
 def convert_diffusers_vae(state_dict: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """A diffusers ``vae`` folder's weights in ``AutoencoderKL``'s (LDM) naming."""
     return rename_modules(state_dict, diffusers_vae_rows(cfg), "diffusers VAE")
+
+
+# diffusers ``ControlNetModel``: the U-Net's encoder under the U-Net's diffusers names, plus the
+# hint encoder (``controlnet_cond_embedding``: conv_in, blocks.0..5, conv_out = the official
+# ``input_hint_block`` convs 0, 2, ..., 14) and the zero convs.
+_ENCODER = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+
+
+def diffusers_controlnet_rows(cfg: UNetConfig, skips: int, hint_blocks: int = 6) -> ModuleRows:
+    """diffusers ``ControlNetModel`` -> canonical modules, for a ControlNet of U-Net config ``cfg``
+    with ``skips`` zero convs (one per input block)."""
+    rows = [row for row in diffusers_unet_rows(cfg) if row[1].startswith(_ENCODER)]
+    rows.append(("controlnet_cond_embedding.conv_in", "input_hint_block.0", "same"))
+    rows += [(f"controlnet_cond_embedding.blocks.{i}", f"input_hint_block.{2 * i + 2}", "same")
+             for i in range(hint_blocks)]
+    rows.append(("controlnet_cond_embedding.conv_out", f"input_hint_block.{2 * hint_blocks + 2}", "same"))
+    rows += [(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0", "same") for i in range(skips)]
+    rows.append(("controlnet_mid_block", "middle_block_out.0", "same"))
+    return rows
+
+
+def convert_diffusers_controlnet(
+    state_dict: Mapping[str, torch.Tensor], cfg: UNetConfig, skips: int
+) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet's weights in ``ControlNet``'s (official ``cldm``) naming."""
+    return rename_modules(state_dict, diffusers_controlnet_rows(cfg, skips), "diffusers ControlNet")

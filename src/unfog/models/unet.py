@@ -10,6 +10,7 @@ stripped. With ``L = len(channel_mult)`` levels and ``R = num_res_blocks``:
 - ``input_blocks``: ``0`` is the input conv; then per level ``R`` x [ResBlock (+ attention)]
   and, except at the last level, a Downsample. Every block's output is kept as a skip.
 - ``middle_block``: ResBlock, attention, ResBlock.
+  (These three are ``UNetEncoder``, which a ControlNet shares: ``models/controlnet.py``.)
 - ``output_blocks``: per level, deepest first, ``R + 1`` x [ResBlock on cat(h, skip)
   (+ attention)] and, except at level 0, an Upsample after the last one.
 - ``out``: GroupNorm -> SiLU -> 3x3 conv.
@@ -20,6 +21,7 @@ set (latent text-to-image models), else an AttentionBlock (pixel-space self-atte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -198,7 +200,13 @@ def _stage(cfg: UNetConfig, channels: int, out_channels: int, depth: int) -> lis
     return layers
 
 
-def _input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+def time_embedding(cfg: UNetConfig) -> nn.Sequential:
+    """sinusoidal(t) (width ``model_channels``) -> Linear -> SiLU -> Linear (``time_embed_dim``)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    return nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+
+
+def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The encoder, and the channel count of each skip it produces."""
     ch = cfg.model_channels
     blocks = [UNetBlock(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
@@ -215,13 +223,13 @@ def _input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     return nn.ModuleList(blocks), skips
 
 
-def _middle_block(cfg: UNetConfig) -> UNetBlock:
+def middle_block(cfg: UNetConfig) -> UNetBlock:
     ch = cfg.level_channels[-1]
     layers = _stage(cfg, ch, ch, cfg.transformer_depth_middle)
     return UNetBlock(*layers, _res_block(cfg, ch, ch))
 
 
-def _output_blocks(cfg: UNetConfig, skips: list[int]) -> nn.ModuleList:
+def output_blocks(cfg: UNetConfig, skips: list[int]) -> nn.ModuleList:
     """The decoder; consumes ``skips`` (a copy) from the end, deepest first."""
     skips = list(skips)
     ch = cfg.level_channels[-1]
@@ -237,7 +245,7 @@ def _output_blocks(cfg: UNetConfig, skips: list[int]) -> nn.ModuleList:
     return nn.ModuleList(blocks)
 
 
-def _label_embedding(cfg: UNetConfig) -> nn.Module | None:
+def label_embedding(cfg: UNetConfig) -> nn.Module | None:
     ted = cfg.time_embed_dim
     if cfg.num_classes is None:
         return None
@@ -247,65 +255,21 @@ def _label_embedding(cfg: UNetConfig) -> nn.Module | None:
     return nn.Embedding(cfg.num_classes, ted)
 
 
-class UNet(nn.Module):
-    """Noise-prediction U-Net: ``forward(x, timesteps, context=None, y=None)`` -> same shape as x
-    with ``out_channels`` channels. The network predicts whatever it was trained for (eps, v,
-    x0); turning that into a denoiser is ``unfog.diffusion.denoiser``'s job, not this class's.
-    """
+class UNetEncoder(nn.Module):
+    """The part of the U-Net that a ControlNet copies: the time (and label) embedding, the input
+    blocks and the middle block, built from ``config`` by the builders above, with the embedding,
+    the block runner and the input checks that ``UNet`` and ``ControlNet`` share. Attribute names
+    are the official keys, so subclasses keep the checkpoint layout."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        mc, ted = config.model_channels, config.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        self.label_emb = _label_embedding(config)
-        self.input_blocks, skips = _input_blocks(config)
-        self.middle_block = _middle_block(config)
-        self.output_blocks = _output_blocks(config, skips)
-        self.out = nn.Sequential(
-            normalization(mc), nn.SiLU(), zero_(nn.Conv2d(mc, config.out_channels, 3, padding=1))
-        )
+        self.time_embed = time_embedding(config)
+        self.label_emb = label_embedding(config)
+        self.input_blocks, self.skip_channels = input_blocks(config)
+        self.middle_block = middle_block(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor | float,
-        context: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (B, in_channels, H, W); timesteps: (B,) or a scalar; context: (B, M, context_dim) for
-        cross-attention models; y: (B,) class ids or (B, adm_in_channels) vectors for
-        class-conditional models. Returns (B, out_channels, H, W).
-
-        Any H, W work, as in diffusers: each Downsample rounds an odd size up (ceil(H/2)), and
-        each Upsample is sized to the skip connection it joins next, so the decoder retraces the
-        encoder's sizes (diffusers' ``forward_upsample_size``). When H and W are divisible by
-        2**(levels-1) that size is simply twice the input's.
-        """
-        self._check_inputs(x, context, y)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self._embed(timesteps, x, y, dtype)  # (B, 4 * model_channels)
-        context = None if context is None else context.to(dtype)
-        h = x.to(dtype)  # (B, C_in, H, W)
-        skips = []
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
-            skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
-            h = self._run(block, h, emb, context, size)
-        return self.out(h).to(x.dtype)  # (B, C_out, H, W)
-
-    def set_context_transform(self, transform: ContextTransform | None) -> None:
-        """Give every attention layer, self and cross, ``transform`` as the map from its context to
-        the contexts of ``to_k`` and ``to_v`` (hypernetworks: ``nn.hypernetwork``); None removes it."""
-        for module in self.modules():
-            if isinstance(module, CrossAttention):
-                module.context_transform = transform
-
-    def _embed(
+    def embed(
         self, timesteps: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
         """Time embedding plus, for class-conditional models, the label embedding: (B, E)."""
@@ -322,7 +286,7 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)  # y: (B,) class ids
         return emb
 
-    def _run(
+    def run_block(
         self,
         block: UNetBlock,
         h: torch.Tensor,
@@ -336,7 +300,7 @@ class UNet(nn.Module):
             return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
         return block(h, emb, context, upsample_size)
 
-    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -361,3 +325,80 @@ class UNet(nn.Module):
         expected = (x.shape[0], self.config.adm_in_channels) if n == "sequential" else (x.shape[0],)
         if tuple(y.shape) != expected:
             raise ValueError(f"y must have shape {expected}, got {tuple(y.shape)}")
+
+
+class UNet(UNetEncoder):
+    """Noise-prediction U-Net: ``forward(x, timesteps, context=None, y=None, control=None)`` ->
+    same shape as x with ``out_channels`` channels. The network predicts whatever it was trained
+    for (eps, v, x0); turning that into a denoiser is ``unfog.diffusion.denoiser``'s job, not
+    this class's.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        mc = config.model_channels
+        self.output_blocks = output_blocks(config, self.skip_channels)
+        self.out = nn.Sequential(
+            normalization(mc), nn.SiLU(), zero_(nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W); timesteps: (B,) or a scalar; context: (B, M, context_dim) for
+        cross-attention models; y: (B,) class ids or (B, adm_in_channels) vectors for
+        class-conditional models. Returns (B, out_channels, H, W).
+
+        control: ControlNet residuals (``models.controlnet``), one per input block then one for
+        the middle block (13 for SD 1.x / 2.x, 10 for SDXL), each shaped as the output it joins.
+        As in the official ``ControlledUnetModel`` (and diffusers' ``down_block_additional_
+        residuals`` / ``mid_block_additional_residual``), the last is added to the middle block's
+        output and the others to the skip connections the decoder reads.
+
+        Any H, W work, as in diffusers: each Downsample rounds an odd size up (ceil(H/2)), and
+        each Upsample is sized to the skip connection it joins next, so the decoder retraces the
+        encoder's sizes (diffusers' ``forward_upsample_size``). When H and W are divisible by
+        2**(levels-1) that size is simply twice the input's.
+        """
+        self.check_inputs(x, context, y)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(
+                f"control must hold {len(self.input_blocks) + 1} residuals ({len(self.input_blocks)} input "
+                f"blocks and the middle block), got {len(control)}"
+            )
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.embed(timesteps, x, y, dtype)  # (B, 4 * model_channels)
+        context = None if context is None else context.to(dtype)
+        h = x.to(dtype)  # (B, C_in, H, W)
+        skips = []
+        for block in self.input_blocks:
+            h = self.run_block(block, h, emb, context)
+            skips.append(h)
+        h = self.run_block(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
+        if control is not None:
+            skips = [_add_residual(s, c, f"control[{i}]") for i, (s, c) in enumerate(zip(skips, control))]
+            h = _add_residual(h, control[-1], f"control[{len(skips)}] (the middle block's)")
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
+            h = self.run_block(block, h, emb, context, size)
+        return self.out(h).to(x.dtype)  # (B, C_out, H, W)
+
+    def set_context_transform(self, transform: ContextTransform | None) -> None:
+        """Give every attention layer, self and cross, ``transform`` as the map from its context to
+        the contexts of ``to_k`` and ``to_v`` (hypernetworks: ``nn.hypernetwork``); None removes it."""
+        for module in self.modules():
+            if isinstance(module, CrossAttention):
+                module.context_transform = transform
+
+
+
+def _add_residual(h: torch.Tensor, residual: torch.Tensor, what: str) -> torch.Tensor:
+    if residual.shape != h.shape:
+        raise ValueError(f"{what} has shape {tuple(residual.shape)}, but the output it joins has {tuple(h.shape)}")
+    return h + residual.to(h.dtype)
