@@ -36,7 +36,7 @@ from .convert import convert_diffusers_controlnet
 from .detect import FAMILIES, UNET_PREFIX, VAE_PREFIX, config_signature, describe_keys, unet_signature
 from .diffusers_folder import UNET_BLOCKS, unet_config_from_diffusers, weights_file
 from .io import load_state_dict
-from .loader import _IGNORED
+from .loader import IGNORED_NAMES
 
 CONTROL_PREFIX = "control_model."
 SENTINEL = "input_hint_block.0.weight"
@@ -111,7 +111,7 @@ def _control_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> dict[st
     weights = {k.removeprefix(CONTROL_PREFIX): v for k, v in state_dict.items()
                if k.startswith(CONTROL_PREFIX) or k == DIFFERENCE}
     other = [k for k in state_dict if not k.startswith((CONTROL_PREFIX, *SD_PREFIXES)) and k != DIFFERENCE
-             and not _IGNORED.match(k)]
+             and not IGNORED_NAMES.match(k)]
     if other:
         raise ValueError(f"{path.name}: {len(other)} tensors are neither under {CONTROL_PREFIX!r} nor part of an SD "
                          f"model: {few(other)}")

@@ -46,7 +46,8 @@ IGNORED = (
     "*.position_ids",
     "denoiser.sigmas",
 )
-_IGNORED = re.compile("|".join(translate(pattern) for pattern in IGNORED))
+# the names of IGNORED as one pattern (also the ControlNet loader's: v1.0 files carry the whole SD model)
+IGNORED_NAMES = re.compile("|".join(translate(pattern) for pattern in IGNORED))
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 
@@ -66,7 +67,7 @@ def split_components(
     parts: dict[Component, dict[str, torch.Tensor]] = {c: {} for c in family.components}
     unknown = []
     for name, value in state_dict.items():
-        if _IGNORED.match(name):
+        if IGNORED_NAMES.match(name):
             continue  # position_ids inside a text encoder's prefix too
         component = next((c for p, c in prefixes if name.startswith(p)), None)
         if component is None:
