@@ -143,6 +143,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(text)
 
 
+# `unfog preprocess` options -> the preprocessors' keyword arguments (each passed only when typed).
+PREPROCESS_OPTIONS = ("low", "high", "sigma", "l2_gradient", "threshold", "seed", "cell", "rate")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .pipelines.images import open_image, save_png
+    from .pipelines.preprocess import preprocess
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image not found: {args.image}")
+    options = {k: getattr(args, k) for k in PREPROCESS_OPTIONS if getattr(args, k) is not None}
+    hint = preprocess(args.name, open_image(args.image), **options)
+    save_png(hint, out, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.name}, {hint.width} x {hint.height})")
+
+
 def cmd_lora_info(args: argparse.Namespace) -> None:
     from .pipelines.lora import describe_lora
 
@@ -402,6 +421,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     p.add_argument("image", help="a PNG written by unfog or AUTOMATIC1111")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("preprocess", help="make a ControlNet hint image: canny, scribble, lineart_standard, shuffle, "
+                       "tile, blur, invert, binary")
+    p.add_argument("name", help="the preprocessor: canny, scribble, lineart_standard, shuffle, tile, blur, invert, "
+                   "binary (or A1111's module name, e.g. scribble_xdog)")
+    p.add_argument("image", help="the image to make the hint from")
+    p.add_argument("-o", "--out", required=True, help="the hint PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--low", type=finite_float, default=None, help="canny: low threshold (default 100)")
+    p.add_argument("--high", type=finite_float, default=None, help="canny: high threshold (default 200)")
+    p.add_argument("--l2-gradient", action="store_true", default=None, help="canny: Euclidean gradient magnitude "
+                   "(default |dx| + |dy|, as A1111)")
+    p.add_argument("--sigma", type=finite_float, default=None, help="blur: Gaussian sigma in pixels (default 9); "
+                   "canny: blur before the gradients (default 0: none, as A1111)")
+    p.add_argument("--threshold", type=finite_float, default=None, help="scribble: XDoG threshold (default 32); "
+                   "binary: grey level, 0 for Otsu's (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle: random seed (default 0)")
+    p.add_argument("--cell", type=int, default=None, help="shuffle: pixels between the flow field's random "
+                   "values (default 256)")
+    p.add_argument("--rate", type=finite_float, default=None, help="tile: downsampling rate (default 1: none)")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE, lora extract BASE TUNED")
     lora = p.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
