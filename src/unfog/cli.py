@@ -154,6 +154,8 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if Path(args.image).is_dir():
+        raise ValueError(f"{args.image} is a folder; give an image file")
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"image not found: {args.image}")
     options = {k: getattr(args, k) for k in PREPROCESS_OPTIONS if getattr(args, k) is not None}
