@@ -15,6 +15,7 @@ import torch
 
 import unfog
 from unfog.conditioning import encode_prompt
+from unfog.datasets.shapes_text import ShapesConfig
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.models.presets import TINY
 from unfog.models.unet import UNet
@@ -213,3 +214,10 @@ def test_bad_options_are_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             make_trainer(hn_config(tmp_path, *extra), "cpu")
 
+
+
+def test_committed_config_loads():
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "configs" / "hypernetwork_shapes_outline.json")
+    assert config.task == "hypernetwork" and config.shapes_config().style == "outlined"
+    assert config.shapes_config().categories == ShapesConfig().categories  # every scene, drawn outlined
