@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="STATE", default=None,
                    help="start a new run from another run's training state (a state_*.pt file or a run folder): "
                         "the next stage of a curriculum; or from the weights alone of a text-to-image model file "
-                        "(.safetensors) or, for task lora, of a LoRA file (textual_inversion: an embedding .safetensors), at step "
+                        "(.safetensors) or, for task lora, of a LoRA file (textual_inversion: an embedding .safetensors; "
+                        "hypernetwork: a hypernetwork .safetensors or A1111 .pt), at step "
                         "0; the config changes are "
                         "recorded in resumes.jsonl")
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")

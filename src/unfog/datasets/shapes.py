@@ -29,6 +29,12 @@ default set never draws (``EXTRA_SHAPES``, ``EXTRA_COLORS``) to what scenes are 
 ``extra_fraction`` makes that share of scenes show at least one of them (a fine-tuning set for
 new concepts). With none, every scene, caption and image is exactly the default set's.
 
+Style: ``ShapesConfig.style = "outlined"`` draws every object as an outline ``OUTLINE_WIDTH`` px
+wide (at 64 x 64, scaled with the canvas) with the background inside: the shape minus its copy
+shrunk about its incentre so that every edge moves in by the width (circles and squares: the
+box shrunk by the width on each side). The scenes and captions are the default's; only the
+pixels change (``render(scene, style=...)``).
+
 Objects are drawn at 4x resolution with PIL and box-filtered down (antialiased edges), then
 composited over the background by their coverage. The caption and prompt grammar live in
 ``shapes_text``; this module re-exports it.
@@ -59,6 +65,7 @@ from .shapes_text import (
     RELATIONS,
     SHAPES,
     SIZES,
+    STYLES,
     TEXTURES,
     Background,
     ObjectSpec,
@@ -76,7 +83,7 @@ from .shapes_text import (
 
 __all__ = [
     "ALL_COLORS", "ALL_SHAPES", "BACKGROUNDS", "CATEGORIES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "RELATIONS",
-    "SHAPES", "SIZES", "TEXTURES",
+    "SHAPES", "SIZES", "STYLES", "TEXTURES",
     "Background", "ObjectSpec", "PromptSpec", "Scene", "ShapeObject", "ShapesConfig", "ShapesDataset",
     "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "make_item", "margin",
     "parse_prompt", "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict",
@@ -91,6 +98,7 @@ MAX_PLACEMENT_TRIES = 400  # positions tried per draw of sizes; sizes are redraw
 DOMINANCE = 1.5  # position scenes: |d_axis| >= DOMINANCE * |d_other|
 STAR_INNER = (3 - math.sqrt(5)) / 2  # a star's inner / outer radius, 0.382: the regular pentagram's
 SCENES_FILE = "scenes.jsonl"
+OUTLINE_WIDTH = 3.0  # px at 64 x 64: style "outlined"
 
 
 def diameter(size_name: str, canvas: int) -> float:
@@ -254,39 +262,73 @@ def _star_points(cx: float, cy: float, d: float) -> list[tuple[float, float]]:
     return points
 
 
-def _coverage(obj: ShapeObject, d: float, scale: float, size: int) -> np.ndarray:
-    """(size, size) float64 in [0, 1]: the fraction of each pixel the object covers."""
+def _polygon(obj: ShapeObject, x0: float, y0: float, x1: float, y1: float
+             ) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """A triangle's or star's corners in the box, and the point every edge line is equally far
+    from (the triangle's incentre, the star's centre)."""
+    if obj.shape == "triangle":  # upright isosceles: apex at the top centre, base at the bottom
+        pts = [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)]
+        sides = [math.dist(pts[1], pts[2]), math.dist(pts[2], pts[0]), math.dist(pts[0], pts[1])]
+        centre = tuple(sum(s * p[i] for s, p in zip(sides, pts)) / sum(sides) for i in (0, 1))
+        return pts, centre
+    pts = _star_points((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0)
+    outer = (x1 - x0) / (2 * math.sin(math.radians(72)))
+    return pts, (pts[0][0], pts[0][1] + outer)  # the apex is ``outer`` above the centre
+
+
+def _inset(points: list[tuple[float, float]], centre: tuple[float, float], width: float
+           ) -> list[tuple[float, float]] | None:
+    """The polygon shrunk about ``centre`` so that each edge line moves ``width`` inwards (exact
+    when every edge line is equally far from the centre); None when nothing is left."""
+    cx, cy = centre
+    dists = []
+    for (ax, ay), (bx, by) in zip(points, points[1:] + points[:1]):
+        dists.append(abs((bx - ax) * (cy - ay) - (by - ay) * (cx - ax)) / math.hypot(bx - ax, by - ay))
+    k = 1 - width / min(dists)
+    return None if k <= 0 else [(cx + k * (x - cx), cy + k * (y - cy)) for x, y in points]
+
+
+def _coverage(obj: ShapeObject, d: float, scale: float, size: int, outline: float = 0.0) -> np.ndarray:
+    """(size, size) float64 in [0, 1]: the fraction of each pixel the object covers; with
+    ``outline`` > 0 (scene pixels) only an outline that wide is drawn."""
     s = SUPERSAMPLE * scale  # scene pixels -> supersampled pixels
     x0, y0, x1, y1 = ((obj.x - d / 2) * s, (obj.y - d / 2) * s, (obj.x + d / 2) * s, (obj.y + d / 2) * s)
     hi = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(hi)
-    if obj.shape == "circle":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=255)  # PIL boxes include their last pixel
-    elif obj.shape == "square":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=255)
-    elif obj.shape == "triangle":  # upright isosceles: apex at the top centre, base at the bottom
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
-    elif obj.shape == "star":
-        draw.polygon(_star_points((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0), fill=255)
+    w = outline * s
+    if obj.shape in ("circle", "square"):
+        box = draw.ellipse if obj.shape == "circle" else draw.rectangle
+        box((x0, y0, x1 - 1, y1 - 1), fill=255)  # PIL boxes include their last pixel
+        if w > 0 and 2 * w < x1 - x0:
+            box((x0 + w, y0 + w, x1 - 1 - w, y1 - 1 - w), fill=0)
+    elif obj.shape in ("triangle", "star"):
+        points, centre = _polygon(obj, x0, y0, x1, y1)
+        draw.polygon(points, fill=255)
+        inner = _inset(points, centre, w) if w > 0 else None
+        if inner is not None:
+            draw.polygon(inner, fill=0)
     else:
         check_choice("shape", obj.shape, ALL_SHAPES)
     low = hi.resize((size, size), resample=Image.Resampling.BOX)
     return np.asarray(low, dtype=np.float64) / 255.0
 
 
-def render(scene: Scene, size: int | None = None) -> np.ndarray:
-    """The scene as an (H, W, 3) uint8 RGB array, H = W = ``size`` (default: the scene's canvas).
+def render(scene: Scene, size: int | None = None, style: str = "filled") -> np.ndarray:
+    """The scene as an (H, W, 3) uint8 RGB array, H = W = ``size`` (default: the scene's canvas),
+    its objects drawn in ``style`` (one of STYLES).
 
     A pure function of the scene: the background texture's randomness is the scene's own seed.
     """
     size = scene.canvas if size is None else size
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    check_choice("style", style, STYLES)
     scale = size / scene.canvas
+    outline = OUTLINE_WIDTH * scene.canvas / REFERENCE_CANVAS if style == "outlined" else 0.0
     img = _background(scene.background, size)  # (H, W, 3)
     for obj in scene.objects:
         check_choice("color", obj.color, tuple(ALL_COLORS))
-        alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size)[..., None]  # (H, W, 1)
+        alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size, outline)[..., None]  # (H, W, 1)
         img = img * (1 - alpha) + np.asarray(ALL_COLORS[obj.color], dtype=np.float64) * alpha
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -320,7 +362,7 @@ class ShapesDataset(Dataset):
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a data set of {self.length}")
         scene, text = make_item(i % self.length, self.size, self.seed, self.config)
-        return {"image": to_tensor(render(scene)), "caption": text, "scene": scene}
+        return {"image": to_tensor(render(scene, style=self.config.style)), "caption": text, "scene": scene}
 
     def __repr__(self) -> str:
         return f"ShapesDataset(length={self.length}, size={self.size}, seed={self.seed})"
@@ -373,7 +415,7 @@ def write_shapes(folder: str | Path, n: int, size: int = 64, seed: int = 0,
     for i in range(n):
         scene, text = make_item(i, size, seed, config)
         stem = f"{i:0{width}d}"
-        Image.fromarray(render(scene)).save(folder / f"{stem}.png")
+        Image.fromarray(render(scene, style=config.style)).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
         lines.append(json.dumps({"file_name": f"{stem}.png", "caption": text, "scene": scene_to_dict(scene)}))
     (folder / SCENES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

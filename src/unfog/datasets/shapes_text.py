@@ -63,6 +63,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (240, 230, 205),
 }
 TEXTURES: tuple[str, ...] = ("plain", "noise", "gradient")
+# How objects are drawn: "filled" (the default set) or "outlined", an outline of fixed width
+# (``shapes.OUTLINE_WIDTH``) with the background inside, a style the embedded model never drew
+STYLES: tuple[str, ...] = ("filled", "outlined")
 
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {  # the first is the canonical one
@@ -139,8 +142,10 @@ class ShapesConfig:
     # ({"categories": ["single_object"], "only_shapes": ["triangle"], "only_colors": ["green"]})
     only_shapes: tuple[str, ...] = ()
     only_colors: tuple[str, ...] = ()
+    style: str = "filled"  # one of STYLES; the scenes and captions do not depend on it
 
     def __post_init__(self):
+        check_choice("style", self.style, STYLES)
         if not self.categories:
             raise ValueError("categories must not be empty")
         for c in self.categories:

@@ -77,6 +77,10 @@ class AnalyzerConfig:
     min_area: float = 0.006  # objects cover at least this fraction of the image (~25 px at 64)
     edge_width: float = 2 / 64  # blurred edges, as a fraction of the side (2 px at 64)
     max_aspect: float = 1.35  # widest / tallest extent of anything counted as a shape
+    # an object's shape read from its silhouette with the holes it encloses filled, so that an
+    # outlined shape (``ShapesConfig.style = "outlined"``) reads as its shape; off by default, so
+    # every score of the default set is what it always was
+    fill_holes: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,13 @@ def _hull_area(points: list[tuple[int, int]]) -> float:
     return 0.5 * abs(sum(hull[i - 1][0] * hull[i][1] - hull[i][0] * hull[i - 1][1] for i in range(len(hull))))
 
 
+def holes_filled(mask: np.ndarray) -> np.ndarray:
+    """A boolean (h, w) mask with the holes it encloses filled: everything the outside (the
+    8-connected background reaching the border) does not reach."""
+    labels, _ = components(np.pad(~mask, 1, constant_values=True))  # the background, around and inside
+    return (labels != labels[0, 0])[1:-1, 1:-1]
+
+
 def solidity(weights: np.ndarray) -> float:
     """Area of an object's silhouette over that of its convex hull: 1 for a convex figure (about
     0.86 and up once a small one is pixelated), 0.47 for the drawn star (a pentagram's area over
@@ -239,9 +250,7 @@ def solidity(weights: np.ndarray) -> float:
     mask = weights >= 0.5  # (h, w)
     if not mask.any():
         return 0.0
-    labels, _ = components(np.pad(~mask, 1, constant_values=True))  # the background, around and inside
-    outside = labels[0, 0]
-    filled = (labels != outside)[1:-1, 1:-1]  # the object and its enclosed holes
+    filled = holes_filled(mask)
     points = []
     for r in np.nonzero(filled.any(1))[0]:
         cols = np.nonzero(filled[r])[0]
@@ -332,8 +341,9 @@ def _territories(labels: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _soft_weights(cmap: ColourMap, labels: np.ndarray, territory: np.ndarray, c: int, k: int,
-                  bbox: tuple[int, int, int, int], radius: int) -> np.ndarray:
-    """(h, w) coverage of component c (colour k) in [0, 1], over its pixels and blurred edge.
+                  bbox: tuple[int, int, int, int], radius: int, fill_holes: bool = False) -> np.ndarray:
+    """(h, w) coverage of component c (colour k) in [0, 1], over its pixels and blurred edge
+    (with ``fill_holes``, the holes it encloses covered fully).
 
     The blend weights are divided by the component's median weight, so a uniformly paler or
     darker object (alpha 0.9 or 1.2 throughout) still covers its interior fully. Weights that
@@ -346,8 +356,10 @@ def _soft_weights(cmap: ColourMap, labels: np.ndarray, territory: np.ndarray, c:
     mine = (territory[y0:y1, x0:x1] == c + 1) & (cmap.best[y0:y1, x0:x1] == k)
     level = np.median(alpha[own])
     floor = max(EDGE_FLOOR, NOISE_FLOOR * cmap.noise / float(np.linalg.norm(PALETTE[k] - cmap.background)))
-    w = np.where(mine & (alpha >= floor * level), alpha / level, 0.0)
-    return np.minimum(w, 1.0)  # (h, w)
+    w = np.minimum(np.where(mine & (alpha >= floor * level), alpha / level, 0.0), 1.0)
+    if fill_holes:
+        w = np.where(holes_filled(own) & ~own, 1.0, w)
+    return w  # (h, w)
 
 
 def analyze(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()
@@ -366,7 +378,7 @@ def analyze(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConf
         territory = _territories(labels, radius)
         for c, st in enumerate(stats):
             if st["area"] >= min_area:
-                weights = _soft_weights(cmap, labels, territory, c, k, st["bbox"], radius)
+                weights = _soft_weights(cmap, labels, territory, c, k, st["bbox"], radius, config.fill_holes)
                 shape = classify_shape(weights, config)
                 found.append(DetectedObject(shape, name, st["area"], st["cx"], st["cy"], st["bbox"]))
     labels, stats = components(_morph(cmap.index == -2, radius, erode=True))

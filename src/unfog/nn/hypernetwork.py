@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 # The activations A1111 offers that act element-wise and need no arguments: its seven named
@@ -57,7 +58,7 @@ class HypernetworkOptions:
     dropout_structure: dropout probability after Linear ``i`` at entry ``i + 1``; at least
         ``len(layer_structure)`` entries, each in [0, 1) [``dropout_structure``].
     activate_output: the activation after the last Linear too [``activate_output``].
-    weight_init: how training initialises the Linears [``weight_initialization``]; not used here.
+    weight_init: how training initialises the Linears [``weight_initialization``]; ``initialize_``.
     """
 
     layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)
@@ -141,6 +142,44 @@ class Hypernetwork(nn.Module):
         k = pair[0](context_k.to(dtype), self.multiplier).to(context_k.dtype)
         v = pair[1](context_v.to(dtype), self.multiplier).to(context_v.dtype)
         return k, v
+
+
+def initialize_(hn: Hypernetwork, generator: torch.Generator | None = None) -> Hypernetwork:
+    """A fresh hypernetwork's weights as A1111's ``HypernetworkModule`` draws them for its
+    ``weight_init``, in place. Every Linear and LayerNorm of every module, the last ones
+    included (no zero-initialised output layer, so only "Normal" starts close to the identity):
+
+        Normal           weight ~ N(0, 0.01^2)
+        XavierUniform    xavier_uniform_(weight)      XavierNormal   xavier_normal_(weight)
+        KaimingUniform   kaiming_uniform_(weight)     KaimingNormal  kaiming_normal_(weight)
+                         (nonlinearity "leaky_relu" for activation leakyrelu, else "relu"; a = 0)
+        every bias       0
+        LayerNorm        weight ~ N(0, 0.01^2) whatever ``weight_init`` (A1111 treats it as
+                         "Normal"), bias 0: its gain starts near 0, not 1
+
+    Other parameters (PReLU's slope) keep torch's defaults."""
+    init = hn.options.weight_init
+    if init not in WEIGHT_INITS:
+        raise ValueError(f"unknown hypernetwork weight initialization {init!r}; valid: {', '.join(WEIGHT_INITS)}")
+    relu = "leaky_relu" if hn.options.activation == "leakyrelu" else "relu"
+    g = generator
+    with torch.no_grad():
+        for layer in hn.modules():
+            if type(layer) not in (nn.Linear, nn.LayerNorm):
+                continue
+            w = layer.weight
+            if init == "Normal" or isinstance(layer, nn.LayerNorm):
+                nn.init.normal_(w, 0.0, 0.01, generator=g)
+            elif init == "XavierUniform":
+                nn.init.xavier_uniform_(w, generator=g)
+            elif init == "XavierNormal":
+                nn.init.xavier_normal_(w, generator=g)
+            elif init == "KaimingUniform":
+                nn.init.kaiming_uniform_(w, nonlinearity=relu, generator=g)
+            else:
+                nn.init.kaiming_normal_(w, nonlinearity=relu, generator=g)
+            nn.init.zeros_(layer.bias)
+    return hn
 
 
 class HypernetworkTransform:

@@ -130,11 +130,16 @@ class BaseTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.load_extra_state(state)
 
+    def weights_file(self, path: Path) -> bool:
+        """Whether ``--init-from path`` names a model file (``load_weights``) rather than a training
+        state; ``.safetensors`` files always are."""
+        return False
+
     def load_weights(self, path: Path) -> list[str]:
         """Start from the weights of a saved model file (``--init-from model.safetensors``)."""
         raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs, lora runs (a LoRA "
-                         f"file) and textual_inversion runs (an embedding); for a {self.config.task} run give a "
-                         "training state (a state_*.pt file or a run folder)")
+                         f"file), textual_inversion runs (an embedding) and hypernetwork runs (a hypernetwork); for "
+                         f"a {self.config.task} run give a training state (a state_*.pt file or a run folder)")
 
     def extra_state(self) -> dict:
         """More state a task keeps (e.g. a discriminator and its optimiser)."""

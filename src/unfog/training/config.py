@@ -22,12 +22,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union, get_args, get_origin, get_type_hints
 
+from ..checkpoint.hypernetwork import a1111_dropout_structure
 from ..diffusion.denoiser import PREDICTIONS
 from ..diffusion.losses import LossConfig
 from ..diffusion.registry import resolve_sampler
 from ..diffusion.schedules import BETA_SCHEDULES, check_choice
 from ..models.clip_text import CLIPTextConfig
 from ..models.vae import TINY_VAE, VAEConfig
+from ..nn.hypernetwork import ACTIVATIONS, WEIGHT_INITS, HypernetworkOptions
 from ..nn.lora import TRAINABLE
 
 if TYPE_CHECKING:
@@ -314,6 +316,78 @@ class TextualInversionOptions(TaskOptions):
         _check_finetune(config, "no caption dropout: the templates make the prompts")
 
 
+@dataclass(frozen=True)
+class HypernetworkTrainingOptions(TaskOptions):
+    """Task "hypernetwork": a hypernetwork (A1111's module pairs that transform attention's k / v
+    context) on a frozen model that unfog loads (as task "lora"'s); only the hypernetwork's
+    parameters train (``training/hypernetwork.py``). The module options carry A1111's file keys'
+    names and its UI's defaults; their layout rules are ``nn/hypernetwork.py``'s. (Not called
+    ``HypernetworkOptions``: that is the modules' shape in ``nn/hypernetwork.py``.)"""
+
+    base_model: str | None = None  # the model; None: the embedded "shapes" text-to-image model
+    output_name: str = "hypernetwork"  # the file is out_dir/<output_name>.safetensors, and its name
+    layer_structure: list = field(default_factory=lambda: [1, 2, 1])  # widths as multiples of C
+    activation_func: str = "linear"  # a name of nn.hypernetwork.ACTIVATIONS
+    is_layer_norm: bool = False  # a LayerNorm after each Linear
+    weight_initialization: str = "Normal"  # Normal, XavierUniform, XavierNormal, KaimingUniform, KaimingNormal
+    use_dropout: bool = False
+    # dropout probability after Linear i at entry i + 1 (first and last 0); []: A1111's derived
+    # structure (0.3 after each hidden Linear but the last, which gets it with last_layer_dropout)
+    dropout_structure: list = field(default_factory=list)
+    last_layer_dropout: bool = False
+    activate_output: bool = False  # the activation after the last Linear too
+    # the context widths that get a module pair; []: every width the U-Net's attention layers
+    # see (their self-attention widths and the text context's), which must include the context's
+    enable_sizes: list = field(default_factory=list)
+    base_dtype: str = "fp32"  # the frozen model's dtype; the hypernetwork is always fp32
+    cache_latents: str = "none"  # "memory" or "disk" (out_dir/latent_cache.safetensors)
+    validation_prompts: list = field(default_factory=list)  # the sample grid's prompts; []: 4 of the captions
+    save_pt: bool = False  # also out_dir/<output_name>.pt, A1111's .pt layout
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.output_name or any(ch in self.output_name for ch in "/\\"):
+            raise ValueError(f"hypernetwork.output_name must be a file name without folders, got {self.output_name!r}")
+        check_choice("hypernetwork.activation_func", self.activation_func, tuple(ACTIVATIONS))
+        check_choice("hypernetwork.weight_initialization", self.weight_initialization, WEIGHT_INITS)
+        check_choice("hypernetwork.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
+        check_choice("hypernetwork.cache_latents", self.cache_latents, ("none", "memory", "disk"))
+        for name in ("layer_structure", "dropout_structure"):
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in getattr(self, name)):
+                raise ValueError(f"hypernetwork.{name} must be a list of numbers, got {getattr(self, name)!r}")
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.enable_sizes):
+            raise ValueError(f"hypernetwork.enable_sizes must be a list of context widths, got {self.enable_sizes!r}")
+        ds, n = self.dropout_structure, len(self.layer_structure)
+        if ds and not self.use_dropout:
+            raise ValueError("hypernetwork.dropout_structure is set but use_dropout is false; set use_dropout true "
+                             "or leave dropout_structure out")
+        if ds and self.last_layer_dropout:
+            raise ValueError("hypernetwork.last_layer_dropout is read only when dropout_structure is left out (a "
+                             "given structure states the last layer's dropout itself)")
+        if ds and (len(ds) != n or ds[0] != 0 or ds[-1] != 0):
+            raise ValueError(f"hypernetwork.dropout_structure needs {n} probabilities (one per entry of "
+                             f"layer_structure {self.layer_structure}), the first and last 0, got {ds}")
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"hypernetwork.validation_prompts must be a list of strings, got "
+                             f"{self.validation_prompts!r}")
+        try:
+            self.module_options()
+        except ValueError as err:
+            raise ValueError(f"hypernetwork: {err}") from None
+
+    def module_options(self) -> HypernetworkOptions:
+        """The shape of the modules, with A1111's dropout structure when none is given."""
+        layers = [float(x) for x in self.layer_structure]
+        dropout = self.dropout_structure or (a1111_dropout_structure(layers, self.use_dropout, self.last_layer_dropout)
+                                             if len(layers) >= 2 else [])
+        return HypernetworkOptions(layer_structure=tuple(layers), activation=self.activation_func,
+                                   layer_norm=self.is_layer_norm, dropout_structure=tuple(dropout),
+                                   activate_output=self.activate_output, weight_init=self.weight_initialization)
+
+    def check(self, config: TrainConfig) -> None:
+        _check_finetune(config, "no caption dropout")
+
+
 # ---- the registry of tasks ------------------------------------------------------------------------------
 def _pixel_trainer() -> type[BaseTrainer]:
     from .pixel import PixelTrainer
@@ -345,6 +419,12 @@ def _textual_inversion_trainer() -> type[BaseTrainer]:
     return TextualInversionTrainer
 
 
+def _hypernetwork_trainer() -> type[BaseTrainer]:
+    from .hypernetwork import HypernetworkTrainer
+
+    return HypernetworkTrainer
+
+
 @dataclass(frozen=True)
 class Task:
     """A training task: its section of the config and its trainer (imported when first asked
@@ -365,6 +445,8 @@ TASKS: dict[str, Task] = {
     "textual_inversion": Task(TextualInversionOptions, _textual_inversion_trainer,
                               "a textual-inversion embedding (new token vectors for a word) on a frozen model unfog "
                               "loads"),
+    "hypernetwork": Task(HypernetworkTrainingOptions, _hypernetwork_trainer,
+                         "a hypernetwork (A1111's k / v context modules for attention) on a frozen model unfog loads"),
 }
 
 
@@ -381,7 +463,7 @@ def section_name(options: type[TaskOptions]) -> str:
 # ---- the config -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    # task: a name in TASKS, "pixel", "autoencoder", "text2image", "lora" or "textual_inversion"; its
+    # task: a name in TASKS: "pixel", "autoencoder", "text2image", "lora", "textual_inversion" or "hypernetwork"; its
     # own settings are the section ``options`` (TASKS[task].options; in JSON, the key named after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
@@ -632,7 +714,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 # Settings that do not change the training trajectory; a resumed run may change them freely.
 RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "lora.validation_prompts", "lora.output_name",
                      "textual_inversion.validation_prompts", "textual_inversion.save_pt",
-                     "textual_inversion.save_diffusers",
+                     "textual_inversion.save_diffusers", "hypernetwork.validation_prompts", "hypernetwork.save_pt",
+                     "hypernetwork.output_name",
                      "log_every", "sample_every", "save_every", "keep_last", "sample_sampler", "sample_steps",
                      "sample_cfg_scale")
 

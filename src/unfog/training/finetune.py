@@ -1,4 +1,4 @@
-"""What the fine-tuning tasks share ("lora", "textual_inversion"): a small trained part on a frozen
+"""What the fine-tuning tasks share ("lora", "textual_inversion", "hypernetwork"): a small trained part on a frozen
 model that unfog loads, an official SD 1.x / 2.x / SDXL single file or diffusers folder, or an
 unfog text-to-image file (the embedded "shapes" model by default).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint.io import sha256_from
 from ..conditioning import encode_prompt, sdxl_vector_cond
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..diffusion.schedules import DiscreteSchedule
@@ -85,6 +86,16 @@ class FineTuneTrainer(BaseTrainer):
         if o.cache_latents != "none":
             path = Path(c.out_dir) / "latent_cache.safetensors" if o.cache_latents == "disk" else None
             self.latents = cache_latents(self.data, self.pipe.vae, self.device, path, progress=self.world.is_main)
+
+    def checkpoint_hash(self) -> str | None:
+        """A1111's short hash of the base model file (the first 10 hex digits of its sha256), which
+        its embedding and hypernetwork files record as ``sd_checkpoint``; None for a folder."""
+        if not hasattr(self, "_checkpoint_hash"):
+            self._checkpoint_hash = None
+            if self.base_path.is_file():
+                with open(self.base_path, "rb") as f:
+                    self._checkpoint_hash = sha256_from(f)[:10]
+        return self._checkpoint_hash
 
     def _use_model_settings(self) -> None:
         """The loaded model's schedule and prediction type; a config that sets others is refused."""

@@ -60,8 +60,9 @@ def _init_from(trainer: BaseTrainer, path: Path) -> list[str]:
     """Start a new run from another run's state file ``path`` (weights, EMA, optimizer, RNG
     streams, step): a curriculum stage. Every config difference is expected there, so none needs
     ``force``; they are returned for ``resumes.jsonl``, after the state they came from. A model
-    file (``.safetensors``) gives the weights alone, and the run starts at step 0."""
-    if path.suffix == ".safetensors":
+    file (``.safetensors``, or a task's own ``weights_file`` such as an A1111 hypernetwork ``.pt``)
+    gives the weights alone, and the run starts at step 0."""
+    if path.suffix == ".safetensors" or trainer.weights_file(path):
         changes = trainer.load_weights(path)
         if trainer.world.is_main:
             print(f"starting from the weights of {path} (step 0, a fresh optimizer)", file=sys.stderr)

@@ -23,6 +23,11 @@ def state_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"state_{step:08d}.pt"
 
 
+def is_state_file(path: Path) -> bool:
+    """Whether ``path`` is named as a training state (``state_XXXXXXXX.pt``)."""
+    return bool(_NAME.match(Path(path).name))
+
+
 def list_states(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.embeddings import Embedding, read_embedding
-from ..checkpoint.io import atomic_write, save_safetensors, sha256_from
+from ..checkpoint.io import atomic_write, save_safetensors
 from ..conditioning import embedding_words
 from ..models.tokenizer import SubVocabTokenizer
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
@@ -96,10 +96,6 @@ class TextualInversionTrainer(FineTuneTrainer):
         net = EmbeddingNetwork(o.name, vectors, pipe)
         self._check_name(net.embedding(detached=True))
         self.cast_frozen(set())
-        self.checkpoint_hash = None
-        if self.base_path.is_file():
-            with open(self.base_path, "rb") as f:
-                self.checkpoint_hash = sha256_from(f)[:10]  # A1111's short hash of the checkpoint
         return net
 
     def _check_name(self, e: Embedding) -> None:
@@ -167,7 +163,7 @@ class TextualInversionTrainer(FineTuneTrainer):
         """The EMA embedding in every requested format (ours to replace: ``build`` refused files of
         these names that are not from this run)."""
         o = self.options
-        meta = {"name": o.name, "step": self.step, "sd_checkpoint": self.checkpoint_hash,
+        meta = {"name": o.name, "step": self.step, "sd_checkpoint": self.checkpoint_hash(),
                 "sd_checkpoint_name": self.base_path.stem}
         tensors = self.file_tensors()
         save_safetensors(self.model_path, tensors, {**meta, "format": "unfog-textual-inversion"})

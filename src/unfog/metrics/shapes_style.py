@@ -1,0 +1,52 @@
+"""How "outlined" the objects of a ``shapes`` image are: a deterministic measure of the style
+``ShapesConfig.style = "outlined"`` draws, which the embedded model never saw.
+
+For each object the analyzer finds (an 8-connected component of one palette colour, at least
+``min_area``; ``shapes_analyzer.analyze``'s steps 1 to 4), its silhouette is the component with
+the holes it encloses filled, and its hollow fraction is the share of the silhouette whose pixels
+read as background (colour index -1 of ``colour_map``). A filled shape has no holes: 0. An
+outlined one drawn ``OUTLINE_WIDTH`` = 3 px wide at 64 x 64 has an interior of k^2 of its
+silhouette, k = 1 - 3 / rho with rho the distance from its centre to its edges (d / 2 for circles
+and squares, d / (1 + sqrt 5) for the upright triangle, d = 14 or 22 px): 0.33 / 0.53 for small /
+large circles and squares, 0.09 / 0.31 for triangles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .shapes_analyzer import PALETTE_NAMES, AnalyzerConfig, as_uint8_image, colour_map, components, holes_filled
+
+OUTLINED = 0.15  # an object whose hollow fraction is at least this counts as outlined
+
+
+def hollow_fractions(image: Image.Image | np.ndarray | torch.Tensor,
+                     config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
+    """Each object's hollow fraction (module docstring), objects in the analyzer's colour order."""
+    img = as_uint8_image(image)
+    h, w, _ = img.shape
+    cmap = colour_map(img, config)
+    out = []
+    for k in range(len(PALETTE_NAMES)):
+        labels, stats = components(cmap.index == k)
+        for c, st in enumerate(stats):
+            if st["area"] < config.min_area * h * w:
+                continue
+            x0, y0, x1, y1 = st["bbox"]
+            own = labels[y0:y1, x0:x1] == c + 1
+            silhouette = holes_filled(own)
+            hollow = silhouette & ~own & (cmap.index[y0:y1, x0:x1] == -1)
+            out.append(float(hollow.sum() / silhouette.sum()))
+    return out
+
+
+def outline_summary(images, config: AnalyzerConfig = AnalyzerConfig()) -> dict[str, float]:
+    """Over images: the mean hollow fraction of their objects, and the share of objects that
+    are outlined (hollow fraction >= ``OUTLINED``); NaN when no object was found."""
+    fractions = [f for image in images for f in hollow_fractions(image, config)]
+    if not fractions:
+        return {"hollow": float("nan"), "outlined": float("nan"), "objects": 0}
+    return {"hollow": float(np.mean(fractions)), "outlined": float(np.mean([f >= OUTLINED for f in fractions])),
+            "objects": len(fractions)}
