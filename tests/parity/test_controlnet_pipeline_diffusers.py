@@ -155,3 +155,33 @@ def test_img2img_controlnet(clip_l, tokenizers, tmp_path):
     mine = ours(PROMPT, NEGATIVE, steps=10, cfg_scale=7.5, init_image=2 * init - 1, strength=0.7, seed=11,
                 controls=[control], output="tensor")
     assert_close((mine + 1) / 2, theirs, "img2img")
+
+
+# --- SDXL ----------------------------------------------------------------------------------------
+
+SDXL_EXTRA = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=SDXL_UNET.adm_in_channels)
+
+
+@pytest.mark.parametrize("case", ["window", "controlnet"])
+@torch.no_grad()
+def test_sdxl_txt2img_one_controlnet(clip_l, big_g, tokenizers, tmp_path, case):
+    """SDXL: the ControlNet gets the vector conditioning y (pooled text, sizes, crop) too."""
+    weight, start, end, mode, guess, soft = CASES[case]
+    theirs_cn, ours_cn = controlnet_pair(SDXL_UNET, 24, tmp_path, **SDXL_EXTRA)
+    theirs_cn.soft = soft
+    unet, ours_unet = sdxl_unet_pair(SDXL_UNET, seed=4)
+    vae, ours_vae = vae_pair(0.13025)
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(
+        vae=vae, text_encoder=clip_l[0], text_encoder_2=big_g[0], tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+        unet=unet, controlnet=theirs_cn, scheduler=euler(), add_watermarker=False)
+    ours = StableDiffusion(ours_unet, ours_vae, tokenizers[2], "sdxl", text_encoder=clip_l[1], text_encoder_2=big_g[1])
+    sizes = dict(original_size=(96, 64), crops_coords_top_left=(8, 0), target_size=(SIZE, SIZE))
+    theirs = pipe(PROMPT, image=hint(5), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0,
+                  height=SIZE, width=SIZE, latents=noise(), controlnet_conditioning_scale=weight,
+                  control_guidance_start=start, control_guidance_end=end, guess_mode=guess, output_type="pt",
+                  **sizes).images
+    control = Control(ours_cn, hint(5), weight=weight, start=start, end=end, control_mode=mode)
+    mine = ours(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=6.0, latents=noise(), controls=[control], output="tensor",
+                **sizes)
+    assert_close((mine + 1) / 2, theirs, f"SDXL txt2img, {case}")

@@ -112,7 +112,7 @@ def prepare_hint(image: Image.Image | Tensor, width: int, height: int, resize_mo
     if (h, w) == (height, width):
         return x
     if warn is not None:
-        warn(f"the ControlNet hint is {w}x{h}, the image {width}x{height}: resized ({A1111_RESIZE[resize_mode]})")
+        warn(f"the ControlNet hint is {w}x{h}, the run needs {width}x{height}: resized by {A1111_RESIZE[resize_mode]}")
     if resize_mode == "just_resize":
         return _resize(x, (height, width))
     fit = min if resize_mode == "resize_and_fill" else max
