@@ -68,17 +68,22 @@ class Control:
     control_mode: ControlMode = "balanced"
 
     def __post_init__(self) -> None:
-        check_choice("resize mode", self.resize_mode, RESIZE_MODES)
-        check_choice("control mode", self.control_mode, CONTROL_MODES)
+        check_unit(self.weight, self.start, self.end, self.resize_mode, self.control_mode)
         if not isinstance(self.model, ControlNet):
             raise TypeError(f"Control.model must be a ControlNet (unfog.load_controlnet), got {type(self.model).__name__}")
         if not isinstance(self.image, (Image.Image, Tensor)):
             raise TypeError(f"Control.image must be a PIL image or a tensor, got {type(self.image).__name__}")
-        if not (np.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"ControlNet weight must be a finite number >= 0, got {self.weight}")
-        if not (0 <= self.start <= self.end <= 1):
-            raise ValueError(f"ControlNet guidance start and end must satisfy 0 <= start <= end <= 1, got start "
-                             f"{self.start}, end {self.end}")
+
+
+def check_unit(weight: float, start: float, end: float, resize_mode: str, control_mode: str) -> None:
+    """A unit's settings, each wrong one a one-line ValueError naming the valid values."""
+    check_choice("resize mode", resize_mode, RESIZE_MODES)
+    check_choice("control mode", control_mode, CONTROL_MODES)
+    if not (np.isfinite(weight) and weight >= 0):
+        raise ValueError(f"ControlNet weight must be a finite number >= 0, got {weight}")
+    if not (0 <= start <= end <= 1):
+        raise ValueError(f"ControlNet guidance start and end must satisfy 0 <= start <= end <= 1, got start {start}, "
+                         f"end {end}")
 
 
 def hint_tensor(image: Image.Image | Tensor) -> Tensor:
