@@ -114,6 +114,7 @@ def _warn(message: str) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """generate, img2img and inpaint: the options typed override those of --from IMAGE.png."""
+    from .pipelines.control_units import parse_control
     from .pipelines.generate import Job, resolve_settings, run
 
     given = {field: getattr(args, option) for option, field in SETTINGS_OPTIONS.items() if hasattr(args, option)}
@@ -124,7 +125,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
               device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
               source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir),
               embedding_dirs=tuple(Path(d) for d in args.embeddings_dir),
-              hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir))
+              hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir),
+              controls=tuple(parse_control(c) for c in args.control), control_mode=args.control_mode,
+              control_resize=args.control_resize, controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir),
+              hints=tuple(Path(h) for h in args.hint), preprocess=tuple(args.preprocess))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
 
@@ -359,6 +363,22 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--hypernetwork-dir", action="append", default=[], metavar="DIR",
                    help="a folder of hypernetwork files (.pt, .safetensors) for the prompt's <hypernet:NAME:WEIGHT> "
                         "tags (repeat for several)")
+    p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT[:START:END]]",
+                   help="a ControlNet unit (repeat for several, their residuals summed): MODEL a file, diffusers "
+                   "folder or a name in --controlnet-dir, IMAGE the hint, WEIGHT (default 1), START / END the "
+                   "fractions of the steps it acts on (default 0 and 1); see docs/controlnet.md for ':' in paths")
+    p.add_argument("--control-mode", default="balanced", choices=("balanced", "prompt", "controlnet"),
+                   help="balanced, prompt (A1111's 'My prompt is more important') or controlnet ('ControlNet is "
+                   "more important', guess mode) (default balanced)")
+    p.add_argument("--control-resize", default="just_resize", choices=("just_resize", "crop_and_resize",
+                   "resize_and_fill"), help="how a hint of another size is fitted (default just_resize)")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of ControlNet files, to name them in --control and for --from (repeat for several)")
+    p.add_argument("--preprocess", action="append", default=[], metavar="NAME",
+                   help="turn the --control image into a hint first (e.g. canny): once for every unit, or once "
+                   "per --control in order")
+    p.add_argument("--hint", action="append", default=[], metavar="IMAGE",
+                   help="with --from: the hint image of each of the PNG's ControlNet units, in order")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
         p.add_argument("--strength", type=finite_float, default=None,

@@ -54,6 +54,10 @@ DIFFUSERS_FIXED = {
 }
 
 
+class NeedsBase(ValueError):
+    """A 'difference' ControlNet loaded without ``base=``: a caller holding the U-Net can retry with it."""
+
+
 def family_name(config: UNetConfig) -> str:
     """The family whose U-Net has the signature of ``config`` (``detect.config_signature``), else
     that family with other input channels (a ControlNet of an inpainting model's family), else a
@@ -153,7 +157,7 @@ def _add_base(
 ) -> dict[str, torch.Tensor]:
     """A difference file's weights made whole: the base U-Net's tensor added to each it shares."""
     if base is None:
-        raise ValueError(f"{path.name} is a 'difference' ControlNet (its encoder is stored as the difference from a "
+        raise NeedsBase(f"{path.name} is a 'difference' ControlNet (its encoder is stored as the difference from a "
                          "base U-Net, usually SD 1.5): pass base= the U-Net to add it to, e.g. pipe.unet")
     if family_name(base.config) != family_name(config):
         raise ValueError(f"{path.name} is a 'difference' ControlNet for {family_name(config)}, but base= is "

@@ -28,6 +28,9 @@ from .inputs import check_image_size
 from .precision import DTYPES, resolve_device
 from .latent_model import recommended_settings
 from . import hypernetwork
+from .control_units import (ControlSpec, find_controlnet, model_title, preprocessor, recorded_hash, recorded_units,
+                            spec_from_unit, unit_text)
+from .controlnet import Control, check_unit
 from .lora import extract_lora_tags, find_lora, hashes_text, parse_hashes
 from .outputs import (ModelId, OutputTarget, Settings, StepProgress, check_seed, draw_seed, format_parameters,
                       merge_settings, parse_parameters, sampler_name, schedule_type, settings_from_parameters)
@@ -60,6 +63,12 @@ class Job:
     lora_dirs: tuple[Path, ...] = ()
     embedding_dirs: tuple[Path, ...] = ()
     hypernetwork_dirs: tuple[Path, ...] = ()
+    controls: tuple[ControlSpec, ...] = ()
+    control_mode: str = "balanced"
+    control_resize: str = "just_resize"
+    controlnet_dirs: tuple[Path, ...] = ()
+    hints: tuple[Path, ...] = ()
+    preprocess: tuple[str, ...] = ()
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
@@ -111,6 +120,13 @@ def check(job: Job) -> None:
     for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", job.init), ("mask", job.mask)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} not found: {path}")
+    check_unit(1.0, 0.0, 1.0, job.control_resize, job.control_mode)
+    if len(job.preprocess) > 1 and len(job.preprocess) != len(job.controls):
+        raise ValueError(f"--preprocess is given {len(job.preprocess)} times for {len(job.controls)} --control units; "
+                         "give it once (for every unit) or once per unit")
+    for hint in job.hints:
+        if not Path(hint).is_file():
+            raise FileNotFoundError(f"ControlNet hint image not found: {hint}")
 
 
 def _stderr(message: str) -> None:
@@ -136,6 +152,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     encoded = _apply_hypernetworks(pipe, encoded, job, warn)  # nor their <hypernet:…> tags
     _load_embeddings(pipe, refiner, encoded, job.embedding_dirs, warn)
     _check_vocabulary(pipe, encoded, warn)
+    controls, unit_texts = _load_controls(pipe, job, load, warn)
 
     seed = draw_seed(s.seed)
     width = s.width or (init.width if init else pipe.default_size)
@@ -147,8 +164,9 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     for i in range(job.batch_size):
         one = replace(s, seed=seed + i, width=width, height=height)
         drawn = replace(encoded, seed=one.seed, width=width, height=height)
-        image = _draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}")
-        yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id))
+        image = _draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}", controls,
+                      warn if i == 0 else None)  # a resized hint is said once
+        yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id, unit_texts))
 
 
 def _check_vocabulary(pipe: StableDiffusion, s: Settings, warn: Callable[[str], None]) -> None:
@@ -194,8 +212,10 @@ def _check_size(pipe: StableDiffusion, width: int, height: int, warn: Callable[[
              f"needs at least {gib:.1f} GiB of memory; the image is drawn anyway (Ctrl-C stops it)")
 
 
-def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None) -> str:
-    """The parameters text of an image drawn by ``pipe`` with settings ``s`` (size and seed final)."""
+def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None,
+               control_units: tuple[str, ...] | list[str] = ()) -> str:
+    """The parameters text of an image drawn by ``pipe`` with settings ``s`` (size and seed final),
+    with the ControlNet units' texts (``control_units.unit_text``)."""
     from .. import __version__
 
     clip_skip = s.clip_skip or READOUTS[pipe.family][0].clip_skip
@@ -208,13 +228,16 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Lora hashes": hashes_text(pipe.loras) or None,
         "TI hashes": ti_hashes_text(pipe, s) or None,
         "Hypernet hashes": hypernetwork.hashes_text(pipe.hypernetworks) or None,
+        **{f"ControlNet {i}": text for i, text in enumerate(control_units)},
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
 
 
-def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, init, mask, desc: str) -> Image.Image:
-    """One image: the base alone, or the base then the refiner on the same sigmas."""
+def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, init, mask, desc: str,
+          controls: list[Control] = (), warn: Callable[[str], None] | None = None) -> Image.Image:
+    """One image: the base alone, or the base then the refiner on the same sigmas (the ControlNets
+    act on the base's steps, as in A1111)."""
     spacing = pipe.spacing_for(s.sampler, s.spacing)  # the refiner must step on the base's schedule
     common = dict(steps=s.steps, sampler=s.sampler, spacing=spacing, cfg_scale=s.cfg_scale, seed=s.seed,
                   clip_skip=s.clip_skip)
@@ -224,7 +247,7 @@ def _draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, i
     end = None if refiner is None else s.refiner_start
     steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
     with StepProgress(steps, desc) as bar:
-        out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end,
+        out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end, controls=controls, warn=warn,
                    output="pil" if refiner is None else "latent", callback=bar.callback)
     if refiner is None:
         return out[0]
@@ -300,6 +323,65 @@ def _apply_hypernetworks(pipe: StableDiffusion, s: Settings, job: Job, warn: Cal
                              f"hash {applied.hash}: it is another file (put the one with that hash in "
                              "--hypernetwork-dir)")
     return replace(s, prompt=prompt, negative_prompt=negative)
+
+
+def _control_specs(job: Job, warn: Callable[[str], None]) -> list[tuple[ControlSpec, str | None]]:
+    """The units to apply, each with the model hash a ``--from`` PNG recorded for it (or None): the
+    ``--control`` units typed, else the PNG's units with the ``--hint`` images, in order."""
+    if job.controls:
+        if job.hints:
+            raise ValueError("--hint gives the hint images of a --from PNG's ControlNet units; with --control, put "
+                             "each image in its --control MODEL:IMAGE")
+        names = list(job.preprocess) * len(job.controls) if len(job.preprocess) == 1 else list(job.preprocess)
+        specs = [replace(c, module=name) for c, name in zip(job.controls, names)] if names else list(job.controls)
+        return [(c, None) for c in specs]
+    units = recorded_units(job.source or {})
+    if job.preprocess:
+        raise ValueError("--preprocess applies to --control units; give --control MODEL:IMAGE")
+    if not units:
+        if job.hints:
+            raise ValueError("--hint needs --from IMAGE.png made with ControlNet units (this one has none)")
+        return []
+    if not job.hints:
+        warn(f"the image was made with {len(units)} ControlNet unit(s); give their hint images with --hint (and the "
+             "models' folder with --controlnet-dir) to apply them; drawing without")
+        return []
+    if len(job.hints) != len(units):
+        raise ValueError(f"the image was made with {len(units)} ControlNet unit(s) but {len(job.hints)} --hint "
+                         "image(s) are given; give one per unit, in order")
+    return [(spec_from_unit(u, h, f"ControlNet {i}"), recorded_hash(u)) for i, (u, h) in enumerate(zip(units, job.hints))]
+
+
+def _load_controls(pipe: StableDiffusion, job: Job, load: dict, warn: Callable[[str], None]
+                   ) -> tuple[list[Control], list[str]]:
+    """The job's ControlNet units, loaded and checked against ``pipe``, and their parameters texts."""
+    from .. import load_controlnet
+    from ..checkpoint.controlnet import NeedsBase, check_controlnet_family
+
+    controls, texts = [], []
+    for spec, expected in _control_specs(job, warn):
+        path = find_controlnet(spec.model, job.controlnet_dirs)
+        title = model_title(path)
+        if expected is not None and title.rsplit(" [", 1)[1].rstrip("]") != expected:
+            raise ValueError(f"the image was made with ControlNet {spec.model} [{expected}], but {path} has hash "
+                             f"{title.rsplit(' [', 1)[1]}: it is another file (put the one with that hash in "
+                             "--controlnet-dir)")
+        try:
+            model = load_controlnet(path, dtype=load["dtype"], device=load["device"])
+        except NeedsBase:
+            model = load_controlnet(path, base=pipe.unet, dtype=load["dtype"], device=load["device"])
+        try:
+            check_controlnet_family(model, pipe.unet)
+        except ValueError as err:
+            raise ValueError(f"ControlNet {path}: {err}") from None
+        image = open_image(spec.image, "ControlNet hint").convert("RGB")
+        fn = preprocessor(spec.module)
+        if fn is not None:
+            image = fn(image)
+        resize, mode = spec.resize_mode or job.control_resize, spec.control_mode or job.control_mode
+        controls.append(Control(model, image, spec.weight, spec.start, spec.end, resize, mode))
+        texts.append(unit_text(spec, title, resize, mode))
+    return controls, texts
 
 
 def _input_images(job: Job) -> tuple[Image.Image | None, Image.Image | None]:

@@ -15,22 +15,26 @@ seed gives diffusers' start exactly. Where diffusers' conventions differ, see do
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from ..checkpoint.controlnet import check_controlnet_family
 from ..checkpoint.embeddings import Embedding, read_embedding
 from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, embedding_words, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler)
 from ..choices import check_choice
 from ..models.clip_text import CLIPTextEncoder
+from ..models.controlnet import HINT_DOWNSCALE
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from . import inputs
+from .controlnet import Control, ControlRun, prepare_hint
 from .hypernetwork import AppliedHypernetwork, HypernetworkStack
 from .lora import AppliedLora, LoraStack
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
@@ -264,7 +268,9 @@ class StableDiffusion:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, denoising_start: float | None = None,
-                 denoising_end: float | None = None, output: Output = "pil", callback=None, **sampler_options):
+                 denoising_end: float | None = None, controls: list[Control] | tuple[Control, ...] = (),
+                 output: Output = "pil", callback=None, warn: Callable[[str], None] | None = None,
+                 **sampler_options):
         """Images for ``prompt`` (``batch_size`` per prompt): PIL images, a tensor (B, 3, H, W) in
         [-1, 1] (``output="tensor"``), or the final latents (``output="latent"``).
 
@@ -303,6 +309,9 @@ class StableDiffusion:
                  target_size=target_size or (height, width), aesthetic_score=aesthetic_score,
                  negative_aesthetic_score=negative_aesthetic_score)
         cond, uncond = self._conditioning(prompts, negative_prompt, clip_skip, batch_size, y)
+        control = self._control_run(controls, width, height, sigmas, warn)
+        if control is not None:  # which rows of a CFG batch are conditional (for guess mode)
+            cond["cond_mark"], uncond["cond_mark"] = torch.ones(n, device=self.device), torch.zeros(n, device=self.device)
 
         g = torch.Generator().manual_seed(seed)
         if denoising_start is not None:
@@ -310,7 +319,7 @@ class StableDiffusion:
         else:
             x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
                                            strength, encode)
-        guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale)
+        guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control)
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
         x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
@@ -336,15 +345,35 @@ class StableDiffusion:
 
     # ---- pieces ------------------------------------------------------------------------------
     def _network(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                 concat: Tensor | None = None) -> Tensor:
-        """The U-Net on the VP-scaled latents; inpainting U-Nets also get [mask, masked latents]."""
+                 concat: Tensor | None = None, cond_mark: Tensor | None = None,
+                 control: ControlRun | None = None) -> Tensor:
+        """The U-Net on the VP-scaled latents; inpainting U-Nets also get [mask, masked latents].
+        With ``control``, the ControlNets see the same latents (without the inpainting channels),
+        timestep and conditioning, and their residuals go in with this call."""
+        residuals = None if control is None else control.residuals(x, t, context, y, cond_mark)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)  # (B, 4 + 1 + 4, h, w)
-        return self.unet(x, t, context, y)
+        return self.unet(x, t, context, y, control=residuals)
 
-    def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float):
+    def _control_run(self, controls, width: int, height: int, sigmas: Tensor, warn) -> ControlRun | None:
+        """The run's ControlNet units checked against this model, their hints at 8x the latent size
+        (``HINT_DOWNSCALE``; the output size for every VAE with the usual factor 8)."""
+        if not controls:
+            return None
+        for c in controls:
+            if not isinstance(c, Control):
+                raise TypeError(f"controls must be Control units (unfog.pipelines.controlnet), got {type(c).__name__}")
+            check_controlnet_family(c.model, self.unet)
+        f = self.vae.config.downsample_factor
+        size = (HINT_DOWNSCALE * (width // f), HINT_DOWNSCALE * (height // f))
+        hints = [prepare_hint(c.image, *size, c.resize_mode, warn).to(self.device) for c in controls]
+        timesteps = Denoiser(self._network, self.schedule, self.prediction).timestep(sigmas[:-1])
+        return ControlRun(list(controls), hints, timesteps)
+
+    def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float, control: ControlRun | None = None):
         """D(x, sigma) with classifier-free guidance; scale 1 is the conditional denoiser alone."""
-        den = Denoiser(self._network, self.schedule, self.prediction)
+        network = self._network if control is None else partial(self._network, control=control)
+        den = Denoiser(network, self.schedule, self.prediction)
         if scale == 1:
             return lambda x, sigma: den(x, sigma, **cond)
         return CFGDenoiser(den, cond, uncond, scale, rescale=rescale, rescale_space=self.prediction)
