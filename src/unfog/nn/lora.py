@@ -339,7 +339,9 @@ class LoRALayer(TrainableLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.op(x, self.weight, self.bias)
-        h = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the layers cast x themselves
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_up(self.lora_down(x))
         return y + (h * (self.alpha * (self.multiplier / self.rank))).to(y.dtype)
 
 
