@@ -421,3 +421,7 @@ def test_embeddings_dir_loads_the_named_embeddings_and_records_ti_hashes(models,
     assert cli(*args, "--output", "without.png") == 0
     assert "TI hashes" not in params_of(workdir / "without.png")
     assert not np.array_equal(pixels(workdir / "with.png"), pixels(workdir / "without.png"))
+    # a name written as embeddings usually are, with no file of that name: said once, kept as text
+    assert cli("generate", "a <sks> cat", "--model", models["sd1"], *FAST, "--embeddings-dir", folder) == 0
+    err = capsys.readouterr().err
+    assert err.count("<sks>: no embedding of that name in ") == 1 and "keeps it as plain text" in err

@@ -9,6 +9,7 @@ image is reproduced alone from its PNG (``--from``). With an SDXL refiner the ba
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -274,6 +275,17 @@ def _load_embeddings(pipe: StableDiffusion, refiner: StableDiffusion | None, s: 
                 for target in (pipe, refiner):
                     if target is not None:
                         target.load_embedding(path, warn=warn)
+    known = {e.name.lower() for e in pipe.embeddings}
+    written = {m for t in (s.prompt, s.negative_prompt) for m in _NAME_LIKE.findall(t)}
+    unmatched = sorted((m for m in written if m.lower() not in known), key=str.lower)
+    if unmatched:  # "<sks>" is meant as an embedding's name; any other word may just be a word
+        where = f"in {', '.join(map(str, folders))}" if folders else "(no --embeddings-dir given)"
+        warn(f"{', '.join(unmatched)}: no embedding of that name {where}; the prompt keeps it as plain text")
+
+
+# a word in angle brackets, as textual-inversion names are usually written ("<sks>"); not a
+# <lora:…> / <hypernet:…> tag, which holds a colon and is gone from the prompt by now
+_NAME_LIKE = re.compile(r"<[^<>:\s]+>")
 
 
 def _contains(seq: tuple[int, ...], part: tuple[int, ...]) -> bool:
