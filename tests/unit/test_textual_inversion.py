@@ -98,3 +98,27 @@ def test_bad_embeddings(tok):
 def test_used_embeddings_in_order_of_use(tok):
     a, b, c = (Embedding(n, (torch.zeros(1, 32),)) for n in ("alpha", "beta", "gamma"))
     assert [e.name for e in used_embeddings(["beta and alpha", "beta"], tok, [a, b, c])] == ["beta", "alpha"]
+
+
+def test_pipeline_second_file_of_one_name_wins_and_says_so(tmp_path):
+    """Two files whose names the tokenizer reads as one word: the later one is used, and the
+    message names both files; a file of another width is skipped naming its family."""
+    import unfog
+    from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
+
+    pipe = unfog.load(default_model_path(DEFAULT_TEXT_MODEL))
+    width = pipe.text_encoder.config.width
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(1, width, generator=g)}}, tmp_path / "a" / "Sks.pt")
+    torch.save({"string_to_param": {"*": torch.randn(2, width, generator=g)}}, tmp_path / "b" / "sks.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, 768, generator=g)}}, tmp_path / "wide.pt")
+    said = []
+    pipe.load_embedding(tmp_path / "a" / "Sks.pt", warn=said.append)
+    pipe.load_embedding(tmp_path / "b" / "sks.pt", warn=said.append)
+    assert len(said) == 1 and "embedding sks" in said[0] and "replaces Sks" in said[0] and "later one wins" in said[0]
+    assert [(e.name, e.vectors[0].shape[0]) for e in pipe.embeddings] == [("sks", 2)]
+    assert pipe.load_embedding(tmp_path / "wide.pt", warn=said.append) is None
+    assert "skipped embedding wide" in said[-1] and "SD 1.x" in said[-1]
+    assert [e.name for e in pipe.embeddings] == ["sks"]
