@@ -14,6 +14,7 @@ _LAZY = {
     "Components": "components",
     "check_controlnet_family": "controlnet",
     "load_controlnet": "controlnet",
+    "save_controlnet": "controlnet",
     "Embedding": "embeddings",
     "read_embedding": "embeddings",
     "FAMILIES": "detect",

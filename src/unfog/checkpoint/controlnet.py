@@ -14,6 +14,10 @@ Three layouts are read, each recognised from its keys:
   ``diffusion_pytorch_model[.fp16].safetensors``; most SDXL ControlNets), renamed by
   ``convert.diffusers_controlnet_rows``.
 
+unfog writes the first layout (``save_controlnet``: ``control_model.``, what training saves) and
+adds the U-Net config as JSON metadata (format ``unfog-controlnet``), which the reader uses when
+present, so ControlNets of models of no SD family (the embedded ``shapes`` model) load too.
+
 The family is read off the encoder as for a checkpoint's U-Net (``detect.unet_signature``): SD 1.x,
 SD 2.x or SDXL. Whatever dtype the file stores (fp16 included), the module gets ``dtype``.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -35,13 +39,14 @@ from .components import fill_module, few
 from .convert import convert_diffusers_controlnet
 from .detect import FAMILIES, UNET_PREFIX, VAE_PREFIX, config_signature, describe_keys, unet_signature
 from .diffusers_folder import UNET_BLOCKS, unet_config_from_diffusers, weights_file
-from .io import load_state_dict
+from .io import load_state_dict, save_safetensors
 from .loader import IGNORED_NAMES
 
 CONTROL_PREFIX = "control_model."
 SENTINEL = "input_hint_block.0.weight"
 DIFFUSERS_SENTINEL = "controlnet_cond_embedding.conv_in.weight"
 DIFFERENCE = "difference"
+FORMAT = "unfog-controlnet"  # the metadata of the files unfog writes
 # The rest of the SD model that the v1.0 full ``.pth`` files carry beside ``control_model.``.
 SD_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
 # The U-Net families a ControlNet can be made for (inpainting U-Nets take the same ControlNets).
@@ -88,14 +93,17 @@ def load_controlnet(path: str | Path, base: UNet | None = None, dtype: torch.dty
     path = Path(path)
     if path.is_dir():
         return _load_diffusers(path, dtype)
-    state_dict, _ = load_state_dict(path)
+    state_dict, metadata = load_state_dict(path)
     weights = _control_tensors(state_dict, path)
     if DIFFUSERS_SENTINEL in weights:
         if (path.parent / "config.json").is_file():
             return _load_diffusers(path.parent, dtype, path)
         raise ValueError(f"{path.name} holds a ControlNet in diffusers naming without its config.json: load the "
                          "folder with config.json and this file")
-    config = _config_from_keys(weights, path)
+    if metadata.get("format") == FORMAT:
+        config = ControlNetConfig(UNetConfig(**metadata["unet"]), hint_channels=int(metadata["hint_channels"]))
+    else:
+        config = _config_from_keys(weights, path)
     if DIFFERENCE in weights:
         weights = _add_base(weights, base, config.unet, path)
     elif base is not None:
@@ -103,6 +111,22 @@ def load_controlnet(path: str | Path, base: UNet | None = None, dtype: torch.dty
     with torch.device("meta"):
         module = ControlNet(config)
     return fill_module(module, weights, dtype, f"{path.name}: the ControlNet weights ({family_name(config.unet)})")
+
+
+def save_controlnet(controlnet: ControlNet, path: str | Path, metadata: Mapping[str, object] = (), *,
+                    overwrite: bool = False) -> None:
+    """Write ``controlnet`` in the official single-file layout (every tensor under ``control_model.``,
+    as A1111, ComfyUI and ``load_controlnet`` read it), float32, atomically, with its U-Net config
+    and ``metadata`` (JSON values) in the header. An existing file is refused unless ``overwrite``."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: a ControlNet is saved as .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    config = controlnet.control_config
+    tensors = {CONTROL_PREFIX + k: v.detach().float() for k, v in controlnet.state_dict().items()}
+    save_safetensors(path, tensors, {**dict(metadata), "format": FORMAT, "unet": asdict(config.unet),
+                                     "hint_channels": config.hint_channels})
 
 
 def _control_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,10 @@ shrunk about its incentre so that every edge moves in by the width (circles and 
 box shrunk by the width on each side). The scenes and captions are the default's; only the
 pixels change (``render(scene, style=...)``).
 
+Layout hints (ControlNet training): ``layout_hint(scene)`` is the scene's layout map, every
+object's filled silhouette in white on black (whatever the style), from the same coverage that
+``render`` composites, so a hint is aligned with the rendered objects to the pixel.
+
 Objects are drawn at 4x resolution with PIL and box-filtered down (antialiased edges), then
 composited over the background by their coverage. The caption and prompt grammar live in
 ``shapes_text``; this module re-exports it.
@@ -85,7 +89,8 @@ __all__ = [
     "ALL_COLORS", "ALL_SHAPES", "BACKGROUNDS", "CATEGORIES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "RELATIONS",
     "SHAPES", "SIZES", "STYLES", "TEXTURES",
     "Background", "ObjectSpec", "PromptSpec", "Scene", "ShapeObject", "ShapesConfig", "ShapesDataset",
-    "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "make_item", "margin",
+    "caption", "collate_shapes", "concept_prompts", "diameter", "evaluation_prompts", "layout_hint", "make_item",
+    "margin",
     "parse_prompt", "prompt_for", "read_scenes", "render", "sample_scene", "scene_from_dict", "scene_to_dict",
     "spec_for", "to_tensor", "write_shapes",
 ]
@@ -331,6 +336,21 @@ def render(scene: Scene, size: int | None = None, style: str = "filled") -> np.n
         alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size, outline)[..., None]  # (H, W, 1)
         img = img * (1 - alpha) + np.asarray(ALL_COLORS[obj.color], dtype=np.float64) * alpha
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def layout_hint(scene: Scene, size: int | None = None, only: int | None = None) -> np.ndarray:
+    """The scene's layout map as an (H, W, 3) uint8 RGB array: each object's filled silhouette in
+    white on black, its antialiased edge grey (the coverage ``render`` composites the object by,
+    times 255; overlapping objects never occur). ``only``: the silhouette of object ``only`` alone."""
+    size = scene.canvas if size is None else size
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    objects = scene.objects if only is None else (scene.objects[only],)
+    cover = np.zeros((size, size))
+    for obj in objects:
+        cover = np.maximum(cover, _coverage(obj, diameter(obj.size, scene.canvas), size / scene.canvas, size))
+    grey = np.clip(np.rint(cover * 255), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

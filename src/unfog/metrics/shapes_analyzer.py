@@ -365,6 +365,14 @@ def _soft_weights(cmap: ColourMap, labels: np.ndarray, territory: np.ndarray, c:
 def analyze(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()
             ) -> list[DetectedObject]:
     """The objects in an image, sorted left to right (then top to bottom)."""
+    return [obj for obj, _ in detect(image, config)]
+
+
+def detect(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()
+           ) -> list[tuple[DetectedObject, np.ndarray]]:
+    """``analyze``'s objects, each with its pixel mask (H, W) bool: the connected component it was
+    found as (the pixels its colour covers by at least ``min_alpha``; for an object of no palette
+    colour, its eroded component)."""
     img = as_uint8_image(image)
     h, w, _ = img.shape
     cmap = colour_map(img, config)
@@ -380,14 +388,15 @@ def analyze(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConf
             if st["area"] >= min_area:
                 weights = _soft_weights(cmap, labels, territory, c, k, st["bbox"], radius, config.fill_holes)
                 shape = classify_shape(weights, config)
-                found.append(DetectedObject(shape, name, st["area"], st["cx"], st["cy"], st["bbox"]))
+                obj = DetectedObject(shape, name, st["area"], st["cx"], st["cy"], st["bbox"])
+                found.append((obj, labels == c + 1))
     labels, stats = components(_morph(cmap.index == -2, radius, erode=True))
     for c, st in enumerate(stats):
         if st["area"] >= min_area:
             x0, y0, x1, y1 = st["bbox"]
             shape = classify_shape((labels[y0:y1, x0:x1] == c + 1).astype(np.float64), config)
-            found.append(DetectedObject(shape, None, st["area"], st["cx"], st["cy"], st["bbox"]))
-    return sorted(found, key=lambda o: (o.cx, o.cy))
+            found.append((DetectedObject(shape, None, st["area"], st["cx"], st["cy"], st["bbox"]), labels == c + 1))
+    return sorted(found, key=lambda pair: (pair[0].cx, pair[0].cy))
 
 
 # ------------------------------------------------------------------------------------ scoring

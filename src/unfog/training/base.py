@@ -138,8 +138,9 @@ class BaseTrainer:
     def load_weights(self, path: Path) -> list[str]:
         """Start from the weights of a saved model file (``--init-from model.safetensors``)."""
         raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs, lora runs (a LoRA "
-                         f"file), textual_inversion runs (an embedding) and hypernetwork runs (a hypernetwork); for "
-                         f"a {self.config.task} run give a training state (a state_*.pt file or a run folder)")
+                         f"file), textual_inversion runs (an embedding), hypernetwork runs (a hypernetwork) and "
+                         f"controlnet runs (a ControlNet); for a {self.config.task} run give a training state (a "
+                         f"state_*.pt file or a run folder)")
 
     def extra_state(self) -> dict:
         """More state a task keeps (e.g. a discriminator and its optimiser)."""

@@ -388,6 +388,40 @@ class HypernetworkTrainingOptions(TaskOptions):
         _check_finetune(config, "no caption dropout")
 
 
+@dataclass(frozen=True)
+class ControlNetTrainingOptions(TaskOptions):
+    """Task "controlnet": a ControlNet (Zhang et al. 2023) for a frozen model that unfog loads (as
+    task "lora"'s), trained on (image, hint, caption) triples (``training/controlnet_data.py``): the
+    encoder copied from the model's U-Net, the zero convolutions and the hint encoder's last conv
+    at zero; only the ControlNet trains (``training/controlnet.py``). The paper's learning rate is
+    1e-5 (``lr``, a shared field: set it)."""
+
+    base_model: str | None = None  # the model; None: the embedded "shapes" text-to-image model
+    output_name: str = "controlnet"  # the file is out_dir/<output_name>.safetensors
+    # probability of training a sample with the empty prompt; the paper drops 50 % of the prompts so
+    # that the ControlNet learns to read the hint alone
+    caption_dropout: float = 0.0
+    base_dtype: str = "fp32"  # the frozen model's dtype; the ControlNet is always fp32
+    validation_prompts: list = field(default_factory=list)  # the grid's prompts, with the first items' hints
+
+    @property
+    def cache_latents(self) -> str:
+        return "none"  # each step loads the hints with their images
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.output_name or any(ch in self.output_name for ch in "/\\"):
+            raise ValueError(f"controlnet.output_name must be a file name without folders, got {self.output_name!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"controlnet.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_choice("controlnet.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
+        if not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"controlnet.validation_prompts must be a list of strings, got {self.validation_prompts!r}")
+
+    def check(self, config: TrainConfig) -> None:
+        _check_finetune(config, "the caption dropout controlnet.caption_dropout")
+
+
 # ---- the registry of tasks ------------------------------------------------------------------------------
 def _pixel_trainer() -> type[BaseTrainer]:
     from .pixel import PixelTrainer
@@ -425,6 +459,12 @@ def _hypernetwork_trainer() -> type[BaseTrainer]:
     return HypernetworkTrainer
 
 
+def _controlnet_trainer() -> type[BaseTrainer]:
+    from .controlnet import ControlNetTrainer
+
+    return ControlNetTrainer
+
+
 @dataclass(frozen=True)
 class Task:
     """A training task: its section of the config and its trainer (imported when first asked
@@ -447,6 +487,9 @@ TASKS: dict[str, Task] = {
                               "loads"),
     "hypernetwork": Task(HypernetworkTrainingOptions, _hypernetwork_trainer,
                          "a hypernetwork (A1111's k / v context modules for attention) on a frozen model unfog loads"),
+    "controlnet": Task(ControlNetTrainingOptions, _controlnet_trainer,
+                       "a ControlNet (a trained copy of the U-Net's encoder, fed a hint image) for a frozen model unfog "
+                       "loads"),
 }
 
 
@@ -463,8 +506,9 @@ def section_name(options: type[TaskOptions]) -> str:
 # ---- the config -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
-    # task: a name in TASKS: "pixel", "autoencoder", "text2image", "lora", "textual_inversion" or "hypernetwork"; its
-    # own settings are the section ``options`` (TASKS[task].options; in JSON, the key named after the task)
+    # task: a name in TASKS: "pixel", "autoencoder", "text2image", "lora", "textual_inversion", "hypernetwork" or
+    # "controlnet"; its own settings are the section ``options`` (TASKS[task].options; in JSON, the key named
+    # after the task)
     task: str = "pixel"
     # data: "digits" (scikit-learn's handwritten digits, class-conditional), "shapes" (the
     # procedural captioned set, ``data_size`` items from ``seed``) or an image folder
@@ -715,7 +759,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 RESUMABLE_CHANGES = ("steps", "data_workers", "text2image.model_dtype", "lora.validation_prompts", "lora.output_name",
                      "textual_inversion.validation_prompts", "textual_inversion.save_pt",
                      "textual_inversion.save_diffusers", "hypernetwork.validation_prompts", "hypernetwork.save_pt",
-                     "hypernetwork.output_name",
+                     "hypernetwork.output_name", "controlnet.validation_prompts", "controlnet.output_name",
                      "log_every", "sample_every", "save_every", "keep_last", "sample_sampler", "sample_steps",
                      "sample_cfg_scale")
 

@@ -138,6 +138,7 @@ class CaptionedBatch(NamedTuple):
     images: Tensor  # (B, 3, h, w) in [-1, 1], all of one size
     captions: list[str]
     sizes: Tensor  # (B, 6) float32: original (h, w), crop top-left (top, left), target (h, w); SDXL's order
+    hints: Tensor | None = None  # (B, 3, h, w) float32 in [0, 1]: ControlNet hints, where the items have them
 
 
 class CaptionedImages:
@@ -191,14 +192,16 @@ class CaptionedImages:
         parts = self._worker_pool().map(_load_chunk_in_worker, chunks)
         images = torch.from_numpy(np.concatenate([p.images for p in parts]))
         sizes = torch.from_numpy(np.concatenate([p.sizes for p in parts]))
-        return CaptionedBatch(images, [c for p in parts for c in p.captions], sizes)
+        hints = None if parts[0].hints is None else torch.from_numpy(np.concatenate([p.hints for p in parts]))
+        return CaptionedBatch(images, [c for p in parts for c in p.captions], sizes, hints)
 
     def load_chunk(self, jobs: list[tuple[int, Size, int | None]]) -> CaptionedBatch:
         """The batch of items ``jobs`` (see ``load``)."""
         items = [self.load(job) for job in jobs]
         sizes = torch.tensor([[*it["original_size"], *it["crop_top_left"], *it["target_size"]] for it in items],
                              dtype=torch.float32)
-        return CaptionedBatch(torch.stack([it["image"] for it in items]), [it["caption"] for it in items], sizes)
+        hints = torch.stack([it["hint"] for it in items]) if "hint" in items[0] else None
+        return CaptionedBatch(torch.stack([it["image"] for it in items]), [it["caption"] for it in items], sizes, hints)
 
     def load(self, job: tuple[int, Size, int | None]) -> dict:
         """Item ``(index, target size, crop seed or None)``: the same in a worker as here."""
@@ -242,7 +245,8 @@ def _start_worker(data: CaptionedImages) -> None:
 def _load_chunk_in_worker(jobs: list[tuple[int, Size, int | None]]) -> CaptionedBatch:
     """The chunk's batch with numpy arrays, which travel between processes as one buffer each."""
     batch = _WORKER_DATA.load_chunk(jobs)
-    return CaptionedBatch(batch.images.numpy(), batch.captions, batch.sizes.numpy())
+    return CaptionedBatch(batch.images.numpy(), batch.captions, batch.sizes.numpy(),
+                          None if batch.hints is None else batch.hints.numpy())
 
 
 def _square_item(item: dict, size: int) -> dict:

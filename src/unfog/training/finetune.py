@@ -1,4 +1,4 @@
-"""What the fine-tuning tasks share ("lora", "textual_inversion", "hypernetwork"): a small trained part on a frozen
+"""What the fine-tuning tasks share ("lora", "textual_inversion", "hypernetwork", "controlnet"): a trained part on a frozen
 model that unfog loads, an official SD 1.x / 2.x / SDXL single file or diffusers folder, or an
 unfog text-to-image file (the embedded "shapes" model by default).
 
@@ -14,7 +14,8 @@ A task fills in ``make_network`` (the module the optimiser, EMA and DDP see: the
 alone, whose forward runs the frozen model with them, e.g. through ``frozen_forward``),
 ``prompt_draws`` / ``make_prompts`` (a batch's captions -> its prompts), ``applied`` (the EMA's
 trained part in the pipeline while the sample grid draws), ``describe``, ``model_path`` /
-``output_paths`` and ``save_model``. Its options section has the fields ``base_model``,
+``output_paths`` and ``save_model``; ``make_data`` and ``extra_inputs`` where its data carry
+more than captioned images (ControlNet's hints). Its options section has the fields ``base_model``,
 ``base_dtype``, ``cache_latents`` and ``validation_prompts``.
 """
 
@@ -38,7 +39,7 @@ from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
 from .base import BaseTrainer
 from .config import TrainConfig
-from .data import BucketBatches, EpochBatches
+from .data import BucketBatches, CaptionedBatch, CaptionedImages, EpochBatches
 from .lora_data import Posterior, cache_latents, make_lora_data
 from .state import list_states
 
@@ -46,10 +47,11 @@ MODEL_SETTINGS = ("schedule", "num_timesteps", "zero_terminal_snr", "prediction"
 
 
 def frozen_forward(pipe: StableDiffusion, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None, *,
-                   text_grad: bool, embeddings=()) -> Tensor:
+                   text_grad: bool, embeddings=(), control=None) -> Tensor:
     """The pipeline's U-Net output (float32) for x_t, t and prompts, through the one conditioner.
     ``text_grad``: the prompt encoding keeps its graph (trained text-encoder adapters or
-    embeddings); ``sizes`` (b, 6): original (h, w), crop (top, left), target (h, w) for SDXL's y."""
+    embeddings); ``sizes`` (b, 6): original (h, w), crop (top, left), target (h, w) for SDXL's y;
+    ``control(x, t, context, y)``: the residuals the U-Net adds (a ControlNet with its hint)."""
     encoders = [getattr(pipe, name) for name in ENCODERS[pipe.family]]
     with torch.set_grad_enabled(torch.is_grad_enabled() and text_grad):
         c = encode_prompt(pipe.family, encoders, pipe.tokenizer, prompts, "", zero_empty_negative=True,
@@ -58,7 +60,8 @@ def frozen_forward(pipe: StableDiffusion, x: Tensor, t: Tensor, prompts: list[st
     y = None
     if pipe.family == "sdxl" or pipe.size_conditioning:
         y = sdxl_vector_cond(c.pooled, sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6]).to(dtype)
-    return pipe.unet(x.to(dtype), t, c.context.to(dtype), y).float()
+    residuals = None if control is None else control(x, t, c.context, y)
+    return pipe.unet(x.to(dtype), t, c.context.to(dtype), y, control=residuals).float()
 
 
 class FineTuneTrainer(BaseTrainer):
@@ -78,9 +81,7 @@ class FineTuneTrainer(BaseTrainer):
                 if path.exists():
                     raise FileExistsError(f"{path} exists and is not from a training run in {c.out_dir}; choose "
                                           f"another out_dir or {c.task}.{self.output_option}")
-        self.data = make_lora_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
-                                   bucket_step=self.bucket_step(), min_bucket=c.batch_size,
-                                   shapes_config=c.shapes_config(), workers=c.data_workers)
+        self.data = self.make_data()
         self.net = self.make_network()
         self.latents: list[Posterior] | None = None
         if o.cache_latents != "none":
@@ -130,6 +131,17 @@ class FineTuneTrainer(BaseTrainer):
     def make_network(self) -> nn.Module:
         raise NotImplementedError
 
+    def make_data(self) -> CaptionedImages:
+        """The captioned images (``lora_data``: "shapes" or a folder, kohya's conventions)."""
+        c = self.config
+        return make_lora_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
+                              bucket_step=self.bucket_step(), min_bucket=c.batch_size,
+                              shapes_config=c.shapes_config(), workers=c.data_workers)
+
+    def extra_inputs(self, batch: CaptionedBatch) -> dict[str, Tensor]:
+        """More inputs of the trained network from this rank's loaded batch; {} (none) by default."""
+        return {}
+
     def bucket_step(self) -> int | None:
         """Aspect-ratio buckets' side step on an image folder, or None (no buckets)."""
         return None
@@ -175,18 +187,19 @@ class FineTuneTrainer(BaseTrainer):
             return super().make_batches()
         return BucketBatches(self.data.bucket_of, self.config.batch_size, self.config.seed)
 
-    def posteriors(self, idx: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-        """Items ``idx``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6) and captions."""
+    def posteriors(self, idx: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, list[str], dict]:
+        """Items ``idx``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6), captions
+        and the ``extra_inputs`` of the network (none from the latent cache)."""
         if self.latents is not None:
             cached = [self.latents[int(i)] for i in idx]
             captions = [self.data.caption_of(int(i)) for i in idx]
             return (torch.stack([p.mean for p in cached]), torch.stack([p.std for p in cached]),
-                    torch.stack([p.sizes for p in cached]), captions)
+                    torch.stack([p.sizes for p in cached]), captions, {})
         batch = self.data.batch(idx, seeds)
         vae = self.pipe.vae
         with torch.no_grad():
             posterior = vae.encode(batch.images.to(self.device, next(vae.parameters()).dtype))
-        return posterior.mean.float(), posterior.std.float(), batch.sizes, batch.captions
+        return posterior.mean.float(), posterior.std.float(), batch.sizes, batch.captions, self.extra_inputs(batch)
 
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
         g, b = self.noise_gen, idx.numel()
@@ -199,11 +212,11 @@ class FineTuneTrainer(BaseTrainer):
         t, noise = draw_noise(latent_shape, self.schedule, self.loss_config, g)
         seeds = self.data.crop_seeds(b, g)  # random crops only
         mine = self.world.local_slice(b)
-        mean, std, sizes, captions = self.posteriors(idx[mine], None if seeds is None else seeds[mine])
+        mean, std, sizes, captions, extra = self.posteriors(idx[mine], None if seeds is None else seeds[mine])
         z = (mean + std * posterior_noise[mine].to(mean.device)) * vae.scaling_factor  # (b, C, h / f, w / f)
         prompts = self.make_prompts(captions, tuple(None if d is None else d[mine] for d in draws))
         return diffusion_loss(model, z.to(self.device), self.schedule, self.loss_config, t=t[mine], noise=noise[mine],
-                              prompts=prompts, sizes=sizes.to(self.device))
+                              prompts=prompts, sizes=sizes.to(self.device), **extra)
 
     def validation_prompts(self) -> list[str]:
         """The grid's prompts: the section's ``validation_prompts``, else ``default_prompts``."""
