@@ -67,7 +67,7 @@ def test_a_key_of_two_fine_tuning_sections_moves_into_the_configs_own():
 
 def test_unknown_task_lists_the_tasks_and_a_trainer_refuses_another_tasks_config(tmp_path):
     with pytest.raises(ValueError, match=r"^unknown task 'nope'; valid choices: pixel, autoencoder, text2image, lora, "
-                                     r"textual_inversion, hypernetwork$"):
+                                     r"textual_inversion, hypernetwork, controlnet$"):
         get_task("nope")
     config = load_config(None, ["task=autoencoder", "data=shapes"])
     with pytest.raises(ValueError, match="PixelTrainer cannot train task 'autoencoder', whose trainer is "
