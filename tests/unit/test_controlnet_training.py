@@ -108,7 +108,7 @@ def test_saved_file_in_a_fresh_pipelines_controls_reproduces_the_trainers_predic
         run = pipe._control_run([Control(controlnet, image)], 32, 32, torch.tensor([10.0, 1.0, 0.0]), said.append)
         theirs = pipe._network(x, t, c, control=run).float()
         assert (pipe.unet(x, t, c) - ours).abs().max() > 1e-3  # the ControlNet changes the output: this can fail
-    assert said and "32x32" in said[0] and "64x64" in said[0]
+    assert said == []  # a hint of the output size is not "resized", though this VAE's factor 4 makes it 64x64 inside
     assert (theirs - ours).abs().max() < 1e-5  # measured 0
     with pytest.raises(FileExistsError, match=r"is not from a training run.*controlnet\.output_name"):
         make_trainer(cn_config(tmp_path), "cpu")  # a ControlNet file without a run beside it

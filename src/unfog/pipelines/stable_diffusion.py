@@ -357,7 +357,9 @@ class StableDiffusion:
 
     def _control_run(self, controls, width: int, height: int, sigmas: Tensor, warn) -> ControlRun | None:
         """The run's ControlNet units checked against this model, their hints at 8x the latent size
-        (``HINT_DOWNSCALE``; the output size for every VAE with the usual factor 8)."""
+        (``HINT_DOWNSCALE``): first to the output size by each unit's resize mode (said if it
+        changes), then, for a VAE whose factor is not 8, stretched to the ControlNet's input size,
+        as the trainer does (an internal step, not the user's concern)."""
         if not controls:
             return None
         for c in controls:
@@ -366,7 +368,8 @@ class StableDiffusion:
             check_controlnet_family(c.model, self.unet)
         f = self.vae.config.downsample_factor
         size = (HINT_DOWNSCALE * (width // f), HINT_DOWNSCALE * (height // f))
-        hints = [prepare_hint(c.image, *size, c.resize_mode, warn).to(self.device) for c in controls]
+        hints = [prepare_hint(prepare_hint(c.image, width, height, c.resize_mode, warn), *size, "just_resize")
+                 .to(self.device) for c in controls]
         timesteps = Denoiser(self._network, self.schedule, self.prediction).timestep(sigmas[:-1])
         return ControlRun(list(controls), hints, timesteps)
 
