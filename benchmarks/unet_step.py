@@ -30,6 +30,17 @@ memory (SDXL base is 10.3 GB in float32) and each side's memory is its own:
     python benchmarks/unet_step.py --models sd15 --dtypes bf16 --sizes 512 --runs 3
     python benchmarks/unet_step.py --layouts contiguous channels_last   # also the layout unfog uses on the CPU
     python benchmarks/unet_step.py --layouts defaults    # each side as its pipeline runs it: unfog channels-last
+    python benchmarks/unet_step.py --control --models sd15   # the controlled step: U-Net + one ControlNet
+
+``--control`` times the controlled step instead: one ControlNet call, then the U-Net call given
+its residuals (unfog: ``ControlNet`` and ``UNet.forward(..., control=residuals)``; diffusers:
+``ControlNetModel`` and ``UNet2DConditionModel(down_block_additional_residuals=...,
+mid_block_additional_residual=...)``), on the same batch of 2 with one hint image (3 x size x
+size) for both rows, as a CFG step with one "balanced" unit runs. The ControlNet's weights are
+drawn as the U-Net's (from seeds of their own, the zero convs random too, so that every residual
+counts) and reach diffusers through its ``convert_controlnet_checkpoint`` (plus the SDXL label
+embedding, by diffusers' own name table, which that converter skips), again one shared copy.
+The unfog side checks once, untimed, that the residuals change its output.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ sys.path.insert(0, str(ROOT / "tests" / "parity"))  # oracles.diffusers_twin: th
 sys.path.insert(0, str(ROOT / "tests"))  # model_checks, imported by oracles
 
 from unfog.conditioning import sdxl_vector_cond  # noqa: E402
+from unfog.models.controlnet import ControlNet, ControlNetConfig  # noqa: E402
 from unfog.models.presets import SD15, SDXL_BASE  # noqa: E402
 from unfog.models.unet import UNet, UNetConfig  # noqa: E402
 
@@ -62,15 +74,18 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |unfog - diffusers| / max |diffusers|
 SIDES = ("unfog", "diffusers")
+CONTROL_SEED = 1_000_000  # the ControlNet's tensors are drawn from seeds CONTROL_SEED + i
 
 
-def lay_out(side: str, net: torch.nn.Module, layout: str) -> torch.nn.Module:
+def lay_out(side: str, net: torch.nn.Module, layout: str, pipeline_converts: bool = True) -> torch.nn.Module:
     """Both models in ``layout``; "defaults": each as its own pipeline lays it out on this device
     (unfog's ``use_device_layout``: channels-last conv weights on the CPU; diffusers' pipelines
-    leave PyTorch's contiguous default unless the user converts the U-Net)."""
+    leave PyTorch's contiguous default unless the user converts the U-Net). ``pipeline_converts``
+    False: a model the pipeline leaves as it is given (ControlNets: ``StableDiffusion`` lays out
+    only its U-Net and VAE), so "defaults" keeps the default layout on both sides."""
     if layout != "defaults":
         return net.to(memory_format=LAYOUTS[layout])
-    if side == "unfog":
+    if side == "unfog" and pipeline_converts:
         from unfog.pipelines.precision import use_device_layout
 
         use_device_layout(net)
@@ -99,11 +114,14 @@ QUICK = {
 # ---------------------------------------------------------------- the worker (one side, one config)
 
 
-def random_state_dict(cfg: UNetConfig, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(cfg: UNetConfig, dtype: torch.dtype, seed: int = 0,
+                      control: bool = False) -> dict[str, torch.Tensor]:
     """unfog's state dict with seeded random values; tensor i comes from generator seed + i, so
-    either side draws the same weights, one tensor at a time (no float32 copy of a bf16 model)."""
+    either side draws the same weights, one tensor at a time (no float32 copy of a bf16 model).
+    ``control``: the state dict of a ControlNet for ``cfg``'s U-Net (official names)."""
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in UNet(cfg).state_dict().items()}
+        net = ControlNet(ControlNetConfig(cfg)) if control else UNet(cfg)
+        shapes = {k: v.shape for k, v in net.state_dict().items()}
     weights = {}
     for i, (name, shape) in enumerate(shapes.items()):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
@@ -129,35 +147,78 @@ def build(side: str, cfg: UNetConfig, dtype: torch.dtype,
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from oracles import diffusers_twin  # tests/parity/oracles.py
 
-    extra = {}
-    if cfg.num_classes == "sequential":
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
-                     projection_class_embeddings_input_dim=cfg.adm_in_channels)
     with torch.device("meta"):
-        model = diffusers_twin(cfg, **extra)
+        model = diffusers_twin(cfg, **sdxl_extra(cfg))
     ldm = {f"model.diffusion_model.{k}": v for k, v in state.items()}
     del state
     model.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(model.config)), strict=True, assign=True)
     return model.eval()
 
 
+def sdxl_extra(cfg: UNetConfig) -> dict:
+    """diffusers' arguments for the SDXL label embedding (text_time), for the U-Net and the ControlNet."""
+    if cfg.num_classes != "sequential":
+        return {}
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=cfg.adm_in_channels)
+
+
+def build_control(side: str, cfg: UNetConfig, dtype: torch.dtype,
+                  state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """One side's ControlNet for ``cfg``'s U-Net, as ``build`` builds the U-Net. diffusers gets the
+    official layout through its ``convert_controlnet_checkpoint``, which renames only and leaves
+    out the SDXL label embedding (``label_emb``); that is mapped by diffusers' own name table."""
+    if state is None:
+        state = random_state_dict(cfg, dtype, CONTROL_SEED, control=True)
+    if side == "unfog":
+        with torch.device("meta"):
+            model = ControlNet(ControlNetConfig(cfg))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
+    from oracles import diffusers_unet_kwargs  # tests/parity/oracles.py
+
+    with torch.device("meta"):
+        model = ControlNetModel(conditioning_channels=3, **diffusers_unet_kwargs(cfg), **sdxl_extra(cfg))
+    converted = convert_controlnet_checkpoint(state, dict(model.config))
+    if cfg.num_classes == "sequential":
+        table = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]
+        converted.update({theirs: state[ours] for theirs, ours in table.items()})
+    del state
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval()
+
+
 def inputs(side: str, model: Model, size: int, dtype: torch.dtype):
-    """One CFG step's inputs (batch 2), the same on both sides; returns a call of the model."""
+    """One CFG step's inputs (batch 2), the same on both sides; returns the step, a call
+    ``step(unet)`` or, controlled, ``step(unet, controlnet)``."""
     cfg, g = model.config, torch.Generator().manual_seed(1234)
     x = torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(dtype)  # (2, 4, h, w)
     t = torch.tensor([500.0, 500.0])
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)  # (uncond, cond) contexts
-    if model.pooled is None:
-        if side == "unfog":
-            return lambda m: m(x, t, ctx)
-        return lambda m: m(x, t, encoder_hidden_states=ctx).sample
-    pooled = torch.randn(2, model.pooled, generator=g)
-    if side == "unfog":
+    y = cond = None
+    if model.pooled is not None:
+        pooled = torch.randn(2, model.pooled, generator=g)
         y = sdxl_vector_cond(pooled, (size, size), (0, 0), (size, size)).to(dtype)  # (2, adm_in_channels)
-        return lambda m: m(x, t, ctx, y=y)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)  # original, crop, target
-    cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
-    return lambda m: m(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)  # original, crop, target
+        cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+    hint = torch.rand(1, 3, size, size, generator=g).to(dtype).repeat(2, 1, 1, 1)  # one hint for both rows
+
+    if side == "unfog":
+        def step(unet, controlnet=None):
+            residuals = None if controlnet is None else controlnet(x, t, ctx, hint, y)
+            return unet(x, t, ctx, y=y, control=residuals)
+        return step
+
+    def step(unet, controlnet=None):
+        extra = {}
+        if controlnet is not None:
+            down, mid = controlnet(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, added_cond_kwargs=cond,
+                                   return_dict=False)
+            extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond, **extra).sample
+    return step
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -174,16 +235,19 @@ def worker(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype]
     if args.side == "diffusers":
         import diffusers.loaders.single_file_utils  # noqa: F401  (imported before the weights are measured)
+        from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: F401
     before = rss_mb()
-    net = lay_out(args.side, build(args.side, model.config, dtype), args.layout)
+    net = [lay_out(args.side, build(args.side, model.config, dtype), args.layout)]  # step(*net)
+    if args.control:
+        net.append(lay_out(args.side, build_control(args.side, model.config, dtype), args.layout, False))
     call = inputs(args.side, model, args.size, dtype)
     loaded = rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     times = []
     with torch.inference_mode():
-        out = call(net)
+        out = call(*net)
         for _ in range(args.warmup - 1):
-            call(net)
+            call(*net)
         if args.reference:  # diffusers: agree with unfog before being timed
             err = rel_err(out, torch.load(args.reference))
             if not err <= TOLERANCE[args.dtype] or not torch.isfinite(out).all():
@@ -193,8 +257,12 @@ def worker(args: argparse.Namespace) -> None:
         Path("/proc/self/clear_refs").write_text("5")
         for _ in range(args.runs):
             start = time.perf_counter()
-            call(net)
+            call(*net)
             times.append(time.perf_counter() - start)
+        if args.control and args.side == "unfog":  # after the measurements: the residuals must count
+            moved = rel_err(out, call(net[0]))
+            if not moved > 1e-2:
+                sys.exit(f"the ControlNet's residuals change the output by only {moved:.1e} relative")
     torch.save(out, args.output)
     report = dict(times=times, weights_mb=loaded - before, first_peak_mb=first_peak,
                   step_peak_mb=rss_mb("VmHWM") - settled)
@@ -208,31 +276,42 @@ def interleaved_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = (QUICK if args.quick else MODELS)[args.model]
     dtype = DTYPES[args.dtype]
-    state = random_state_dict(model.config, dtype)
-    if LAYOUTS[args.layout] is not None:  # lay out the one copy first, so that both sides keep sharing it
-        state = {k: v.to(memory_format=LAYOUTS[args.layout]) if v.dim() == 4 else v for k, v in state.items()}
-    nets = {side: lay_out(side, build(side, model.config, dtype, state), args.layout) for side in SIDES}
+
+    def shared(state):  # lay out the one copy first, so that both sides keep sharing it
+        if LAYOUTS[args.layout] is None:
+            return state
+        return {k: v.to(memory_format=LAYOUTS[args.layout]) if v.dim() == 4 else v for k, v in state.items()}
+
+    state = shared(random_state_dict(model.config, dtype))
+    nets = {side: [lay_out(side, build(side, model.config, dtype, state), args.layout)] for side in SIDES}
+    if args.control:
+        state = shared(random_state_dict(model.config, dtype, CONTROL_SEED, control=True))
+        for side in SIDES:
+            nets[side].append(lay_out(side, build_control(side, model.config, dtype, state), args.layout, False))
     del state
     # One copy of the weights; with "defaults" unfog's 4-D conv weights are its channels-last copies.
-    def storage(net):
-        return {p.data_ptr() for p in net.parameters() if args.layout != "defaults" or p.dim() != 4}
+    # (unfog's pipeline lays out its U-Net, not the ControlNets: see lay_out.)
+    def storage(net, converted):
+        return {p.data_ptr() for p in net.parameters() if not converted or p.dim() != 4}
 
-    if storage(nets["unfog"]) != storage(nets["diffusers"]):
-        sys.exit("the two models do not share their weights")
+    for ours, theirs, what, converted in zip(nets["unfog"], nets["diffusers"], ("U-Nets", "ControlNets"),
+                                             (args.layout == "defaults", False)):
+        if storage(ours, converted) != storage(theirs, converted):
+            sys.exit(f"the two {what} do not share their weights")
     calls = {side: inputs(side, model, args.size, dtype) for side in SIDES}
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     with torch.inference_mode():
-        outs = {side: calls[side](nets[side]) for side in SIDES}
+        outs = {side: calls[side](*nets[side]) for side in SIDES}
         err = rel_err(outs["diffusers"], outs["unfog"])
         if not err <= TOLERANCE[args.dtype]:
             sys.exit(f"diffusers and unfog disagree: max relative error {err:.2e} > {TOLERANCE[args.dtype]}")
         for _ in range(args.warmup - 1):
             for side in SIDES:
-                calls[side](nets[side])
+                calls[side](*nets[side])
         for k in range(args.runs):
             for side in SIDES if k % 2 == 0 else SIDES[::-1]:  # neither side always goes first
                 start = time.perf_counter()
-                calls[side](nets[side])
+                calls[side](*nets[side])
                 times[side].append(time.perf_counter() - start)
     Path(args.output).write_text(json.dumps(dict(times=times, rel_err=err)))
 
@@ -240,8 +319,9 @@ def interleaved_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def step_tflop(cfg: UNetConfig, size: int, pooled: int | None) -> float:
-    """FLOPs of one CFG step (batch 2), counted by torch on the meta device."""
+def step_tflop(cfg: UNetConfig, size: int, pooled: int | None, control: bool = False) -> float:
+    """FLOPs of one CFG step (batch 2), with ``control`` the ControlNet's too, counted by torch on
+    the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -249,7 +329,10 @@ def step_tflop(cfg: UNetConfig, size: int, pooled: int | None) -> float:
         x, ctx = torch.empty(2, cfg.in_channels, size // 8, size // 8), torch.empty(2, 77, cfg.context_dim)
         y = None if pooled is None else torch.empty(2, cfg.adm_in_channels)
         with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(2), ctx, y)
+            residuals = None
+            if control:
+                residuals = ControlNet(ControlNetConfig(cfg))(x, torch.zeros(2), ctx, torch.empty(2, 3, size, size), y)
+            net(x, torch.zeros(2), ctx, y, control=residuals)
     return counter.get_total_flops() / 1e12
 
 
@@ -261,7 +344,7 @@ def run_side(side: str, name: str, size: int, dtype: str, layout: str, args, tmp
     cmd = [sys.executable, __file__, "--worker", side, "--models", name, "--sizes", str(size), "--dtypes", dtype,
            "--layouts", layout,
            "--runs", str(runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--output", str(output)] + (["--quick"] if args.quick else []) + \
+           "--output", str(output)] + (["--quick"] if args.quick else []) + (["--control"] if args.control else []) + \
           (["--reference", str(reference)] if reference else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -285,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     parser.add_argument("--quick", action="store_true", help="narrow, shallow models at 128 px: checks the script")
+    parser.add_argument("--control", action="store_true",
+                        help="time the controlled step instead: one ControlNet call, then the U-Net given its "
+                             "residuals (ControlNetModel + down/mid_block_additional_residual(s) on diffusers' side)")
     parser.add_argument("--separate", action="store_true",
                         help="time each side alone in its own process (as memory is measured) instead of "
                              "alternating the two in one process")
@@ -316,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             for size in args.sizes or [model.size]:
                 if size % 8:
                     raise SystemExit(f"--sizes must be multiples of 8 (the VAE factor), got {size}")
-                tflop = step_tflop(model.config, size, model.pooled)
+                tflop = step_tflop(model.config, size, model.pooled, args.control)
                 for dtype, layout in [(d, lay) for d in args.dtypes for lay in args.layouts]:
                     alone = 1 if not args.separate else args.runs  # memory: one settled call is enough
                     ours = run_side("unfog", name, size, dtype, layout, args, Path(tmp), None, alone)
@@ -326,13 +412,15 @@ def main(argv: list[str] | None = None) -> None:
                     if not args.separate:
                         times = run_side("both", name, size, dtype, layout, args, Path(tmp), None, args.runs)["times"]
                     t_ours, t_theirs = statistics.median(times["unfog"]), statistics.median(times["diffusers"])
-                    print(f"| {name}{' (quick)' if args.quick else ''} | {size} | {dtype} | {layout} | {tflop:.3g} "
+                    label = name + (" + ControlNet" if args.control else "") + (" (quick)" if args.quick else "")
+                    print(f"| {label} | {size} | {dtype} | {layout} | {tflop:.3g} "
                           f"| {t_ours:.3f} | {t_theirs:.3f} | {t_ours / t_theirs:.3f} | {tflop / t_ours:.3g} "
                           f"| {ours['step_peak_mb']:.0f} / {theirs['step_peak_mb']:.0f} "
                           f"| {ours['first_peak_mb']:.0f} / {theirs['first_peak_mb']:.0f} "
                           f"| {ours['weights_mb']:.0f} / {theirs['weights_mb']:.0f} | {err:.1e} |", flush=True)
     how = "each side alone in its own process" if args.separate else "the two alternating in one process"
-    print(f"\nOne CFG step = one U-Net call on batch 2; median of {args.runs} runs after {args.warmup} warm-up, "
+    step = "one ControlNet call and one U-Net call given its residuals" if args.control else "one U-Net call"
+    print(f"\nOne CFG step = {step} on batch 2; median of {args.runs} runs after {args.warmup} warm-up, "
           f"{how}; memory: each side alone in its own process; "
           f"{args.threads} threads; torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all")
 
