@@ -226,3 +226,29 @@ def test_generate_with_a_bundling_lora_knows_its_words_and_records_no_ti_hash(pi
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert 'Lora hashes: "pivot: ' in info and "TI hashes" not in info
+
+
+@pytest.mark.slow  # torchrun with two processes
+def test_two_processes_train_new_words_that_a_rank_lacks(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU), global batch 4, where a rank's half of a batch may
+    hold no new word: DDP needs every row to get a gradient on every rank (a zero one is fine), so
+    the run must finish, with the one-process run's losses."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    words = ['lora.new_words={"star": "triangle", "teal": "blue"}',
+             'shapes_options={"extra_shapes": ["star"], "extra_colors": ["teal"], "extra_fraction": 0.3}']
+    steps = ["steps=3", "batch_size=4", "save_every=1", *words]
+    train(lora_config(tmp_path / "one", *steps), progress=False)
+    cfg = tmp_path / "two.json"
+    cfg.write_text(json.dumps(lora_config(tmp_path / "two", *steps).to_dict()))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+           "-m", "unfog.cli", "train", str(cfg)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    torch.testing.assert_close(torch.tensor(log("two")), torch.tensor(log("one")), rtol=1e-5, atol=1e-6)
