@@ -121,7 +121,7 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     else:
         data = load_pickle_object(path)
         meta = data if isinstance(data, dict) else {}
-    vectors = _vectors(data, path)
+    vectors = embedding_vectors(data, path)
     with open(path, "rb") as f:
         digest = sha256_from(f)
     step = meta.get("step")
@@ -140,8 +140,10 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _vectors(data: Any, path: Path) -> tuple[torch.Tensor, ...]:
-    """The (n, W) rows per text encoder of a file's contents (see the module docstring)."""
+def embedding_vectors(data: Any, path: Path | str) -> tuple[torch.Tensor, ...]:
+    """The (n, W) rows per text encoder of a file's contents (see the module docstring); ``path``
+    names the file (or the embedding in it) in messages. Also reads the embeddings a LoRA file
+    bundles (``checkpoint.lora.bundled_embeddings``), which A1111 groups into the same dicts."""
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not an embedding; expected a dict with {EXPECTED}")
     if "string_to_param" in data:
@@ -165,7 +167,7 @@ def _vectors(data: Any, path: Path) -> tuple[torch.Tensor, ...]:
     raise ValueError(f"{path} holds no embedding; expected {EXPECTED}")
 
 
-def _rows(tensor: Any, path: Path, key: str) -> torch.Tensor:
+def _rows(tensor: Any, path: Path | str, key: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         raise ValueError(f"{path}: {key} must be a float tensor, got {type(tensor).__name__}")
     if tensor.ndim == 1:  # diffusers' single-vector files: (W,)

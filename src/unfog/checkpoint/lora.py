@@ -27,8 +27,19 @@ What the file is made for is read off its shapes: the input width of the cross-a
 projections (768 SD 1.x, 1024 SD 2.x, 2048 SDXL, 1280 the SDXL refiner) and, for a text-encoder-only
 file, the text encoder's width; ``check_family`` refuses a file for another model with both named.
 
+A file may also bundle textual-inversion embeddings (pivotal tuning: an embedding per new word,
+trained with the LoRA), as A1111's Lora extension reads them (``networks.py``, ``bundle_emb``)::
+
+    bundle_emb.<name>.string_to_param.<key>    (n, W)   one text encoder (A1111's .pt dict, flattened)
+    bundle_emb.<name>.clip_l / .clip_g         (n, W)   SDXL
+    bundle_emb.<name>.emb_params               (n, W)   (any other single tensor, as an embedding file)
+
+The name is the text between the first two dots. ``bundled_embeddings`` reads them into
+``Embedding``s; they are not adapters and are never reported as unmatched keys.
+
 Writing (``save_lora``) is the inverse for kohya's own naming (``kohya_key``), with kohya's ``ss_*``
-and ``modelspec.*`` metadata (``kohya_metadata``) and its two hashes (``addnet_hashes``).
+and ``modelspec.*`` metadata (``kohya_metadata``) and its two hashes (``addnet_hashes``); bundled
+embeddings are written in the first (one text encoder) or second (SDXL) layout above.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ from torch import Tensor, nn
 from ..choices import check_choice
 from ..nn.lora import TRAINABLE, AdapterLayer, AdapterWeights, TrainableLayer
 from .components import few
+from .embeddings import Embedding, embedding_vectors
 from .convert import diffusers_unet_rows
 from .io import atomic_write, load_state_dict, tensor_data_sha256
 
@@ -87,8 +99,8 @@ _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 _PROCESSOR = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<t>down|up)\.weight$")
 # Tensors some trainers store beside the adapters that are not adapters of a module.
 IGNORED = frozenset({"lora_te_text_model_embeddings_position_ids"})
-# A1111's whole-file alias keys that hold no module (kohya's "bundled embeddings" are for later).
-_EMBEDDING_PREFIX = "bundle_emb."
+# Bundled textual-inversion embeddings (A1111's Lora extension): bundle_emb.<name>.<tensor>.
+BUNDLE_PREFIX = "bundle_emb."
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -112,6 +124,7 @@ class LoraFile:
     """The adapters of one file, by the file's own module keys, with its metadata.
 
     adapters: module key -> AdapterWeights (checked: every tensor its kind needs, ranks agree).
+    embeddings: the textual-inversion embeddings the file bundles, by name (``bundled_embeddings``).
     metadata: the safetensors header (kohya's ``ss_*``, ``modelspec.*``, ...), decoded.
     unparsed: keys that are not adapter tensors (reported by the loader, never silently dropped).
     """
@@ -120,6 +133,7 @@ class LoraFile:
     adapters: dict[str, AdapterWeights]
     metadata: dict[str, Any] = field(default_factory=dict)
     unparsed: list[str] = field(default_factory=list)
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -141,7 +155,9 @@ def parse_adapters(state_dict: Mapping[str, Tensor], what: str = "file") -> tupl
     kinds: dict[str, set[str]] = defaultdict(set)
     unparsed = []
     for key, value in state_dict.items():
-        split = None if key in IGNORED or key.startswith(_EMBEDDING_PREFIX) else split_key(key)
+        if key.startswith(BUNDLE_PREFIX):  # bundled embeddings: bundled_embeddings reads them
+            continue
+        split = None if key in IGNORED else split_key(key)
         if split is None:
             unparsed.append(key)
             continue
@@ -164,7 +180,7 @@ def parse_adapters(state_dict: Mapping[str, Tensor], what: str = "file") -> tupl
         except ValueError as err:
             raise ValueError(f"{what}: module {module}: {err}") from None
         adapters[module] = adapter
-    if not adapters:
+    if not adapters and not any(k.startswith(BUNDLE_PREFIX) for k in state_dict):
         raise ValueError(f"{what} holds no LoRA or LyCORIS weights (keys like {few(state_dict) or 'none'}); is it a "
                          "LoRA file?")
     return adapters, unparsed
@@ -176,7 +192,52 @@ def read_lora(path: str | Path) -> LoraFile:
     path = Path(path)
     state_dict, metadata = load_state_dict(path)
     adapters, unparsed = parse_adapters(state_dict, str(path))
-    return LoraFile(path, adapters, metadata, unparsed)
+    return LoraFile(path, adapters, metadata, unparsed, bundled_embeddings(state_dict, path))
+
+
+def bundled_embeddings(state_dict: Mapping[str, Tensor], path: Path) -> dict[str, Embedding]:
+    """The embeddings a LoRA file bundles, by name: its ``bundle_emb.<name>.<tensor>`` keys grouped
+    per name as A1111 groups them (``string_to_param.<key>`` into a ``string_to_param`` dict), then
+    read as an embedding file's contents (``embedding_vectors``). Each comes with the LoRA's path
+    and no hash of its own (A1111's ``TI hashes`` leave bundled embeddings to ``Lora hashes``)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, tensor = key[len(BUNDLE_PREFIX):].partition(".")
+        if not name or not tensor:
+            raise ValueError(f"{path}: {key} is not a bundled embedding key (bundle_emb.NAME.string_to_param.*, "
+                             "bundle_emb.NAME.clip_l / clip_g)")
+        data = groups.setdefault(name, {})
+        if tensor.startswith("string_to_param."):
+            data.setdefault("string_to_param", {})[tensor[len("string_to_param."):]] = value
+        else:
+            data[tensor] = value
+    return {name: Embedding(name, embedding_vectors(data, f"{path}: bundled embedding {name}"), path=path)
+            for name, data in groups.items()}
+
+
+def bundle_tensors(embeddings: Iterable[Embedding]) -> dict[str, Tensor]:
+    """The ``bundle_emb`` keys of ``embeddings`` as A1111 reads them back: ``string_to_param.*`` for
+    one text encoder, ``clip_l`` / ``clip_g`` for SDXL. A name A1111 could not read back (empty,
+    or with a ".") or given twice is a ValueError."""
+    tensors: dict[str, Tensor] = {}
+    for e in embeddings:
+        if not e.name or "." in e.name:
+            raise ValueError(f"bundled embedding name {e.name!r}: A1111 reads the name up to the first '.', so it "
+                             "must be non-empty and without dots")
+        prefix = f"{BUNDLE_PREFIX}{e.name}."
+        if any(k.startswith(prefix) for k in tensors):
+            raise ValueError(f"two bundled embeddings are named {e.name!r}")
+        rows = [v.detach().float().cpu().contiguous() for v in e.vectors]
+        if len(rows) == 1:
+            tensors[prefix + "string_to_param.*"] = rows[0]
+        elif len(rows) == 2:
+            tensors.update({prefix + "clip_l": rows[0], prefix + "clip_g": rows[1]})
+        else:
+            raise ValueError(f"bundled embedding {e.name!r} has {len(rows)} vector sets; a file holds one (SD 1.x / "
+                             "2.x) or clip_l + clip_g (SDXL)")
+    return tensors
 
 
 # ---------------------------------------------------------------- the models' module names
@@ -440,13 +501,14 @@ def addnet_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) ->
 
 
 def save_lora(path: str | Path, adapters: Mapping[Target, AdapterWeights], family: NamingFamily,
-              metadata: Mapping[str, str], *, unet_config=None, overwrite: bool = False) -> dict[str, str]:
+              metadata: Mapping[str, str], *, unet_config=None, overwrite: bool = False,
+              embeddings: Iterable[Embedding] = ()) -> dict[str, str]:
     """Write ``adapters`` as a kohya LoRA / LyCORIS ``.safetensors`` file, atomically: module keys
     from ``kohya_key`` (``unet_config`` as there), tensor names ``.lora_down.weight`` /
     ``.lora_up.weight`` / ``.alpha`` (LoHa / LoKr: their LyCORIS names), contiguous CPU tensors in
     their own dtype. ``metadata`` (kohya's ``ss_*``, ``modelspec.*``: see ``kohya_metadata``) is
     stored as plain strings, as kohya, A1111 and ComfyUI read it, with ``addnet_hashes`` added.
-    An existing file is a FileExistsError unless ``overwrite``. Returns the metadata written."""
+    ``embeddings`` are bundled as ``bundle_emb`` keys (``bundle_tensors``). An existing file is a FileExistsError unless ``overwrite``. Returns the metadata written."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: a kohya LoRA file is .safetensors, got {path.suffix or 'no extension'!r}")
@@ -463,6 +525,7 @@ def save_lora(path: str | Path, adapters: Mapping[Target, AdapterWeights], famil
         if key + ".alpha" in tensors:
             raise ValueError(f"two adapters have the kohya key {key}")
         tensors.update(_adapter_tensors(key, adapter, target.module.weight.shape))
+    tensors.update(bundle_tensors(embeddings))
     written = {**metadata, **addnet_hashes(tensors, metadata)}
     from safetensors.torch import save_file
 

@@ -171,11 +171,13 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
 
 
 def _check_vocabulary(pipe: StableDiffusion, s: Settings, warn: Callable[[str], None]) -> None:
-    """Models trained from scratch on a closed caption set know only its words: say which are not."""
+    """Models trained from scratch on a closed caption set know only its words: say which are not
+    (the names of loaded embeddings, e.g. a LoRA's new words, are known: they get their vectors)."""
     if not isinstance(pipe.tokenizer, SubVocabTokenizer):
         return
     texts = (prompt_words(s.prompt), prompt_words(s.negative_prompt))  # what is encoded, without the syntax
-    unknown = sorted({w for text in texts for w in pipe.tokenizer.unknown_words(text)})
+    named = {w for e in pipe.embeddings for w in pipe.tokenizer.unknown_words(e.name)}
+    unknown = sorted({w for text in texts for w in pipe.tokenizer.unknown_words(text)} - named)
     if unknown:
         warn(f"outside this model's training domain: {', '.join(unknown)} (never seen in its captions, so they "
              "read as one 'unknown' token); the image is drawn anyway")
@@ -311,7 +313,7 @@ def _apply_loras(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[s
     recorded = parse_hashes((job.source or {}).get("Lora hashes", ""))
     for tag in tags:
         path = find_lora(tag.name, job.lora_dirs)
-        applied = pipe.load_lora(path, tag.weight, tag.text_encoder_weight, name=tag.name)
+        applied = pipe.load_lora(path, tag.weight, tag.text_encoder_weight, name=tag.name, warn=warn)
         if tag.name in recorded and recorded[tag.name].lower() != applied.hash:
             raise ValueError(f"the image was made with LoRA {tag.name} [{recorded[tag.name]}], but {path} has hash "
                              f"{applied.hash}: it is another file (put the one with that hash in --lora-dir)")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.io import sha256_from, tensor_data_sha256
-from ..checkpoint.lora import ModuleIndex, Target, check_family, read_lora
+from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, read_lora
 from ..nn.lora import AdapterWeights, merged_weight
 from .extra_networks import extract_network_tags, find_named_file, finite_weight
 
@@ -42,7 +42,8 @@ def short_hash(path: str | Path) -> str:
 @dataclass(frozen=True)
 class AppliedLora:
     """One LoRA on the pipeline: its file, the multipliers of its U-Net and text-encoder adapters,
-    the A1111 short hash, and the file's module keys that matched no module of this model."""
+    the A1111 short hash, the file's module keys that matched no module of this model, and the
+    names of the textual-inversion embeddings it bundles."""
 
     name: str
     path: Path
@@ -50,6 +51,7 @@ class AppliedLora:
     text_encoder_weight: float
     hash: str
     unmatched: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
 
 
 class LoraStack:
@@ -74,21 +76,25 @@ class LoraStack:
         """Merge the LoRA at ``path``: U-Net adapters times ``weight``, text-encoder adapters times
         ``text_encoder_weight`` (default: ``weight``). Keys that match no module are reported
         through ``warn`` (count and examples) and kept in ``AppliedLora.unmatched``."""
+        return self.add_file(read_lora(path), weight, text_encoder_weight, name, warn)
+
+    def add_file(self, lora: LoraFile, weight: float = 1.0, text_encoder_weight: float | None = None,
+                 name: str | None = None, warn: Callable[[str], None] | None = None) -> AppliedLora:
+        """``add`` for a file already read. Its bundled embeddings are the pipeline's to apply."""
         weight = finite_weight(weight, "LoRA weight")
         te_weight = weight if text_encoder_weight is None else finite_weight(text_encoder_weight, "text encoder weight")
-        lora = read_lora(path)
         check_family(lora, self.models["unet"], self.models.get("text_encoder"), self.models.get("text_encoder_2"),
                      self.model_name)
         adapters, unmatched = self.index.resolve(lora)
-        if not adapters:
+        if lora.adapters and not adapters:
             raise ValueError(f"{lora.path}: none of its {len(lora.adapters)} modules is in {self.model_name} (keys like "
                              f"{', '.join(sorted(unmatched)[:3])})")
         if unmatched or lora.unparsed:
             skipped = sorted(unmatched) + sorted(lora.unparsed)
-            (warn or _stderr)(f"{lora.path}: {len(skipped)} of its keys match no module of {self.model_name} and are "
+            (warn or warn_on_stderr)(f"{lora.path}: {len(skipped)} of its keys match no module of {self.model_name} and are "
                               f"not applied, e.g. {', '.join(skipped[:3])}")
         applied = AppliedLora(name or lora.name, lora.path, weight, te_weight, short_hash(lora.path),
-                              tuple(sorted(unmatched)))
+                              tuple(sorted(unmatched)), tuple(lora.embeddings))
         self._merge(self._adapters + [adapters], self.applied + [applied])
         return applied
 
@@ -121,7 +127,7 @@ class LoraStack:
         self._adapters, self.applied = adapters, applied
 
 
-def _stderr(message: str) -> None:
+def warn_on_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
@@ -183,7 +189,7 @@ SS_FIELDS = (("ss_output_name", "output name"), ("ss_base_model_version", "base 
 
 
 def describe_lora(path: str | Path, top_tags: int = 10) -> str:
-    """What ``unfog lora info`` prints: family, kinds, ranks, targets per model, kohya's ``ss_*``
+    """What ``unfog lora info`` prints: family, kinds, ranks, targets per model, bundled embeddings, kohya's ``ss_*``
     training metadata (with the most frequent caption tags) and ``modelspec.*``."""
     from ..checkpoint.lora import component_of, file_family
 
@@ -196,6 +202,9 @@ def describe_lora(path: str | Path, top_tags: int = 10) -> str:
              f"kinds: {', '.join(lora.kinds)}", f"ranks: {', '.join(map(str, lora.ranks))}",
              f"alphas: {', '.join(f'{a:g}' for a in alphas) if alphas else 'none stored (alpha = rank)'}",
              "modules: " + ", ".join(f"{n} {c}" for c, n in sorted(per_component.items()))]
+    for e in lora.embeddings.values():
+        lines.append(f"bundled embedding: {e.name} ({e.n_vectors} vector{'s' if e.n_vectors > 1 else ''}, "
+                     f"for {e.family})")
     if lora.unparsed:
         lines.append(f"other keys: {len(lora.unparsed)} ({', '.join(sorted(lora.unparsed)[:3])})")
     meta = lora.metadata

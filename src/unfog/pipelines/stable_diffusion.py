@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..checkpoint.controlnet import check_controlnet_family
 from ..checkpoint.embeddings import Embedding, read_embedding
+from ..checkpoint.lora import read_lora
 from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, embedding_words, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler)
@@ -36,7 +37,7 @@ from ..models.vae import AutoencoderKL
 from . import inputs
 from .controlnet import Control, ControlRun, prepare_hint
 from .hypernetwork import AppliedHypernetwork, HypernetworkStack
-from .lora import AppliedLora, LoraStack
+from .lora import AppliedLora, LoraStack, warn_on_stderr
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .sdxl import vector_conditions
 from .windows import sigma_window
@@ -91,6 +92,7 @@ class StableDiffusion:
         self.native_size = native_size
         self._lora_stack: LoraStack | None = None
         self._embeddings: dict[str, Embedding] = {}
+        self._bundled: list[Embedding] = []  # those of _embeddings that LoRAs bundled (Embedding compares by identity)
         self._hypernetwork_stack = HypernetworkStack(self.unet)
         self.size_conditioning = size_conditioning
         if size_conditioning:
@@ -174,19 +176,44 @@ class StableDiffusion:
         return list(self._lora_stack.applied) if self._lora_stack is not None else []
 
     def load_lora(self, path: str | Path, weight: float = 1.0, text_encoder_weight: float | None = None,
-                  name: str | None = None) -> AppliedLora:
+                  name: str | None = None, warn: Callable[[str], None] | None = None) -> AppliedLora:
         """Merge a LoRA / LyCORIS file (kohya, A1111, diffusers, PEFT or LyCORIS keys) into the
         models: its U-Net adapters times ``weight``, its text-encoder adapters times
-        ``text_encoder_weight`` (default ``weight``). Several stack; a bad file changes nothing."""
+        ``text_encoder_weight`` (default ``weight``). Several stack; a bad file changes nothing.
+
+        The textual-inversion embeddings the file bundles (``bundle_emb`` keys) become words prompts
+        can use, at full strength whatever the weights, as in A1111; ``unload_loras`` removes them.
+        As in A1111, an embedding already loaded under the same name (``load_embedding``) is kept and
+        the bundled one skipped; one bundled by an earlier LoRA is replaced. Each is said through
+        ``warn``, as are bundled embeddings for other text widths (skipped)."""
         if self._lora_stack is None:
             models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
             self._lora_stack = LoraStack(models, f"this {self.family} model")
-        return self._lora_stack.add(path, weight, text_encoder_weight, name)
+        lora = read_lora(path)
+        embedding_words(list(lora.embeddings.values()), self.tokenizer)  # names with no tokens: refused before merging
+        applied = self._lora_stack.add_file(lora, weight, text_encoder_weight, name, warn)
+        for e in lora.embeddings.values():
+            self._add_bundled(e, applied.name, warn or warn_on_stderr)
+        return applied
+
+    def _add_bundled(self, e: Embedding, lora: str, warn: Callable[[str], None]) -> None:
+        same = tuple(self.tokenizer.encode_clip(e.name))
+        mine = [o for o in self._embeddings.values() if tuple(self.tokenizer.encode_clip(o.name)) == same
+                and o not in self._bundled]
+        if mine:
+            warn(f"LoRA {lora}: its bundled embedding {e.name} is skipped: {mine[0].name} ({mine[0].path or 'in memory'})"
+                 " is loaded already and stays, as in A1111")
+            return
+        if self.add_embedding(e, warn) is not None:
+            self._bundled.append(e)
 
     def unload_loras(self) -> None:
-        """Take every LoRA off, restoring the exact original weights."""
+        """Take every LoRA off, restoring the exact original weights, and remove the embeddings they
+        bundled (those loaded with ``load_embedding`` stay)."""
         if self._lora_stack is not None:
             self._lora_stack.clear()
+        self._embeddings = {k: e for k, e in self._embeddings.items() if e not in self._bundled}
+        self._bundled.clear()
 
     # ------------------------------------------------------------ textual inversion
 
@@ -223,7 +250,9 @@ class StableDiffusion:
         return e
 
     def unload_embeddings(self) -> None:
+        """Remove every embedding, those LoRAs bundled too."""
         self._embeddings.clear()
+        self._bundled.clear()
 
     # ------------------------------------------------------------ hypernetworks (pipelines/hypernetwork.py)
 

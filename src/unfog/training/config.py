@@ -202,9 +202,21 @@ class LoraOptions(TaskOptions):
     aspect_buckets: bool = False
     aspect_bucket_step: int = 64
     output_name: str = "lora"  # the LoRA file is out_dir/<output_name>.safetensors
+    # pivotal tuning: new word -> the words its embedding starts from ({"star": "triangle"}); each
+    # word's new_word_vectors rows per text encoder train with the adapters and are bundled into
+    # the LoRA file (bundle_emb keys, as A1111 reads them)
+    new_words: dict[str, str] = field(default_factory=dict)
+    new_word_vectors: int = 1
 
     def __post_init__(self):
         super().__post_init__()
+        for word in self.new_words:
+            if not word.strip() or any(ch in word for ch in '.,:()[]/\\'):
+                raise ValueError(f"lora.new_words: {word!r} must be a prompt word (no . , : ( ) [ ] / \\), the "
+                                 "name its embedding gets in the LoRA file")
+        if not 1 <= self.new_word_vectors <= 75:
+            raise ValueError(f"lora.new_word_vectors must be in 1..75 (a prompt chunk's tokens), got "
+                             f"{self.new_word_vectors}")
         for name in ("rank", "conv_rank", "keep_tokens"):
             minimum = 1 if name == "rank" else 0
             if getattr(self, name) < minimum:

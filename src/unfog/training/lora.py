@@ -10,9 +10,17 @@ transformer blocks (attention q/k/v/out, feed-forward, proj_in / proj_out) at ``
 ``conv_rank`` and the rest at ``rank``; with ``text_encoder_lora`` the text encoders'
 q/k/v/out_proj and fc1/fc2.
 
+With ``new_words`` (pivotal tuning, as in Replicate's and diffusers' advanced SDXL trainers): each
+new word also gets token-embedding rows (``new_words.WordVectors``, started from its initializer
+words as textual inversion starts them), trained with the adapters by the same optimiser, put into
+the captions through ``encode_prompt(embeddings=)`` and bundled into the LoRA file as A1111 reads
+them (``bundle_emb`` keys), so ``pipe.load_lora`` makes the words usable. On a model with a closed
+vocabulary (the shapes model) a new word is otherwise its one unknown token; the rows give each
+new word a vector of its own for the adapters to work with.
+
 The frozen models never enter the module the optimiser, EMA and DDP see (``LoraNetwork``): its
-parameters and state dict are the adapters alone, so states are small and the EMA copies only
-them. Its forward binds its adapters into the frozen models' ``TrainableLayer`` wrappers and runs
+parameters and state dict are the adapters (and the new words' rows) alone, so states are small
+and the EMA copies only them. Its forward binds its adapters into the frozen models' ``TrainableLayer`` wrappers and runs
 them, so the EMA's copy, bound the same way, is the EMA model (the sample grid draws with it).
 """
 
@@ -29,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint.embeddings import Embedding
 from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, kohya_metadata, read_lora, save_lora
 from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
@@ -37,6 +46,7 @@ from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
 from .config import LoraOptions, field_differences
 from .finetune import FineTuneTrainer, frozen_forward
 from .lora_data import transform_captions
+from .new_words import WordVectors, check_new_words, initial_vectors
 
 UNET_BLOCKS = (SpatialTransformer,)
 CONV_BLOCKS = (ResBlock, Downsample, Upsample)  # LoCon
@@ -80,17 +90,23 @@ class Frozen:
 
 
 class LoraNetwork(nn.Module):
-    """The adapters (``adapters``: key "component/dotted/path" -> factors) and a forward that runs
-    the frozen model with them: (x_t, t, prompts, per-sample sizes) -> the U-Net's output."""
+    """The adapters (``adapters``: key "component/dotted/path" -> factors), the new words' rows
+    (``words``, one ``WordVectors`` each) and a forward that runs the frozen model with them:
+    (x_t, t, prompts, per-sample sizes) -> the U-Net's output."""
 
-    def __init__(self, adapters: nn.ModuleDict, frozen: Frozen):
+    def __init__(self, adapters: nn.ModuleDict, frozen: Frozen, words: nn.ModuleList | None = None):
         super().__init__()
         self.adapters = adapters
+        self.words = words if words is not None else nn.ModuleList()
         self.frozen = frozen
 
     def __deepcopy__(self, memo) -> "LoraNetwork":
-        twin = LoraNetwork(copy.deepcopy(self.adapters, memo), self.frozen)  # the frozen model is shared
+        # the frozen model is shared
+        twin = LoraNetwork(copy.deepcopy(self.adapters, memo), self.frozen, copy.deepcopy(self.words, memo))
         return twin.train(self.training)
+
+    def embeddings(self, detached: bool = False) -> list[Embedding]:
+        return [w.embedding(detached) for w in self.words]
 
     def bind(self) -> None:
         """Make the frozen model's TrainableLayers use these adapters."""
@@ -100,7 +116,11 @@ class LoraNetwork(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
         self.bind()
-        return frozen_forward(self.frozen.pipe, x, t, prompts, sizes, text_grad=self.frozen.train_text_encoder)
+        out = frozen_forward(self.frozen.pipe, x, t, prompts, sizes, embeddings=self.embeddings(),
+                             text_grad=self.frozen.train_text_encoder or len(self.words) > 0)
+        if len(self.words):  # a batch without a new word still gives its rows a (zero) gradient, as DDP needs
+            out = out + 0 * sum(v.sum() for v in self.words.parameters())
+        return out
 
     def adapter_weights(self) -> dict[Target, AdapterWeights]:
         """The adapters as a LoRA file stores them, on their targets."""
@@ -112,7 +132,8 @@ class LoraTrainer(FineTuneTrainer):
     options: LoraOptions
 
     def make_network(self) -> LoraNetwork:
-        net = LoraNetwork(*self._add_adapters())
+        words = self._new_words()  # from the token table as loaded, before base_dtype casts it
+        net = LoraNetwork(*self._add_adapters(), words)
         if self.options.gradient_checkpointing:
             self.pipe.unet.config = replace(self.pipe.unet.config, gradient_checkpointing=True)
         return net
@@ -142,6 +163,14 @@ class LoraTrainer(FineTuneTrainer):
         self.cast_frozen({id(p) for p in adapters.parameters()})
         return adapters, Frozen(pipe, layers, targets, o.text_encoder_lora)
 
+    def _new_words(self) -> nn.ModuleList:
+        """The rows of ``lora.new_words``, each started from its initializer words' token embeddings."""
+        o, pipe = self.options, self.pipe
+        check_new_words(pipe.tokenizer, list(o.new_words), "lora.new_words")
+        return nn.ModuleList([WordVectors(word, initial_vectors(pipe, init, o.new_word_vectors,
+                                                                f"lora.new_words[{word!r}]"))
+                              for word, init in o.new_words.items()])
+
     def prompt_draws(self, b: int, g: torch.Generator) -> tuple[Tensor | None, ...]:
         o = self.options
         drop = torch.rand(b, generator=g) < o.caption_dropout
@@ -154,14 +183,18 @@ class LoraTrainer(FineTuneTrainer):
 
     @contextmanager
     def applied(self):
-        self.ema.model.bind()  # the EMA adapters in the frozen model
+        self.ema.model.bind()  # the EMA adapters in the frozen model, the EMA rows in the pipeline
+        for e in self.ema.model.embeddings(detached=True):
+            self.pipe.add_embedding(e)
         try:
             yield
         finally:
             self.net.bind()
+            self.pipe.unload_embeddings()
 
     def describe(self) -> str:
-        return f"LoRA {self.options.output_name}"
+        words = f" with new words {', '.join(self.options.new_words)}" if self.options.new_words else ""
+        return f"LoRA {self.options.output_name}{words}"
 
     @property
     def model_path(self) -> Path:
@@ -183,7 +216,7 @@ class LoraTrainer(FineTuneTrainer):
         replace: ``build`` refused a file of that name that is not from this run)."""
         pipe = self.pipe
         save_lora(self.model_path, self.ema.model.adapter_weights(), pipe.family, self.metadata(),
-                  unet_config=pipe.unet.config, overwrite=True)
+                  unet_config=pipe.unet.config, overwrite=True, embeddings=self.ema.model.embeddings(detached=True))
 
     def load_weights(self, path: Path) -> list[str]:
         """Continue training a LoRA file (``--init-from some.safetensors``, kohya's ``--network_weights``):
@@ -201,10 +234,18 @@ class LoraTrainer(FineTuneTrainer):
         one setting fixes it. Layers the config trains that the file lacks start fresh, as kohya's
         ``--network_weights`` leaves them, with a note of the count. Returns that note and the
         differences between the run the file records (its kohya ``ss_*`` fields) and this one,
-        for ``resumes.jsonl``."""
+        for ``resumes.jsonl``.
+
+        Its bundled embeddings continue the ``lora.new_words`` of the same names (same number of
+        vectors); a new word the file lacks starts from its initializer words (noted), and a bundled
+        embedding that is no new word of this config is refused, so that no saved file loses it."""
         frozen, lora = self.net.frozen, read_lora(path)
         found = self._fitting_adapters(lora)
+        rows = self._fitting_words(lora)
         with torch.no_grad():
+            for word, theirs in zip(self.net.words, rows):
+                for mine, row in zip(word, theirs or ()):
+                    mine.copy_(row)
             for key, adapter in found.items():
                 mine = self.net.adapters[key]
                 for name in frozen.layers[key].factor_names:
@@ -218,8 +259,33 @@ class LoraTrainer(FineTuneTrainer):
                            f"trains are not in {lora.path.name} and start fresh")
             if self.world.is_main:
                 print(f"note: {changes[-1]}", file=sys.stderr)
+        fresh = [w.name for w, r in zip(self.net.words, rows) if r is None]
+        if fresh:
+            changes.append(f"lora.new_words {', '.join(fresh)} are not bundled in {lora.path.name} and start from "
+                           "their initializer words")
+            if self.world.is_main:
+                print(f"note: {changes[-1]}", file=sys.stderr)
         recorded = {k: str(lora.metadata[k]) for k in RECORDED if k in lora.metadata}
         return changes + field_differences(recorded, {k: self.metadata()[k] for k in recorded})
+
+    def _fitting_words(self, lora: LoraFile) -> list[tuple[Tensor, ...] | None]:
+        """The file's rows for each new word (None: not bundled), checked as ``load_weights`` says."""
+        o, pipe = self.options, self.pipe
+        extra = sorted(set(lora.embeddings) - set(o.new_words))
+        if extra:
+            raise ValueError(f"{lora.path} bundles the embeddings {', '.join(extra)}, which are not in lora.new_words; "
+                             "add them (word -> initializer words) to continue them")
+        widths = tuple(getattr(pipe, name).config.width for name in ENCODERS[pipe.family])
+        out = []
+        for word in o.new_words:
+            e = lora.embeddings.get(word)
+            rows = None if e is None else e.for_widths(widths)
+            if e is not None and (rows is None or e.n_vectors != o.new_word_vectors):
+                raise ValueError(f"{lora.path}: its bundled embedding {word} holds {e.n_vectors} vectors for {e.family}; "
+                                 f"this run trains lora.new_word_vectors={o.new_word_vectors} for text widths "
+                                 f"{' + '.join(map(str, widths))}")
+            out.append(rows)
+        return out
 
     def _fitting_adapters(self, lora: LoraFile) -> dict[str, AdapterWeights]:
         """The file's adapters by our adapter key, each checked as ``load_weights`` says; an

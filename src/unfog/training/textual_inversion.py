@@ -31,11 +31,10 @@ from torch import Tensor, nn
 
 from ..checkpoint.embeddings import Embedding, read_embedding
 from ..checkpoint.io import atomic_write, save_safetensors
-from ..conditioning import embedding_words
-from ..models.tokenizer import SubVocabTokenizer
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
 from .config import TextualInversionOptions
 from .finetune import FineTuneTrainer, frozen_forward
+from .new_words import WordVectors, check_new_words, initial_vectors
 
 A1111_TOKEN = 265  # A1111 writes string_to_token {"*": 265}, CLIP's id of "*"
 
@@ -47,37 +46,17 @@ class EmbeddingNetwork(nn.Module):
     def __init__(self, name: str, vectors: list[Tensor], pipe: StableDiffusion):
         super().__init__()
         self.name, self.pipe = name, pipe  # the pipeline is no module: never copied, saved or optimised
-        self.vectors = nn.ParameterList([nn.Parameter(v.detach().float().clone()) for v in vectors])
+        self.vectors = WordVectors(name, vectors)
 
     def __deepcopy__(self, memo) -> "EmbeddingNetwork":
         twin = EmbeddingNetwork(self.name, [copy.deepcopy(v.data, memo) for v in self.vectors], self.pipe)
         return twin.train(self.training)
 
     def embedding(self, detached: bool = False) -> Embedding:
-        return Embedding(self.name, tuple(v.detach().clone() if detached else v for v in self.vectors))
+        return self.vectors.embedding(detached)
 
     def forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
         return frozen_forward(self.pipe, x, t, prompts, sizes, text_grad=True, embeddings=[self.embedding()])
-
-
-def initial_vectors(pipe: StableDiffusion, words: str, n: int) -> list[Tensor]:
-    """(n, W) per text encoder from the token embeddings of ``words`` (A1111's spread: vector i is
-    token i * k // n of k); a one-line ValueError when the words give no token the model knows."""
-    tokenizer = pipe.tokenizer
-    ids = tokenizer.encode(words)
-    if not ids:
-        raise ValueError(f"textual_inversion.init_words {words!r} has no tokens; give words such as \"a person\"")
-    if isinstance(tokenizer, SubVocabTokenizer) and SubVocabTokenizer.UNKNOWN_ID in ids:
-        raise ValueError(f"textual_inversion.init_words {words!r}: {', '.join(tokenizer.unknown_words(words))} is not "
-                         f"in the model's vocabulary; known words: {', '.join(sorted(known_words(tokenizer)))}")
-    pick = torch.tensor([ids[i * len(ids) // n] for i in range(n)])
-    encoders = [getattr(pipe, name) for name in ENCODERS[pipe.family]]
-    return [enc.embeddings.token_embedding.weight.detach()[pick.to(enc.embeddings.token_embedding.weight.device)]
-            .float().cpu() for enc in encoders]
-
-
-def known_words(tokenizer: SubVocabTokenizer) -> list[str]:
-    return [t[: -len("</w>")] for t in tokenizer.vocab if t.endswith("</w>") and t != ",</w>"]
 
 
 class TextualInversionTrainer(FineTuneTrainer):
@@ -92,23 +71,11 @@ class TextualInversionTrainer(FineTuneTrainer):
                              "to false")
         self.templates = o.template_list()
         self.freeze()
-        vectors = initial_vectors(pipe, o.init_words, o.num_vectors)
+        vectors = initial_vectors(pipe, o.init_words, o.num_vectors, "textual_inversion.init_words")
         net = EmbeddingNetwork(o.name, vectors, pipe)
-        self._check_name(net.embedding(detached=True))
+        check_new_words(pipe.tokenizer, [o.name], "textual_inversion.name")
         self.cast_frozen(set())
         return net
-
-    def _check_name(self, e: Embedding) -> None:
-        """A name must have tokens; on a model with a closed vocabulary (the shapes model) it must
-        not be a word the model knows, which every prompt using the word would lose."""
-        tokenizer = self.pipe.tokenizer
-        try:
-            embedding_words([e], tokenizer)
-        except ValueError as err:
-            raise ValueError(f"textual_inversion.name: {err}") from None
-        if isinstance(tokenizer, SubVocabTokenizer) and SubVocabTokenizer.UNKNOWN_ID not in tokenizer.encode(e.name):
-            raise ValueError(f"textual_inversion.name {e.name!r} is made of words the model knows; prompts using them "
-                             f"would get the embedding instead: choose a new word, e.g. \"<{e.name.replace(' ', '-')}>\"")
 
     def prompt_draws(self, b: int, g: torch.Generator) -> tuple[Tensor | None, ...]:
         return (torch.randint(len(self.templates), (b,), generator=g),)
