@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..datasets.folder import EXTENSIONS, METADATA_FILE, ImageFolderDataset
+from ..datasets.folder import EXTENSIONS, METADATA_FILE
 from .data import CaptionedImages
-from .lora_data import repeat_of
+from .lora_data import captioned_folder
 
 HINT_FOLDER = "hint"  # beside the image folder
 HINT_COLUMN = "hint"  # of metadata.jsonl
@@ -45,19 +45,8 @@ def make_controlnet_data(name: str, image_size: int, data_size: int, seed: int, 
     """"shapes" (``data_size`` items with layout hints) or an image folder with hints (module docstring)."""
     if name == "shapes":
         return _shapes_data(image_size, data_size, seed, shapes_config, workers)
-    if not Path(name).is_dir():
-        raise FileNotFoundError(f"data set {name!r} is neither 'shapes' nor an existing folder")
-    folder = ImageFolderDataset(name, image_size, channels=3, center_crop=center_crop)
+    folder, index, captions = captioned_folder(name, image_size, center_crop)
     hints = find_hints(folder.root, folder.files)
-    index, captions = [], []
-    for i, path in enumerate(folder.files):
-        repeats, class_caption = repeat_of(folder.root, path)
-        index += [i] * repeats
-        captions.append(folder.captions[i] or class_caption)
-    missing = [str(folder.files[i]) for i, text in enumerate(captions) if not text]
-    if missing:
-        raise ValueError(f"{name}: {len(missing)} of {len(captions)} images have no caption (e.g. {missing[0]}): give "
-                         "a same-name .txt beside it, a metadata.jsonl line, or put it in a kohya N_name folder")
     for i, hint in enumerate(hints):
         with Image.open(hint) as img:
             size = ImageOps.exif_transpose(img).size[::-1]

@@ -77,6 +77,27 @@ def transform_captions(captions: Sequence[str], drop: Tensor, seeds: Tensor | No
     return out
 
 
+def captioned_folder(name: str, image_size: int, center_crop: bool):
+    """An image folder with kohya's ``N_name`` repeat folders: (the ``ImageFolderDataset``, item ->
+    file index with each file repeated N times, each file's caption: its own or its folder's class
+    caption). An image with neither is a one-line error naming it."""
+    from ..datasets.folder import ImageFolderDataset
+
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"data set {name!r} is neither 'shapes' nor an existing folder")
+    folder = ImageFolderDataset(name, image_size, channels=3, center_crop=center_crop)
+    index, captions = [], []
+    for i, path in enumerate(folder.files):
+        repeats, class_caption = repeat_of(folder.root, path)
+        index += [i] * repeats
+        captions.append(folder.captions[i] or class_caption)
+    missing = [str(folder.files[i]) for i, text in enumerate(captions) if not text]
+    if missing:
+        raise ValueError(f"{name}: {len(missing)} of {len(captions)} images have no caption (e.g. {missing[0]}): give "
+                         "a same-name .txt beside it, a metadata.jsonl line, or put it in a kohya N_name folder")
+    return folder, index, captions
+
+
 def make_lora_data(name: str, image_size: int, data_size: int, seed: int, center_crop: bool, *,
                    bucket_step: int | None, min_bucket: int, shapes_config=None, workers: int = 0) -> CaptionedImages:
     """"shapes" (``data_size`` procedural items) or an image folder with kohya's repeat folders;
@@ -88,20 +109,8 @@ def make_lora_data(name: str, image_size: int, data_size: int, seed: int, center
         data.item_key = lambda i: f"shapes|{seed}|{i}|{config}|{image_size}"
         return data
     from ..datasets.buckets import assign_buckets, make_buckets
-    from ..datasets.folder import ImageFolderDataset
 
-    if not Path(name).is_dir():
-        raise FileNotFoundError(f"data set {name!r} is neither 'shapes' nor an existing folder")
-    folder = ImageFolderDataset(name, image_size, channels=3, center_crop=center_crop)
-    index, captions = [], []  # item -> file; each file's caption
-    for i, path in enumerate(folder.files):
-        repeats, class_caption = repeat_of(folder.root, path)
-        index += [i] * repeats
-        captions.append(folder.captions[i] or class_caption)
-    missing = [str(folder.files[i]) for i, text in enumerate(captions) if not text]
-    if missing:
-        raise ValueError(f"{name}: {len(missing)} of {len(captions)} images have no caption (e.g. {missing[0]}): give "
-                         "a same-name .txt beside it, a metadata.jsonl line, or put it in a kohya N_name folder")
+    folder, index, captions = captioned_folder(name, image_size, center_crop)
     buckets = bucket_of = None
     if bucket_step is not None:
         buckets = make_buckets(image_size * image_size, bucket_step)
