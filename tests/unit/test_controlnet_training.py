@@ -26,6 +26,7 @@ from unfog.training.controlnet import control_hints
 from unfog.training.controlnet_data import make_controlnet_data
 from unfog.training.finetune import frozen_forward
 from unfog.training.state import list_states, load_state
+from training_checks import overfit_loss_ratio
 
 BASE = ["task=controlnet", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
         "warmup_steps=0", "lr=0.001", "log_every=1", "sample_every=1000", "sample_steps=2",
@@ -130,17 +131,7 @@ def test_init_from_a_controlnet_file_continues_it(tmp_path):
 def test_loss_falls_when_overfitting_two_images(tmp_path):
     trainer = make_trainer(cn_config(tmp_path, "data_size=2", "lr=0.0005"), "cpu")
 
-    def held_out_loss() -> float:  # the same noise and timesteps every time
-        trainer.noise_gen.manual_seed(123)
-        with torch.no_grad():
-            return sum(trainer.compute_loss(torch.tensor([0, 1]), trainer.net).item() for _ in range(8))
-
-    state = trainer.noise_gen.get_state()
-    start = held_out_loss()
-    trainer.noise_gen.set_state(state)
-    for _ in range(30):
-        trainer.train_step()
-    assert held_out_loss() < 0.9 * start
+    assert overfit_loss_ratio(trainer, steps=30, repeats=8) < 0.9
 
 
 def _states(run: Path) -> dict:

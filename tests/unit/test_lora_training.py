@@ -24,6 +24,7 @@ from unfog.pipelines.latent_model import load_parts
 from unfog.training import load_config, make_trainer, train
 from unfog.training.lora_data import cache_latents, make_lora_data, repeat_of, shuffle_tags, transform_captions
 from unfog.training.state import list_states, load_state
+from training_checks import overfit_loss_ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["task=lora", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
@@ -65,17 +66,7 @@ def test_loss_falls_when_overfitting_two_images(tmp_path, algo):
     trainer = make_trainer(lora_config(tmp_path, "data_size=2", "lr=0.01", "lora.rank=8", "lora.alpha=8",
                                        f"lora.algo={algo}"), "cpu")
 
-    def held_out_loss() -> float:  # the same noise and timesteps every time: a deterministic measure
-        trainer.noise_gen.manual_seed(123)
-        with torch.no_grad():
-            return sum(trainer.compute_loss(torch.tensor([0, 1]), trainer.net).item() for _ in range(4))
-
-    state = trainer.noise_gen.get_state()
-    start = held_out_loss()
-    trainer.noise_gen.set_state(state)
-    for _ in range(25):
-        trainer.train_step()
-    assert held_out_loss() < 0.8 * start
+    assert overfit_loss_ratio(trainer, steps=25, repeats=4) < 0.8
 
 
 def test_model_settings_come_from_the_model_and_others_are_refused(tmp_path):

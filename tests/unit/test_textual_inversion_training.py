@@ -15,6 +15,7 @@ from unfog.conditioning import encode_prompt
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.training import load_config, make_trainer, train
 from unfog.training.state import list_states, load_state
+from training_checks import overfit_loss_ratio
 
 NAME = "<sks>"
 BASE = ["task=textual_inversion", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
@@ -93,17 +94,7 @@ def test_loss_falls_when_overfitting_two_images(tmp_path):
     noise falls by 9.5% here (measured; 10% at 2x the lr), and 5% is required."""
     trainer = make_trainer(ti_config(tmp_path, "data_size=2", "lr=0.1"), "cpu")
 
-    def held_out_loss() -> float:  # the same noise, timesteps and templates every time
-        trainer.noise_gen.manual_seed(123)
-        with torch.no_grad():
-            return sum(trainer.compute_loss(torch.tensor([0, 1]), trainer.net).item() for _ in range(8))
-
-    state = trainer.noise_gen.get_state()
-    start = held_out_loss()
-    trainer.noise_gen.set_state(state)
-    for _ in range(30):
-        trainer.train_step()
-    assert held_out_loss() < 0.95 * start
+    assert overfit_loss_ratio(trainer, steps=30, repeats=8) < 0.95
 
 
 def _states(run: Path) -> dict:
