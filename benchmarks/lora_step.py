@@ -12,9 +12,11 @@ gradient_checkpointing``; diffusers: ``enable_gradient_checkpointing()``).
 Both sides in ONE process on ONE copy of the base weights (diffusers' converter only renames, so its
 model is assigned unfog's very tensors), called alternately (unfog, diffusers, diffusers, unfog,
 ...), so that any drift of the machine falls on both alike. Time: the median of ``--runs`` steps
-after ``--warmup``. Memory: the step's peak resident set (VmHWM, reset through /proc/self/
-clear_refs before each step) less the resident set just before it: the activations, gradients
-and workspace of one step (the optimiser's state exists after the warm-up on both sides).
+after ``--warmup``. Memory: each side alone in a fresh process (``--memory-worker``): the peak
+resident set (VmHWM) of its first training step less the resident set just before it, with the
+model, the adapters and the optimiser built: the activations, gradients, optimiser state and
+workspace of a step. (Measured inside the timing process, a step mostly reuses memory the
+allocator kept from the warm-up, and the figure says nothing.)
 
     python benchmarks/lora_step.py              # SD 1.5, 512 px (docs/benchmarks.md)
     python benchmarks/lora_step.py --quick      # a narrow model at 128 px: checks the script in seconds
@@ -23,7 +25,9 @@ and workspace of one step (the optimiser's state exists after the warm-up on bot
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -68,6 +72,57 @@ def with_adapters(side: str, net: torch.nn.Module, rank: int) -> list[torch.nn.P
     return params
 
 
+def make_step(side: str, cfg, rank: int, x, t, ctx, target, state=None):
+    """One side's U-Net in bf16 (on ``state``, one copy both sides can share; default: the random
+    weights of ``cfg``) with rank-``rank`` fp32 adapters and AdamW; returns ``step()``, one training
+    step that returns the (detached) prediction."""
+    net = build(side, cfg, torch.bfloat16, random_state_dict(cfg, torch.bfloat16) if state is None else state)
+    if side == "diffusers" and cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    params = with_adapters(side, net, rank)
+    optim = torch.optim.AdamW(params, lr=1e-4)
+    call = (lambda: net(x, t, ctx)) if side == "unfog" else (lambda: net(x, t, encoder_hidden_states=ctx).sample)
+
+    def step() -> torch.Tensor:
+        net.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call()
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        return out.detach()
+    return step
+
+
+def inputs(size: int, context_dim: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    ctx = torch.randn(1, 77, context_dim, generator=g)
+    return x, torch.tensor([500.0]), ctx, torch.randn(1, 4, size // 8, size // 8, generator=g)
+
+
+def memory_worker(side: str, checkpointing: bool, quick: bool, rank: int, threads: int) -> None:
+    """Print, as JSON, the MB one first training step adds to this fresh process's peak."""
+    torch.set_num_threads(threads)
+    if side == "diffusers":
+        import diffusers  # noqa: F401  (imported before the step is measured)
+    model = (QUICK if quick else MODELS)["sd15"]
+    cfg = replace(model.config, gradient_checkpointing=checkpointing)
+    step = make_step(side, cfg, rank, *inputs(model.size, cfg.context_dim))
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    before = rss_mb()
+    step()
+    print(json.dumps({"mb": rss_mb("VmHWM") - before}))
+
+
+def fresh_process_mb(side: str, checkpointing: bool, args) -> float:
+    cmd = [sys.executable, __file__, "--memory-worker", side, "--rank", str(args.rank), "--threads", str(args.threads)]
+    cmd += ["--checkpointing"] * checkpointing + ["--quick"] * args.quick
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["mb"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -75,15 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory-worker", choices=SIDES, help=argparse.SUPPRESS)  # one side's memory, in a fresh process
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args.checkpointing, args.quick, args.rank, args.threads)
     torch.set_num_threads(args.threads)
     model = (QUICK if args.quick else MODELS)["sd15"]
     size = model.size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, size // 8, size // 8, generator=g)
-    ctx = torch.randn(1, 77, model.config.context_dim, generator=g)
-    t, target = torch.tensor([500.0]), torch.randn(1, 4, size // 8, size // 8, generator=g)
-    calls = {"unfog": lambda m: m(x, t, ctx), "diffusers": lambda m: m(x, t, encoder_hidden_states=ctx).sample}
+    data = inputs(size, model.config.context_dim)
     print(f"LoRA training step: SD 1.5 U-Net{' (quick)' if args.quick else ''}, {size} px, batch 1, rank "
           f"{args.rank}, bf16 base + fp32 adapters; torch {torch.__version__}, {args.threads} threads; CPU flags: "
           f"{cpu_flags()}")
@@ -92,46 +147,28 @@ def main(argv: list[str] | None = None) -> None:
     for checkpointing in (False, True):
         cfg = replace(model.config, gradient_checkpointing=checkpointing)
         state = random_state_dict(cfg, torch.bfloat16)
-        nets = {side: build(side, cfg, torch.bfloat16, state) for side in SIDES}
+        steps = {side: make_step(side, cfg, args.rank, *data, state=state) for side in SIDES}
         del state
-        if checkpointing:
-            nets["diffusers"].enable_gradient_checkpointing()
-        params = {side: with_adapters(side, nets[side], args.rank) for side in SIDES}
-        optims = {side: torch.optim.AdamW(params[side], lr=1e-4) for side in SIDES}
 
-        def step(side: str) -> torch.Tensor:
-            net = nets[side].train()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = calls[side](net)
-            loss = torch.nn.functional.mse_loss(out.float(), target)
-            optims[side].zero_grad(set_to_none=True)
-            loss.backward()
-            optims[side].step()
-            return out.detach()
-
-        outs = {side: step(side) for side in SIDES}  # warm-up 1; up = 0, so both are the base model here
+        outs = {side: steps[side]() for side in SIDES}  # warm-up 1; up = 0, so both are the base model here
         err = rel_err(outs["diffusers"], outs["unfog"])
         if not err <= 5e-2:
             sys.exit(f"diffusers and unfog disagree before training: max relative error {err:.2e}")
         for _ in range(args.warmup - 1):
             for side in SIDES:
-                step(side)
+                steps[side]()
         times: dict[str, list[float]] = {side: [] for side in SIDES}
-        peaks: dict[str, list[float]] = {side: [] for side in SIDES}
         for k in range(args.runs):
             for side in SIDES if k % 2 == 0 else SIDES[::-1]:
-                before = rss_mb()
-                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
                 start = time.perf_counter()
-                step(side)
+                steps[side]()
                 times[side].append(time.perf_counter() - start)
-                peaks[side].append(rss_mb("VmHWM") - before)
         med = {side: statistics.median(times[side]) for side in SIDES}
-        mem = {side: max(peaks[side]) for side in SIDES}
+        mem = {side: fresh_process_mb(side, checkpointing, args) for side in SIDES}
         ratio = f"{mem['unfog'] / mem['diffusers']:12.3f}" if mem["diffusers"] >= 1 else f"{'n/a (< 1 MB)':>12}"
         print(f"{'on' if checkpointing else 'off':>13} | {med['unfog']:8.2f} | {med['diffusers']:11.2f} | "
               f"{med['unfog'] / med['diffusers']:10.3f} | {mem['unfog']:8.0f} | {mem['diffusers']:12.0f} | {ratio}")
-        del nets, params, optims, outs
+        del steps, outs
 
 
 if __name__ == "__main__":
