@@ -21,3 +21,14 @@ def overfit_loss_ratio(trainer, steps: int, repeats: int) -> float:
     for _ in range(steps):
         trainer.train_step()
     return held_out_loss() / start
+
+
+def last_state_tensors(run) -> dict:
+    """The adapters, their EMA and Adam's moments in a run's last saved state, flat by name: what
+    two runs must share bit for bit to have trained alike."""
+    from unfog.training.state import list_states, load_state
+
+    state = load_state(list_states(run / "states")[-1])
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"ema.{k}": v for k, v in state["ema"]["model"].items()},
+            **{f"adam.{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}}

@@ -22,8 +22,7 @@ from unfog.models.unet import UNet
 from unfog.nn.hypernetwork import Hypernetwork, HypernetworkOptions, initialize_
 from unfog.training import load_config, make_trainer, train
 from unfog.training.hypernetwork import attention_widths
-from unfog.training.state import list_states, load_state
-from training_checks import overfit_loss_ratio
+from training_checks import last_state_tensors, overfit_loss_ratio
 
 BASE = ["task=hypernetwork", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
         "warmup_steps=0", "lr=0.001", "log_every=1", "sample_every=1000", "sample_steps=2",
@@ -125,15 +124,7 @@ def test_saved_files_loaded_with_load_hypernetwork_reproduce_the_trainers_unet_o
 @pytest.mark.slow  # 30 steps: about 15 s on a busy 2-core machine
 def test_loss_falls_when_overfitting_two_images(tmp_path):
     trainer = make_trainer(hn_config(tmp_path, "data_size=2", "lr=0.003"), "cpu")
-
     assert overfit_loss_ratio(trainer, steps=30, repeats=8) < 0.9
-
-
-def _states(run: Path) -> dict:
-    state = load_state(list_states(run / "states")[-1])
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"ema.{k}": v for k, v in state["ema"]["model"].items()},
-            **{f"adam.{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}}
 
 
 @pytest.mark.slow  # three runs of 2-4 steps and a sample grid
@@ -146,7 +137,7 @@ def test_resume_is_bit_identical_and_a_changed_config_is_refused(tmp_path):
         train(hn_config(tmp_path / "b", "steps=4", "save_every=2", *dropout, "hypernetwork.activation_func=relu"),
               resume=True, progress=False)
     train(hn_config(tmp_path / "b", "steps=4", "save_every=2", *dropout), resume=True, progress=False)
-    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    a, b = last_state_tensors(tmp_path / "a"), last_state_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "samples" / "step_00000004.png").is_file()
 

@@ -14,8 +14,7 @@ import unfog
 from unfog.conditioning import encode_prompt
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.training import load_config, make_trainer, train
-from unfog.training.state import list_states, load_state
-from training_checks import overfit_loss_ratio
+from training_checks import last_state_tensors, overfit_loss_ratio
 
 NAME = "<sks>"
 BASE = ["task=textual_inversion", "data=shapes", "image_size=32", "data_size=8", "batch_size=2", "precision=fp32",
@@ -93,15 +92,7 @@ def test_loss_falls_when_overfitting_two_images(tmp_path):
     """Three 128-wide vectors can explain far less of the noise than a LoRA: the loss on fixed
     noise falls by 9.5% here (measured; 10% at 2x the lr), and 5% is required."""
     trainer = make_trainer(ti_config(tmp_path, "data_size=2", "lr=0.1"), "cpu")
-
     assert overfit_loss_ratio(trainer, steps=30, repeats=8) < 0.95
-
-
-def _states(run: Path) -> dict:
-    state = load_state(list_states(run / "states")[-1])
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"ema.{k}": v for k, v in state["ema"]["model"].items()},
-            **{f"adam.{k}": v for k, v in state["optimizer"]["state"][0].items()}}
 
 
 @pytest.mark.slow  # three runs of 2-4 steps and a sample grid
@@ -113,7 +104,7 @@ def test_resume_is_bit_identical_and_a_changed_config_is_refused(tmp_path):
         train(ti_config(tmp_path / "b", "steps=4", "save_every=2", "textual_inversion.num_vectors=2"), resume=True,
               progress=False)
     train(ti_config(tmp_path / "b", "steps=4", "save_every=2"), resume=True, progress=False)
-    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    a, b = last_state_tensors(tmp_path / "a"), last_state_tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "samples" / "step_00000004.png").is_file()
 
