@@ -13,39 +13,17 @@ import torch
 from PIL import Image
 
 from unfog.diffusion.registry import valid_names
-from unfog.models.clip_text import TINY_CLIP, CLIPTextEncoder
 from unfog.models.controlnet import ControlNet, ControlNetConfig
-from unfog.models.presets import TINY
-from unfog.models.tokenizer import CLIPTokenizer
-from unfog.models.unet import UNet
-from unfog.models.vae import TINY_VAE, AutoencoderKL
-from unfog.pipelines import StableDiffusion
 from unfog.pipelines.controlnet import Control, active_steps, prepare_hint, residual_scales
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/unit: test_sd_pipeline's tiny pipeline
 from model_checks import randomize_  # noqa: E402
+from test_sd_pipeline import UNET, make_pipe, pipe, tokenizer  # noqa: E402, F401  (fixtures)
 
 SIZE = 16  # pixels; TINY_VAE halves it: 8 x 8 latents, so the hint is 8 x 8 x 8 = 64 pixels a side
 HINT = 64
-UNET = replace(TINY, context_dim=TINY_CLIP.width)
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_bpe_file()
-
-
-def make_pipe(tokenizer, in_channels: int = 4) -> StableDiffusion:
-    unet = randomize_(UNet(replace(UNET, in_channels=in_channels)), seed=1)
-    vae = randomize_(AutoencoderKL(TINY_VAE), seed=2)
-    text = randomize_(CLIPTextEncoder(TINY_CLIP), seed=3)
-    return StableDiffusion(unet, vae, tokenizer, "sd1", text_encoder=text)
-
-
-@pytest.fixture(scope="module")
-def pipe(tokenizer) -> StableDiffusion:
-    return make_pipe(tokenizer)
 
 
 @pytest.fixture(scope="module")
