@@ -57,6 +57,22 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def randomize_meta_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A model built on the meta device, given empty CPU storage and filled in place, one parameter
+    at a time, with ``randomize_``'s distribution (without its temporary copies: for full-size
+    models). In eval mode."""
+    model.to_empty(device="cpu")
+    assert not list(model.buffers()), "buffers would be left uninitialised by to_empty"
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            else:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
+    return model.eval()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|"""
     return ((a - b).abs().max() / b.abs().max()).item()

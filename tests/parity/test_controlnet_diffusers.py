@@ -18,7 +18,6 @@ relative change to one zero conv of the twin moves its residual by 1e-3, ten tim
 from __future__ import annotations
 
 import gc
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
-from model_checks import layout_mismatch, randomize_, rel_err  # noqa: E402
+from model_checks import layout_mismatch, randomize_, randomize_meta_, rel_err  # noqa: E402
 from oracles import diffusers_twin, diffusers_unet_kwargs, load_into_diffusers, shared_twin  # noqa: E402
 
 from unfog import load_controlnet  # noqa: E402
@@ -42,20 +41,6 @@ from unfog.nn.embeddings import timestep_embedding  # noqa: E402
 
 RTOL = 1e-4
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
-
-def random_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``model`` (built on the meta device) given CPU storage and filled with well-scaled noise, one
-    parameter at a time (model_checks.randomize_'s distribution, without its temporary copies)."""
-    model.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-            else:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
-    return model.eval()
 
 
 def controlnet_twin(cfg, hint_channels: int = 3, **extra) -> diffusers.ControlNetModel:
@@ -83,7 +68,7 @@ def test_sd15_controlnet_file_and_controlled_unet_match_diffusers(tmp_path):
         with torch.device("meta"):
             ours = ControlNet(ControlNetConfig(SD15))
         assert layout_mismatch(ours, "ControlNet-v1-SD") == ""
-        ours = random_(ours, seed=0)
+        ours = randomize_meta_(ours, seed=0)
         checkpoint = {f"control_model.{k}": v for k, v in ours.state_dict().items()}
         save_file(checkpoint, tmp_path / "control_sd15_random.safetensors")
         models["loaded"] = loaded = load_controlnet(tmp_path / "control_sd15_random.safetensors")
@@ -109,7 +94,7 @@ def test_sd15_controlnet_file_and_controlled_unet_match_diffusers(tmp_path):
 
         with torch.device("meta"):
             unet = UNet(SD15)
-        models["unet"] = unet = random_(unet, seed=2)
+        models["unet"] = unet = randomize_meta_(unet, seed=2)
         models["unet_twin"] = unet_twin = shared_twin(unet)
         out = unet(x, t, ctx, control=mine)
         expected = unet_twin(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=tuple(mine[:-1]),

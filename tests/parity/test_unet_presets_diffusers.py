@@ -16,7 +16,6 @@ The small-config parity tests (several configs, batch 2, odd sizes) are in tests
 from __future__ import annotations
 
 import gc
-import math
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, home of model_checks
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/parity: oracles
-from model_checks import rel_err  # noqa: E402
+from model_checks import randomize_meta_, rel_err  # noqa: E402
 from oracles import shared_twin  # noqa: E402
 
 from unfog.models.presets import PRESETS  # noqa: E402
@@ -53,22 +52,11 @@ CASES = [
 
 
 def random_unet(preset: str, seed: int = 0) -> UNet:
-    """Our U-Net for ``preset``, allocated without running its initialisers (built on the meta
-    device, then given empty CPU storage) and filled in place, one parameter at a time, with
-    well-scaled noise: matrices ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1^2), biases ~ N(0, 0.1^2)
-    (the distribution of model_checks.randomize_, without its temporary copies)."""
+    """Our U-Net for ``preset``, allocated without running its initialisers and filled with
+    well-scaled noise (``model_checks.randomize_meta_``)."""
     with torch.device("meta"):
         model = UNet(PRESETS[preset])
-    model.to_empty(device="cpu")
-    assert not list(model.buffers()), "buffers would be left uninitialised by to_empty"
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-            else:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=g)
-    return model.eval()
+    return randomize_meta_(model, seed)
 
 
 def inputs(preset: str) -> tuple[dict, dict]:
