@@ -41,11 +41,8 @@ from unfog.metrics.shapes_eval import HELD_OUT_SEED
 from unfog.pipelines.controlnet import Control
 from unfog.pipelines.images import make_grid, save_png
 from unfog.pipelines.latent_model import recommended_settings
+from machine import cpu_flags
 
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "neither amx_bf16 nor avx512_bf16"
 
 
 def object_ious(scene, image) -> tuple[list[float], bool]:

@@ -33,13 +33,10 @@ from unfog.metrics.shapes_analyzer import AnalyzerConfig, score
 from unfog.metrics.shapes_eval import generate, prompt_set
 from unfog.metrics.shapes_style import outline_summary
 from unfog.pipelines.latent_model import recommended_settings
+from machine import cpu_flags
 
 ANALYZER = AnalyzerConfig(fill_holes=True)
 
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "neither amx_bf16 nor avx512_bf16"
 
 
 def measure(pipe, specs: list, settings: dict) -> dict[str, float]:

@@ -30,11 +30,8 @@ from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.metrics.shapes_analyzer import score
 from unfog.metrics.shapes_eval import generate, prompt_set
 from unfog.pipelines.latent_model import recommended_settings
+from machine import cpu_flags
 
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "neither amx_bf16 nor avx512_bf16"
 
 
 def scores(pipe, specs: list, groups: dict[str, list[int]], settings: dict) -> dict[str, float]:

@@ -40,16 +40,13 @@ sys.path.insert(0, str(ROOT))
 from unet_step import MODELS, QUICK, build, random_state_dict, rel_err, rss_mb  # noqa: E402
 
 from unfog.nn.lora import add_lora  # noqa: E402
+from machine import cpu_flags  # noqa: E402
 
 SIDES = ("unfog", "diffusers")
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in flags) or "none of amx_bf16, avx512_bf16"
 
 
 def with_adapters(side: str, net: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:

@@ -29,14 +29,11 @@ from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.metrics.shapes_analyzer import score
 from unfog.metrics.shapes_eval import generate
 from unfog.pipelines.latent_model import recommended_settings
+from machine import cpu_flags
 
 # Caption forms of the shapes grammar that hold a single object; "{}" is the object.
 TEMPLATES = ("{}", "a picture of {}", "an image of {}", "a drawing of {}")
 
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "neither amx_bf16 nor avx512_bf16"
 
 
 def accuracy(pipe, texts: list[str], target: ObjectSpec, settings: dict) -> float:
