@@ -32,6 +32,7 @@ def load(
     family: str | None = None,
     prediction: str | None = None,
     use_ema: bool = False,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
     """A Stable Diffusion pipeline (SD 1.x, 2.x, SDXL base or refiner) from an official single file
     (``.safetensors``, ``.ckpt``) or a diffusers folder, its family detected from the weights.
@@ -44,6 +45,8 @@ def load(
     family: the checkpoint family when detection cannot tell (e.g. "SD15", "SD2", "SDXL_BASE";
         ``unfog.checkpoint.FAMILIES``). prediction: "eps" | "v" | "x0", overriding the family's
         (SD 2.x 512-base files need "eps"). use_ema: the U-Net's EMA weights of a file with both.
+    vae: another VAE to encode and decode with (a VAE file, a checkpoint, a diffusers AutoencoderKL
+        folder or an unfog autoencoder), as A1111's SD VAE setting; ``pipe.load_vae`` swaps it later.
 
     unfog's own pixel models are not accepted: a ValueError points to ``PixelDiffusion.load``.
     """
@@ -51,8 +54,11 @@ def load(
 
     from .pipelines.stable_diffusion import StableDiffusion
 
-    return StableDiffusion.load(path, dtype=torch.float32 if dtype is None else dtype, device=device, family=family,
+    pipe = StableDiffusion.load(path, dtype=torch.float32 if dtype is None else dtype, device=device, family=family,
                                 prediction=prediction, use_ema=use_ema)
+    if vae is not None:
+        pipe.load_vae(vae)
+    return pipe
 
 
 def load_controlnet(

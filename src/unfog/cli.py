@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
               hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir),
               controls=tuple(parse_control(c) for c in args.control), control_mode=args.control_mode,
               control_resize=args.control_resize, controlnet_dirs=tuple(Path(d) for d in args.controlnet_dir),
-              hints=tuple(Path(h) for h in args.hint), preprocess=tuple(args.preprocess))
+              hints=tuple(Path(h) for h in args.hint), preprocess=tuple(args.preprocess), vae=_path(args, "vae"))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
 
@@ -355,6 +355,9 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--from", dest="from_png", default=None, metavar="IMAGE.png",
                    help="take the prompt and settings from a PNG's parameters (the model still comes from --model)")
+    p.add_argument("--vae", default=None, metavar="FILE", help="encode and decode with this VAE instead of the "
+                   "model's own (A1111's SD VAE): a VAE file, a checkpoint, a diffusers AutoencoderKL folder or an "
+                   "unfog autoencoder; recorded as 'VAE' and 'VAE hash'")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="a folder of LoRA files for the prompt's <lora:NAME:WEIGHT> tags (repeat for several)")
     p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",

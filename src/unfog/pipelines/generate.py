@@ -70,6 +70,7 @@ class Job:
     controlnet_dirs: tuple[Path, ...] = ()
     hints: tuple[Path, ...] = ()
     preprocess: tuple[str, ...] = ()
+    vae: Path | None = None
 
 
 def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path | None,
@@ -118,7 +119,8 @@ def check(job: Job) -> None:
         raise ValueError("--refiner works with generate and img2img, not inpaint")
     if job.refiner is not None and not 0 < s.refiner_start < 1:
         raise ValueError(f"--refiner-start must be in (0, 1), got {s.refiner_start}")
-    for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", job.init), ("mask", job.mask)):
+    for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", job.init), ("mask", job.mask),
+                       ("VAE", job.vae)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} not found: {path}")
     check_unit(1.0, 0.0, 1.0, job.control_resize, job.control_mode)
@@ -145,9 +147,12 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
     if pipe.inpainting_unet and job.mode != "inpaint":
         raise ValueError(f"{job.model} is an inpainting model (9 input channels): use unfog inpaint --init IMAGE "
                          "--mask MASK")
+    if job.vae is not None:
+        pipe.load_vae(job.vae)
     refiner = None if job.refiner is None else _load_refiner(pipe, job.refiner, load)
     model_id, refiner_id = ModelId.of(job.model), job.refiner and ModelId.of(job.refiner)
-    _compare_models(job, model_id, refiner_id, warn)
+    vae_id = job.vae and ModelId.of(job.vae)
+    _compare_models(job, model_id, refiner_id, warn, vae_id)
     s = job.settings
     encoded = _apply_loras(pipe, s, job, warn)  # the prompts without their <lora:…> tags
     encoded = _apply_hypernetworks(pipe, encoded, job, warn)  # nor their <hypernet:…> tags
@@ -167,7 +172,7 @@ def run(job: Job, warn: Callable[[str], None] = _stderr) -> Iterator[Path]:
         drawn = replace(encoded, seed=one.seed, width=width, height=height)
         image = _draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}", controls,
                       warn if i == 0 else None)  # a resized hint is said once
-        yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id, unit_texts))
+        yield target.save(image, one.seed, parameters(pipe, one, model_id, refiner_id, unit_texts, vae_id))
 
 
 def _check_vocabulary(pipe: StableDiffusion, s: Settings, warn: Callable[[str], None]) -> None:
@@ -216,9 +221,10 @@ def _check_size(pipe: StableDiffusion, width: int, height: int, warn: Callable[[
 
 
 def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: ModelId | None,
-               control_units: tuple[str, ...] | list[str] = ()) -> str:
+               control_units: tuple[str, ...] | list[str] = (), vae: ModelId | None = None) -> str:
     """The parameters text of an image drawn by ``pipe`` with settings ``s`` (size and seed final),
-    with the ControlNet units' texts (``control_units.unit_text``)."""
+    with the ControlNet units' texts (``control_units.unit_text``) and the VAE loaded in place of
+    the model's (``vae``; A1111 names it by its file name with the extension)."""
     from .. import __version__
 
     clip_skip = s.clip_skip or READOUTS[pipe.family][0].clip_skip
@@ -226,6 +232,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Steps": s.steps, "Sampler": sampler_name(s.sampler),
         "Schedule type": schedule_type(pipe.spacing_for(s.sampler, s.spacing)), "CFG scale": s.cfg_scale,
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
+        "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
         "Lora hashes": hashes_text(pipe.loras) or None,
@@ -429,10 +436,15 @@ def _load_refiner(base: StableDiffusion, path: Path, load: dict) -> StableDiffus
     return refiner
 
 
-def _compare_models(job: Job, model: ModelId, refiner: ModelId | None, warn: Callable[[str], None]) -> None:
+def _compare_models(job: Job, model: ModelId, refiner: ModelId | None, warn: Callable[[str], None],
+                    vae: ModelId | None = None) -> None:
     """With ``--from``: warn where the image was made with other models than these."""
     if job.source is None:
         return
+    made_vae = job.source.get("VAE hash")
+    if made_vae and (vae is None or made_vae.lower() != vae.hash):
+        given = "not given (the model's own is used)" if vae is None else f"{job.vae.name} [{vae.hash}]"
+        warn(f"the image was made with the VAE {job.source.get('VAE', '?')} [{made_vae}]; --vae is {given}")
     made = job.source.get("Model hash", "")
     if len(made) == len(model.hash or "") and made.lower() != model.hash:  # A1111's old 8-digit hashes differ
         warn(f"the image was made with model {job.source.get('Model', '?')} [{made}]; --model is {model}, "

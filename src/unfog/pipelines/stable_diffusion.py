@@ -39,6 +39,7 @@ from .controlnet import Control, ControlRun, prepare_hint
 from .hypernetwork import AppliedHypernetwork, HypernetworkStack
 from .lora import AppliedLora, LoraStack, warn_on_stderr
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
+from .vae_file import fit_vae, read_vae
 from .sdxl import vector_conditions
 from .windows import sigma_window
 
@@ -94,6 +95,7 @@ class StableDiffusion:
         self._embeddings: dict[str, Embedding] = {}
         self._bundled: list[Embedding] = []  # those of _embeddings that LoRAs bundled (Embedding compares by identity)
         self._hypernetwork_stack = HypernetworkStack(self.unet)
+        self._own_vae, self.vae_file = self.vae, None  # vae_file: the VAE loaded by load_vae, if any
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
@@ -157,11 +159,11 @@ class StableDiffusion:
 
     def to(self, device: str | torch.device) -> "StableDiffusion":
         """Move every model to ``device``; returns the pipeline."""
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.vae, self._own_vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
                 module.to(device)
         self._hypernetwork_stack.to(device)
-        use_device_layout(self.unet, self.vae)
+        use_device_layout(self.unet, self.vae, self._own_vae)
         return self
 
     @property
@@ -269,6 +271,21 @@ class StableDiffusion:
     def unload_hypernetworks(self) -> None:
         """Take every hypernetwork off (the U-Net's weights were never changed)."""
         self._hypernetwork_stack.clear()
+
+    # ------------------------------------------------------------ VAE (pipelines/vae_file.py)
+
+    def load_vae(self, path: str | Path | None) -> None:
+        """Encode and decode with the VAE in ``path`` instead of the model's own, as A1111's "SD VAE"
+        setting does: a bare VAE file, a checkpoint, a diffusers ``AutoencoderKL`` folder or an unfog
+        autoencoder (``vae_file.py``). None goes back to the model's own. The latent space stays the
+        U-Net's: the VAE must match its latent channels and downsampling, and it is used with the
+        model's scaling factor. A bad file changes nothing."""
+        if path is None:
+            self.vae, self.vae_file = self._own_vae, None
+            return
+        vae = fit_vae(read_vae(path), self._own_vae, str(path))
+        use_device_layout(vae)
+        self.vae, self.vae_file = vae, Path(path)
 
     @property
     def inpainting_unet(self) -> bool:
