@@ -108,6 +108,45 @@ def test_autoencoder_with_discriminator_trains_and_resumes(tmp_path):
           progress=False)
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_the_scaling_factor(vae_file, tmp_path):
+    """train_encoder=false (a decoder fine-tune, as Stability's ft-MSE VAE): from --init-from's
+    model, the encoder and quant_conv stay bit for bit, the decoder moves, the file keeps the
+    model's scaling factor, and a resumed run still keeps it. Without --init-from, or from a
+    model of another architecture, it is refused."""
+    source = load_autoencoder(vae_file)
+    decoder_only = VAE + ["train_encoder=false", 'shapes_options={"style": ["filled", "outlined"]}', "save_every=1"]
+    run = tmp_path / "ft"
+    path = train(load_config(None, decoder_only + ["steps=2", f"out_dir={run}"]), init_from=vae_file, progress=False)
+    path = train(load_config(None, decoder_only + ["steps=3", f"out_dir={run}"]), resume=True, progress=False)
+    tuned = load_autoencoder(path)
+    assert tuned.config.scaling_factor == source.config.scaling_factor
+    before, after = source.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+    with pytest.raises(ValueError, match="give it with --init-from"):
+        train(load_config(None, decoder_only + ["steps=1", f"out_dir={tmp_path / 'none'}"]), progress=False)
+    wide = VAE + ['vae_overrides={"base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1}']
+    with pytest.raises(ValueError, match="differs from this config's in base_channels"):
+        train(load_config(None, wide + ["steps=1", f"out_dir={tmp_path / 'wide'}"]), init_from=vae_file, progress=False)
+
+
+def test_styles_alternate_by_item():
+    from unfog.datasets.shapes import ShapesDataset, make_item, render, to_tensor
+    from unfog.datasets.shapes_text import ShapesConfig
+
+    config = ShapesConfig(style=("filled", "outlined"))
+    data = ShapesDataset(4, size=32, seed=5, config=config)
+    for i in range(4):
+        scene = make_item(i, 32, 5, config)[0]
+        assert torch.equal(data[i]["image"], to_tensor(render(scene, style=("filled", "outlined")[i % 2])))
+    with pytest.raises(ValueError, match="style must name at least one of filled, outlined, pastel"):
+        ShapesConfig(style=())
+    with pytest.raises(ValueError, match="valid choices"):
+        ShapesConfig(style=("filled", "striped"))
+
+
 # ---- text-to-image: the file, the pipeline and bad input -----------------------------------------------
 
 

@@ -100,7 +100,7 @@ def test_a_section_of_another_task_or_an_unknown_section_key_is_an_error(tmp_pat
                                          r"config's task 'pixel' \(task=autoencoder trains that task\)$"):
         load_config(write(tmp_path, {"autoencoder": {"kl_weight": 1.0}}))
     with pytest.raises(ValueError, match=r"^unknown config key\(s\) autoencoder.kl; valid keys of section "
-                                         r"autoencoder: vae_overrides, kl_weight, disc_weight, disc_start$"):
+                                         r"autoencoder: vae_overrides, kl_weight, disc_weight, disc_start, train_encoder$"):
         load_config(None, ["task=autoencoder", "data=shapes", "autoencoder.kl=1"])
     with pytest.raises(ValueError, match=r"^kl_weight is an option of task 'autoencoder' \(config key "
                                          r"autoencoder.kl_weight\), not of task 'pixel'$"):

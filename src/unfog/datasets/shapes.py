@@ -32,8 +32,10 @@ new concepts). With none, every scene, caption and image is exactly the default 
 Style: ``ShapesConfig.style = "outlined"`` draws every object as an outline ``OUTLINE_WIDTH`` px
 wide (at 64 x 64, scaled with the canvas) with the background inside: the shape minus its copy
 shrunk about its incentre so that every edge moves in by the width (circles and squares: the
-box shrunk by the width on each side). The scenes and captions are the default's; only the
-pixels change (``render(scene, style=...)``).
+box shrunk by the width on each side); ``"pastel"`` draws every object filled, its colour blended
+``PASTEL_OPACITY`` = 0.65 over the background (a paler shade, which the analyzer still reads as
+that colour). The scenes and captions are the default's; only the pixels change
+(``render(scene, style=...)``). A tuple of styles draws item i in the (i mod n)-th.
 
 Layout hints (ControlNet training): ``layout_hint(scene)`` is the scene's layout map, every
 object's filled silhouette in white on black (whatever the style), from the same coverage that
@@ -104,6 +106,7 @@ DOMINANCE = 1.5  # position scenes: |d_axis| >= DOMINANCE * |d_other|
 STAR_INNER = (3 - math.sqrt(5)) / 2  # a star's inner / outer radius, 0.382: the regular pentagram's
 SCENES_FILE = "scenes.jsonl"
 OUTLINE_WIDTH = 3.0  # px at 64 x 64: style "outlined"
+PASTEL_OPACITY = 0.65  # style "pastel": each colour blended this much over the background
 
 
 def diameter(size_name: str, canvas: int) -> float:
@@ -330,10 +333,11 @@ def render(scene: Scene, size: int | None = None, style: str = "filled") -> np.n
     check_choice("style", style, STYLES)
     scale = size / scene.canvas
     outline = OUTLINE_WIDTH * scene.canvas / REFERENCE_CANVAS if style == "outlined" else 0.0
+    opacity = PASTEL_OPACITY if style == "pastel" else 1.0
     img = _background(scene.background, size)  # (H, W, 3)
     for obj in scene.objects:
         check_choice("color", obj.color, tuple(ALL_COLORS))
-        alpha = _coverage(obj, diameter(obj.size, scene.canvas), scale, size, outline)[..., None]  # (H, W, 1)
+        alpha = opacity * _coverage(obj, diameter(obj.size, scene.canvas), scale, size, outline)[..., None]  # (H, W, 1)
         img = img * (1 - alpha) + np.asarray(ALL_COLORS[obj.color], dtype=np.float64) * alpha
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -382,7 +386,7 @@ class ShapesDataset(Dataset):
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a data set of {self.length}")
         scene, text = make_item(i % self.length, self.size, self.seed, self.config)
-        return {"image": to_tensor(render(scene, style=self.config.style)), "caption": text, "scene": scene}
+        return {"image": to_tensor(render(scene, style=self.config.style_of(i % self.length))), "caption": text, "scene": scene}
 
     def __repr__(self) -> str:
         return f"ShapesDataset(length={self.length}, size={self.size}, seed={self.seed})"
@@ -435,7 +439,7 @@ def write_shapes(folder: str | Path, n: int, size: int = 64, seed: int = 0,
     for i in range(n):
         scene, text = make_item(i, size, seed, config)
         stem = f"{i:0{width}d}"
-        Image.fromarray(render(scene, style=config.style)).save(folder / f"{stem}.png")
+        Image.fromarray(render(scene, style=config.style_of(i))).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
         lines.append(json.dumps({"file_name": f"{stem}.png", "caption": text, "scene": scene_to_dict(scene)}))
     (folder / SCENES_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

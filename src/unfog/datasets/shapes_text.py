@@ -63,9 +63,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (240, 230, 205),
 }
 TEXTURES: tuple[str, ...] = ("plain", "noise", "gradient")
-# How objects are drawn: "filled" (the default set) or "outlined", an outline of fixed width
-# (``shapes.OUTLINE_WIDTH``) with the background inside, a style the embedded model never drew
-STYLES: tuple[str, ...] = ("filled", "outlined")
+# How objects are drawn: "filled" (the default set), "outlined", an outline of fixed width
+# (``shapes.OUTLINE_WIDTH``) with the background inside, or "pastel", filled with a paler shade
+# (``shapes.PASTEL_OPACITY``): styles the embedded model never drew
+STYLES: tuple[str, ...] = ("filled", "outlined", "pastel")
 
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {  # the first is the canonical one
@@ -142,10 +143,16 @@ class ShapesConfig:
     # ({"categories": ["single_object"], "only_shapes": ["triangle"], "only_colors": ["green"]})
     only_shapes: tuple[str, ...] = ()
     only_colors: tuple[str, ...] = ()
-    style: str = "filled"  # one of STYLES; the scenes and captions do not depend on it
+    # one of STYLES, or several: item i is drawn in style[i % len(style)] (e.g. a decoder fine-tuned
+    # on both); the scenes and captions do not depend on it
+    style: str | tuple[str, ...] = "filled"
 
     def __post_init__(self):
-        check_choice("style", self.style, STYLES)
+        styles = (self.style,) if isinstance(self.style, str) else self.style
+        if not styles:
+            raise ValueError(f"style must name at least one of {', '.join(STYLES)}")
+        for style in styles:
+            check_choice("style", style, STYLES)
         if not self.categories:
             raise ValueError("categories must not be empty")
         for c in self.categories:
@@ -186,6 +193,10 @@ class ShapesConfig:
     def colors(self) -> tuple[str, ...]:
         """The colour names this config draws: those of COLORS, then its extra ones (or ``only_colors``)."""
         return self.only_colors or (*COLORS, *self.extra_colors)
+
+    def style_of(self, index: int) -> str:
+        """The style item ``index`` is drawn in."""
+        return self.style if isinstance(self.style, str) else self.style[index % len(self.style)]
 
 
 # ---------------------------------------------------------------------------------- prompts

@@ -1,5 +1,7 @@
-"""How "outlined" the objects of a ``shapes`` image are: a deterministic measure of the style
-``ShapesConfig.style = "outlined"`` draws, which the embedded model never saw.
+"""How "outlined" and how "pastel" the objects of a ``shapes`` image are: deterministic measures
+of the styles ``ShapesConfig.style`` = "outlined" / "pastel" draws, which the embedded model never saw.
+
+Outlined: the hollow fraction.
 
 For each object the analyzer finds (an 8-connected component of one palette colour, at least
 ``min_area``; ``shapes_analyzer.analyze``'s steps 1 to 4), its silhouette is the component with
@@ -9,6 +11,11 @@ outlined one drawn ``OUTLINE_WIDTH`` = 3 px wide at 64 x 64 has an interior of k
 silhouette, k = 1 - 3 / rho with rho the distance from its centre to its edges (d / 2 for circles
 and squares, d / (1 + sqrt 5) for the upright triangle, d = 14 or 22 px): 0.33 / 0.53 for small /
 large circles and squares, 0.09 / 0.31 for triangles.
+
+Pastel: an object's opacity is the median, over its pixels, of the analyzer's blend weight
+(``colour_map``'s alpha: the pixel as background + alpha (colour - background)). A filled object
+is drawn at 1, a pastel one at ``PASTEL_OPACITY`` = 0.65; the median ignores the antialiased
+edge. An object counts as pastel below ``PASTEL`` = 0.82, halfway.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from PIL import Image
 from .shapes_analyzer import PALETTE_NAMES, AnalyzerConfig, as_uint8_image, colour_map, components, holes_filled
 
 OUTLINED = 0.15  # an object whose hollow fraction is at least this counts as outlined
+PASTEL = 0.82  # an object whose opacity is below this counts as pastel
 
 
 def hollow_fractions(image: Image.Image | np.ndarray | torch.Tensor,
@@ -50,3 +58,26 @@ def outline_summary(images, config: AnalyzerConfig = AnalyzerConfig()) -> dict[s
         return {"hollow": float("nan"), "outlined": float("nan"), "objects": 0}
     return {"hollow": float(np.mean(fractions)), "outlined": float(np.mean([f >= OUTLINED for f in fractions])),
             "objects": len(fractions)}
+
+
+def opacities(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
+    """Each object's opacity (module docstring), objects in the analyzer's colour order."""
+    img = as_uint8_image(image)
+    h, w, _ = img.shape
+    cmap = colour_map(img, config)
+    out = []
+    for k in range(len(PALETTE_NAMES)):
+        labels, stats = components(cmap.index == k)
+        out += [float(np.median(cmap.alpha[labels == c + 1])) for c, st in enumerate(stats)
+                if st["area"] >= config.min_area * h * w]
+    return out
+
+
+def pastel_summary(images, config: AnalyzerConfig = AnalyzerConfig()) -> dict[str, float]:
+    """Over images: the mean opacity of their objects, and the share of objects that are pastel
+    (opacity < ``PASTEL``); NaN when no object was found."""
+    values = [v for image in images for v in opacities(image, config)]
+    if not values:
+        return {"opacity": float("nan"), "pastel": float("nan"), "objects": 0}
+    return {"opacity": float(np.mean(values)), "pastel": float(np.mean([v < PASTEL for v in values])),
+            "objects": len(values)}

@@ -18,7 +18,8 @@ diffusion stage sees latents of about unit variance.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,9 +28,9 @@ from torch import Tensor, nn
 
 from ..models.vae import AutoencoderKL, DiagonalGaussian
 from ..pipelines.images import make_grid, save_png
-from ..pipelines.latent_model import save_autoencoder
+from ..pipelines.latent_model import load_autoencoder, save_autoencoder
 from .base import BaseTrainer
-from .config import AutoencoderOptions
+from .config import AutoencoderOptions, field_differences
 from .data import make_captioned_data
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]
@@ -96,6 +97,10 @@ class AutoencoderTrainer(BaseTrainer):
                              f"factor {vae_cfg.downsample_factor}")
         torch.manual_seed(c.seed)
         self.net = Reconstruction(AutoencoderKL(vae_cfg)).to(self.device)
+        self.kept_scaling: float | None = None  # train_encoder false: the scaling factor of --init-from's model
+        if not o.train_encoder:
+            for module in (self.net.vae.encoder, self.net.vae.quant_conv):
+                module.requires_grad_(False)
         self.disc = None
         if o.disc_weight > 0:
             if self.world.distributed:
@@ -106,8 +111,24 @@ class AutoencoderTrainer(BaseTrainer):
     def trainable(self) -> nn.Module:
         return self.net
 
+    def load_weights(self, path: Path) -> list[str]:
+        """Start from the autoencoder of a model file (``--init-from``): an autoencoder, or a
+        text-to-image model's; its architecture must be this config's. The EMA starts equal to it."""
+        vae = load_autoencoder(path)
+        differences = field_differences(asdict(vae.config), asdict(self.net.vae.config), ignore=("scaling_factor",))
+        if differences:
+            raise ValueError(f"cannot start from {path}: its autoencoder differs from this config's in "
+                             f"{', '.join(differences)} (set autoencoder.vae_overrides to the model's)")
+        self.net.vae.load_state_dict(vae.state_dict())
+        self.ema.model.load_state_dict(self.net.state_dict())
+        self.kept_scaling = vae.config.scaling_factor
+        return []
+
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
         c, o, b, mine = self.config, self.options, idx.numel(), self.world.local_slice(idx.numel())
+        if not o.train_encoder and self.kept_scaling is None:
+            raise ValueError("autoencoder.train_encoder false fine-tunes the decoder of an existing autoencoder: "
+                             "give it with --init-from MODEL.safetensors (an autoencoder or a text-to-image model)")
         vae_cfg = self.net.vae.config
         side = c.image_size // vae_cfg.downsample_factor
         posterior_noise = torch.randn((b, vae_cfg.latent_channels, side, side), generator=self.noise_gen)
@@ -129,11 +150,13 @@ class AutoencoderTrainer(BaseTrainer):
         self.disc_opt.step()
 
     def extra_state(self) -> dict:
-        if self.disc is None:
-            return {}
-        return {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+        extra = {} if self.kept_scaling is None else {"kept_scaling": self.kept_scaling}
+        if self.disc is not None:
+            extra |= {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+        return extra
 
     def load_extra_state(self, state: dict) -> None:
+        self.kept_scaling = state.get("kept_scaling")
         if self.disc is not None:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
@@ -155,7 +178,8 @@ class AutoencoderTrainer(BaseTrainer):
 
     def save_model(self) -> None:
         vae = self.ema.model.vae
-        vae.config = replace(vae.config, scaling_factor=self.scaling_factor(vae))
+        kept = self.kept_scaling if not self.options.train_encoder else None
+        vae.config = replace(vae.config, scaling_factor=kept or self.scaling_factor(vae))
         save_autoencoder(self.model_path, vae,
                          extra={"train_config": self.config.to_dict(), "step": self.step})
 

@@ -137,8 +137,8 @@ class BaseTrainer:
 
     def load_weights(self, path: Path) -> list[str]:
         """Start from the weights of a saved model file (``--init-from model.safetensors``)."""
-        raise ValueError(f"--init-from a model file ({path}) is supported for text2image runs, lora runs (a LoRA "
-                         f"file), textual_inversion runs (an embedding), hypernetwork runs (a hypernetwork) and "
+        raise ValueError(f"--init-from a model file ({path}) is supported for text2image and autoencoder runs, "
+                         f"lora runs (a LoRA file), textual_inversion runs (an embedding), hypernetwork runs (a hypernetwork) and "
                          f"controlnet runs (a ControlNet); for a {self.config.task} run give a training state (a "
                          f"state_*.pt file or a run folder)")
 

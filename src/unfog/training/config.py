@@ -122,6 +122,10 @@ class AutoencoderOptions(TaskOptions):
     kl_weight: float = 1e-6
     disc_weight: float = 0.0  # > 0: a patch discriminator's hinge loss, from step disc_start
     disc_start: int = 0
+    # False: the encoder (and quant_conv) stay frozen and only the decoder trains, from the model
+    # given with --init-from: the latents, and so every U-Net trained on them, stay valid, as
+    # Stability's ft-EMA / ft-MSE VAEs were made; the scaling factor is kept, not measured again
+    train_encoder: bool = True
 
     def __post_init__(self):
         super().__post_init__()

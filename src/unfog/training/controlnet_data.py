@@ -115,7 +115,7 @@ def _shapes_data(image_size: int, data_size: int, seed: int, config, workers: in
 
     def load_item(i: int, target, generator) -> dict:
         scene, text = make_item(i, image_size, seed, config)
-        return {"image": to_tensor(render(scene, style=config.style)), "hint": hint_values(layout_hint(scene)),
+        return {"image": to_tensor(render(scene, style=config.style_of(i))), "hint": hint_values(layout_hint(scene)),
                 "caption": text, "original_size": (image_size, image_size), "crop_top_left": (0, 0),
                 "target_size": (image_size, image_size)}
 
