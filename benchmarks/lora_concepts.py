@@ -14,6 +14,11 @@ accuracy per row (target: new concepts from about 0 to >= 80%; no old category d
 
     python benchmarks/lora_concepts.py --lora runs/lora_star_teal/star_teal.safetensors
     python benchmarks/lora_concepts.py --lora FILE --concepts 100 --per-category 50 --weights 0.5 1
+    python benchmarks/lora_concepts.py --lora FILE --vae runs/shapes_vae_decoder/model.safetensors
+
+``--vae``: decode with another VAE (e.g. the decoder of ``configs/shapes_vae_decoder.json``,
+fine-tuned on stars, teal and styles with the encoder, and so the latents, unchanged), in every
+column.
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ def main() -> None:
     p.add_argument("--concepts", type=int, default=100, help="prompts about the new concepts (default 100)")
     p.add_argument("--per-category", type=int, default=50, help="prompts per old category (default 50)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0])
+    p.add_argument("--vae", default=None, help="decode with this VAE instead of the model's (every column)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    pipe = unfog.load(args.model)
+    pipe = unfog.load(args.model, vae=args.vae)
     rec = recommended_settings(args.model)
     settings = {k: rec[k] for k in ("sampler", "steps", "cfg_scale") if k in rec}
     specs = concept_prompts(args.concepts) + prompt_set(args.per_category)
@@ -65,7 +71,7 @@ def main() -> None:
         pipe.load_lora(args.lora, weight=w)
         columns[f"LoRA x{w:g}"] = scores(pipe, specs, groups, settings)
         pipe.unload_loras()
-    print(f"{args.lora} on {Path(args.model).name}; settings {settings}; torch {torch.__version__}, "
+    print(f"{args.lora} on {Path(args.model).name}, VAE {args.vae or 'its own'}; settings {settings}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
     print("| prompts | n | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))

@@ -77,15 +77,14 @@ SIDES = ("unfog", "diffusers")
 CONTROL_SEED = 1_000_000  # the ControlNet's tensors are drawn from seeds CONTROL_SEED + i
 
 
-def lay_out(side: str, net: torch.nn.Module, layout: str, pipeline_converts: bool = True) -> torch.nn.Module:
-    """Both models in ``layout``; "defaults": each as its own pipeline lays it out on this device
-    (unfog's ``use_device_layout``: channels-last conv weights on the CPU; diffusers' pipelines
-    leave PyTorch's contiguous default unless the user converts the U-Net). ``pipeline_converts``
-    False: a model the pipeline leaves as it is given (ControlNets: ``StableDiffusion`` lays out
-    only its U-Net and VAE), so "defaults" keeps the default layout on both sides."""
+def lay_out(side: str, net: torch.nn.Module, layout: str) -> torch.nn.Module:
+    """Both models in ``layout``; "defaults": each as its own loader lays it out on this device
+    (unfog's ``use_device_layout``, applied by the pipeline to its U-Net and VAE and by
+    ``unfog.load_controlnet`` to a ControlNet: channels-last conv weights on the CPU; diffusers'
+    pipelines leave PyTorch's contiguous default unless the user converts the models)."""
     if layout != "defaults":
         return net.to(memory_format=LAYOUTS[layout])
-    if side == "unfog" and pipeline_converts:
+    if side == "unfog":
         from unfog.pipelines.precision import use_device_layout
 
         use_device_layout(net)
@@ -239,7 +238,7 @@ def worker(args: argparse.Namespace) -> None:
     before = rss_mb()
     net = [lay_out(args.side, build(args.side, model.config, dtype), args.layout)]  # step(*net)
     if args.control:
-        net.append(lay_out(args.side, build_control(args.side, model.config, dtype), args.layout, False))
+        net.append(lay_out(args.side, build_control(args.side, model.config, dtype), args.layout))
     call = inputs(args.side, model, args.size, dtype)
     loaded = rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -287,16 +286,14 @@ def interleaved_worker(args: argparse.Namespace) -> None:
     if args.control:
         state = shared(random_state_dict(model.config, dtype, CONTROL_SEED, control=True))
         for side in SIDES:
-            nets[side].append(lay_out(side, build_control(side, model.config, dtype, state), args.layout, False))
+            nets[side].append(lay_out(side, build_control(side, model.config, dtype, state), args.layout))
     del state
     # One copy of the weights; with "defaults" unfog's 4-D conv weights are its channels-last copies.
-    # (unfog's pipeline lays out its U-Net, not the ControlNets: see lay_out.)
     def storage(net, converted):
         return {p.data_ptr() for p in net.parameters() if not converted or p.dim() != 4}
 
-    for ours, theirs, what, converted in zip(nets["unfog"], nets["diffusers"], ("U-Nets", "ControlNets"),
-                                             (args.layout == "defaults", False)):
-        if storage(ours, converted) != storage(theirs, converted):
+    for ours, theirs, what in zip(nets["unfog"], nets["diffusers"], ("U-Nets", "ControlNets")):
+        if storage(ours, args.layout == "defaults") != storage(theirs, args.layout == "defaults"):
             sys.exit(f"the two {what} do not share their weights")
     calls = {side: inputs(side, model, args.size, dtype) for side in SIDES}
     times: dict[str, list[float]] = {side: [] for side in SIDES}

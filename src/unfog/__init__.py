@@ -79,5 +79,8 @@ def load_controlnet(
     import torch
 
     from .checkpoint.controlnet import load_controlnet as load
+    from .pipelines.precision import use_device_layout
 
-    return load(path, base=base, dtype=torch.float32 if dtype is None else dtype).to(device)
+    model = load(path, base=base, dtype=torch.float32 if dtype is None else dtype).to(device)
+    use_device_layout(model)  # as the pipeline lays out its U-Net: channels-last convolutions on the CPU
+    return model

@@ -5,8 +5,8 @@
   must parse; those in RUN are then run, in README order, and must exit 0: together they also show
   that the commands, run in order, never hit the overwrite guard. The others are skipped by rule,
   each with its reason (``skip_reason``): training and evaluation take minutes to hours on the CPU,
-  the 1000-step DDPM grid takes minutes, and the Stable Diffusion commands need weights that are not
-  in the repository (no download works here); for those the test checks only that they parse and
+  the 1000-step DDPM grid takes minutes, the Stable Diffusion commands need weights that are not
+  in the repository, and a ``--vae`` command the decoder a training command writes (no download works here); for those the test checks only that they parse and
   that no two commands name the same output file.
 """
 
@@ -59,6 +59,8 @@ def skip_reason(command: str) -> str | None:
         return "evaluation: minutes on the CPU"
     if "--model" in words:
         return "needs Stable Diffusion weights, which are not in the repository"
+    if "--vae" in words:
+        return "needs the decoder a training command above writes"
     if "1000" in words:
         return "the 1000-step DDPM grid: minutes on the CPU"
     return None
