@@ -20,6 +20,7 @@ is printed too. Targets (the ControlNet issue): mean IoU >= 0.7 and position adh
 
     python benchmarks/controlnet_layout.py --controlnet runs/controlnet_layout/layout.safetensors
     python benchmarks/controlnet_layout.py --controlnet FILE --scenes 300 --weights 0.5 1 --grid grid.png
+    python benchmarks/controlnet_layout.py --controlnet FILE --categories position --scenes 100
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from PIL import Image
 
 import unfog
 from unfog.datasets.shapes import layout_hint, make_item, render, spec_for, to_tensor
-from unfog.datasets.shapes_text import CATEGORIES
+from unfog.datasets.shapes_text import CATEGORIES, ShapesConfig
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.metrics.shapes_analyzer import detect, match
 from unfog.metrics.shapes_eval import HELD_OUT_SEED
@@ -96,7 +97,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--controlnet", required=True, help="the ControlNet file to measure")
     p.add_argument("--model", default=str(default_model_path(DEFAULT_TEXT_MODEL)))
-    p.add_argument("--scenes", type=int, default=120, help="held-out scenes (default 120, 20 per category)")
+    p.add_argument("--scenes", type=int, default=120, help="held-out scenes (default 120, about 20 per category)")
+    p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
+                   help="draw the scenes from these categories only (e.g. position: a larger sample of it)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0])
     p.add_argument("--size", type=int, default=64, help="image side (default 64, the embedded model's)")
     p.add_argument("--grid", help="write a grid of the first 8 scenes: hint | without | with (first weight)")
@@ -106,7 +109,8 @@ def main() -> None:
     controlnet = unfog.load_controlnet(args.controlnet)
     rec = recommended_settings(args.model)
     settings = {k: rec[k] for k in ("sampler", "steps", "cfg_scale") if k in rec}
-    scenes = [make_item(i, args.size, HELD_OUT_SEED)[0] for i in range(args.scenes)]
+    config = ShapesConfig(categories=tuple(args.categories))
+    scenes = [make_item(i, args.size, HELD_OUT_SEED, config)[0] for i in range(args.scenes)]
     settings |= {"width": args.size, "height": args.size}
     real = measure([render(s) for s in scenes], scenes)
     images = {"without": draw(pipe, scenes, settings)}

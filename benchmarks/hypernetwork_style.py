@@ -15,10 +15,10 @@ with it at each ``--weights``, on the same seeds, and prints per column:
 
 Targets (issue 17): the style from about 0 to clearly present, adherence within 5 points.
 ``--vae`` decodes every column with another VAE, e.g. the decoder of
-``configs/shapes_vae_decoder.json`` (fine-tuned on these styles on the model's frozen encoder).
+``configs/shapes_vae_decoder*.json`` (fine-tuned on these styles on the model's frozen encoder).
 
     python benchmarks/hypernetwork_style.py --hypernetwork runs/hypernetwork_pastel/pastel.safetensors \\
-        --vae runs/shapes_vae_decoder/model.safetensors
+        --vae runs/shapes_vae_decoder_stage2/model.safetensors
     python benchmarks/hypernetwork_style.py --style outlined --hypernetwork FILE --prompts 200 --weights 0.5 1
 """
 

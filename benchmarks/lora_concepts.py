@@ -14,9 +14,9 @@ accuracy per row (target: new concepts from about 0 to >= 80%; no old category d
 
     python benchmarks/lora_concepts.py --lora runs/lora_star_teal/star_teal.safetensors
     python benchmarks/lora_concepts.py --lora FILE --concepts 100 --per-category 50 --weights 0.5 1
-    python benchmarks/lora_concepts.py --lora FILE --vae runs/shapes_vae_decoder/model.safetensors
+    python benchmarks/lora_concepts.py --lora FILE --vae runs/shapes_vae_decoder_stage2/model.safetensors
 
-``--vae``: decode with another VAE (e.g. the decoder of ``configs/shapes_vae_decoder.json``,
+``--vae``: decode with another VAE (e.g. the decoder of ``configs/shapes_vae_decoder*.json``,
 fine-tuned on stars, teal and styles with the encoder, and so the latents, unchanged), in every
 column.
 """

@@ -7,7 +7,7 @@ embedded model's own VAE and by each ``--vae``, and the analyzer reads the resul
 as exactly the drawn object (shape and colour; outlines with ``fill_holes``), and for the styles
 their feature (``metrics/shapes_style.py``). The drawn images themselves are the first column.
 
-    python benchmarks/vae_roundtrip.py --vae runs/shapes_vae_decoder/model.safetensors
+    python benchmarks/vae_roundtrip.py --vae runs/shapes_vae_decoder_stage2/model.safetensors
 """
 
 from __future__ import annotations

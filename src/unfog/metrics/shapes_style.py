@@ -30,54 +30,54 @@ OUTLINED = 0.15  # an object whose hollow fraction is at least this counts as ou
 PASTEL = 0.82  # an object whose opacity is below this counts as pastel
 
 
-def hollow_fractions(image: Image.Image | np.ndarray | torch.Tensor,
-                     config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
-    """Each object's hollow fraction (module docstring), objects in the analyzer's colour order."""
+def _objects(image, config: AnalyzerConfig):
+    """The analyzer's colour map of ``image`` and each object found: (labels, component index c,
+    its stats), in the analyzer's colour order (``shapes_analyzer.analyze``'s steps 1 to 4)."""
     img = as_uint8_image(image)
     h, w, _ = img.shape
     cmap = colour_map(img, config)
-    out = []
+    found = []
     for k in range(len(PALETTE_NAMES)):
         labels, stats = components(cmap.index == k)
-        for c, st in enumerate(stats):
-            if st["area"] < config.min_area * h * w:
-                continue
-            x0, y0, x1, y1 = st["bbox"]
-            own = labels[y0:y1, x0:x1] == c + 1
-            silhouette = holes_filled(own)
-            hollow = silhouette & ~own & (cmap.index[y0:y1, x0:x1] == -1)
-            out.append(float(hollow.sum() / silhouette.sum()))
+        found += [(labels, c, st) for c, st in enumerate(stats) if st["area"] >= config.min_area * h * w]
+    return cmap, found
+
+
+def hollow_fractions(image: Image.Image | np.ndarray | torch.Tensor,
+                     config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
+    """Each object's hollow fraction (module docstring), objects in the analyzer's colour order."""
+    cmap, found = _objects(image, config)
+    out = []
+    for labels, c, st in found:
+        x0, y0, x1, y1 = st["bbox"]
+        own = labels[y0:y1, x0:x1] == c + 1
+        silhouette = holes_filled(own)
+        hollow = silhouette & ~own & (cmap.index[y0:y1, x0:x1] == -1)
+        out.append(float(hollow.sum() / silhouette.sum()))
     return out
+
+
+def opacities(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
+    """Each object's opacity (module docstring), objects in the analyzer's colour order."""
+    cmap, found = _objects(image, config)
+    return [float(np.median(cmap.alpha[labels == c + 1])) for labels, c, _ in found]
+
+
+def _summary(values: list[float], mean: str, share: str, counts) -> dict[str, float]:
+    if not values:
+        return {mean: float("nan"), share: float("nan"), "objects": 0}
+    return {mean: float(np.mean(values)), share: float(np.mean([counts(v) for v in values])), "objects": len(values)}
 
 
 def outline_summary(images, config: AnalyzerConfig = AnalyzerConfig()) -> dict[str, float]:
     """Over images: the mean hollow fraction of their objects, and the share of objects that
     are outlined (hollow fraction >= ``OUTLINED``); NaN when no object was found."""
-    fractions = [f for image in images for f in hollow_fractions(image, config)]
-    if not fractions:
-        return {"hollow": float("nan"), "outlined": float("nan"), "objects": 0}
-    return {"hollow": float(np.mean(fractions)), "outlined": float(np.mean([f >= OUTLINED for f in fractions])),
-            "objects": len(fractions)}
-
-
-def opacities(image: Image.Image | np.ndarray | torch.Tensor, config: AnalyzerConfig = AnalyzerConfig()) -> list[float]:
-    """Each object's opacity (module docstring), objects in the analyzer's colour order."""
-    img = as_uint8_image(image)
-    h, w, _ = img.shape
-    cmap = colour_map(img, config)
-    out = []
-    for k in range(len(PALETTE_NAMES)):
-        labels, stats = components(cmap.index == k)
-        out += [float(np.median(cmap.alpha[labels == c + 1])) for c, st in enumerate(stats)
-                if st["area"] >= config.min_area * h * w]
-    return out
+    return _summary([f for image in images for f in hollow_fractions(image, config)], "hollow", "outlined",
+                    lambda f: f >= OUTLINED)
 
 
 def pastel_summary(images, config: AnalyzerConfig = AnalyzerConfig()) -> dict[str, float]:
     """Over images: the mean opacity of their objects, and the share of objects that are pastel
     (opacity < ``PASTEL``); NaN when no object was found."""
-    values = [v for image in images for v in opacities(image, config)]
-    if not values:
-        return {"opacity": float("nan"), "pastel": float("nan"), "objects": 0}
-    return {"opacity": float(np.mean(values)), "pastel": float(np.mean([v < PASTEL for v in values])),
-            "objects": len(values)}
+    return _summary([v for image in images for v in opacities(image, config)], "opacity", "pastel",
+                    lambda v: v < PASTEL)
