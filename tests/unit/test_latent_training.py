@@ -212,8 +212,16 @@ def test_init_from_a_model_file_starts_from_its_weights_at_step_0(vae_file, tmp_
         (folder / f"{i}.txt").write_text("a photo of a cat")
     with pytest.raises(ValueError, match="vocabulary: the file's text encoder knows"):
         make_trainer(t2i_config(vae_file, tmp_path / "e", f"data={folder}")).load_weights(source)
-    with pytest.raises(ValueError, match="supported for text2image runs"):
-        train(load_config(None, VAE + ["steps=1", f"out_dir={tmp_path / 'f'}"]), init_from=source, progress=False)
+    # an autoencoder run starts from the model file's autoencoder; a pixel run from no model file
+    vae_run = make_trainer(load_config(None, VAE + ["steps=1", f"out_dir={tmp_path / 'f'}"]))
+    assert vae_run.load_weights(source) == []
+    assert all(torch.equal(vae_run.net.vae.state_dict()[k], original[k]) for k in original)
+    pixel = ["image_size=8", "batch_size=6", "warmup_steps=2", "sample_steps=2", "precision=fp32",
+             'model_overrides={"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, '
+             '"transformer_depth": [0, 1]}']
+    with pytest.raises(ValueError, match="supported for text2image and autoencoder runs"):
+        train(load_config(ROOT / "configs" / "digits.json", pixel + [f"out_dir={tmp_path / 'p'}"]), init_from=source,
+              progress=False)
 
 
 def test_worker_processes_draw_the_same_batches():
