@@ -115,7 +115,7 @@ def _warn(message: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """generate, img2img and inpaint: the options typed override those of --from IMAGE.png."""
     from .pipelines.control_units import parse_control
-    from .pipelines.generate import Job, resolve_settings, run
+    from .jobs import Job, resolve_settings, run
 
     given = {field: getattr(args, option) for option, field in SETTINGS_OPTIONS.items() if hasattr(args, option)}
     model = Path(args.model) if args.model else default_model_path(DEFAULT_TEXT_MODEL)

@@ -19,7 +19,7 @@ from unfog import __version__
 from unfog.cli import DEFAULT_TEXT_MODEL, build_parser, default_model_path, finite_float, sampler_summary
 from unfog.diffusion.registry import SAMPLERS
 from unfog.models.tokenizer import CLIPTokenizer, SubVocabTokenizer
-from unfog.pipelines.generate import _check_size, prompt_words
+from unfog.pipelines.draw import check_size, prompt_words
 from unfog.pipelines.images import read_parameters, save_png
 from unfog.pipelines.latent_model import recommended_settings
 from unfog.pipelines.outputs import SEED_MAX, Settings, parse_parameters
@@ -135,15 +135,15 @@ def test_sizes_far_from_the_trained_one_are_warned_about(models, workdir, capsys
             == err)
     pipe = StableDiffusion.load(models["sd1"])
     warnings = []
-    _check_size(pipe, 1024, 1024, warnings.append)  # 4 times the pixels: not "far"
-    _check_size(pipe, 4096, 2048, warnings.append)  # 32 times
+    check_size(pipe, 1024, 1024, warnings.append)  # 4 times the pixels: not "far"
+    check_size(pipe, 4096, 2048, warnings.append)  # 32 times
     unet = pipe.unet.config
     gib = 2 * unet.model_channels * (4096 // 8) * (2048 // 8) * 4 * (unet.num_res_blocks + 3) / 2**30
     assert warnings == [f"this model was trained at 512x512; 4096x2048 has 32 times its pixels: each step takes at "
                         f"least 32 times as long as at 512x512 (attention grows faster), and the U-Net needs at least "
                         f"{gib:.1f} GiB of memory; the image is drawn anyway (Ctrl-C stops it)"]
     with pytest.raises(ValueError, match="width 4 is not a multiple of 8"):  # an error first, not a warning
-        _check_size(pipe, 4, 8, warnings.append)
+        check_size(pipe, 4, 8, warnings.append)
 
 
 def test_domain_warning_reads_the_words_after_the_prompt_syntax():

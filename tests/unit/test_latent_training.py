@@ -16,7 +16,7 @@ import unfog
 from unfog.conditioning import encode_prompt
 from unfog.models.tokenizer import CLIPTokenizer, SubVocabTokenizer
 from unfog.models.vae import DiagonalGaussian
-from unfog.pipelines.generate import Job, run
+from unfog.jobs import Job, run
 from unfog.pipelines.latent_model import load_autoencoder, load_parts, recommended_settings
 from unfog.pipelines.outputs import Settings
 from unfog.training import load_config, make_trainer, train
