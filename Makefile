@@ -1,5 +1,5 @@
-# Two commands set everything up on a fresh machine (demo installs the digits data set's scikit-learn
-# and eval's matplotlib too, so every command of the README runs after it):
+# Two commands set everything up on a fresh machine (demo installs the digits data set's scikit-learn,
+# eval's matplotlib and serve's FastAPI + uvicorn too, so every command of the README runs after it):
 #   make demo   - draws "a red circle to the left of a blue square" with the embedded default
 #                 text-to-image model -> demo.png
 #   make test   - installs the test oracles and runs the whole suite
@@ -15,7 +15,7 @@ $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[digits,eval]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[digits,eval,serve]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml

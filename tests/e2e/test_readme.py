@@ -57,6 +57,8 @@ def skip_reason(command: str) -> str | None:
         return "training: minutes to hours on the CPU"
     if words[1] == "eval":
         return "evaluation: minutes on the CPU"
+    if words[1] == "serve":
+        return "runs until stopped (tests/server/test_a1111_api.py starts and stops it)"
     if "--model" in words:
         return "needs Stable Diffusion weights, which are not in the repository"
     if "--vae" in words:

@@ -4,7 +4,8 @@ its prompt names (``adapters``), models kept loaded between jobs (``cache``), an
 saving its images (``run``), all around ``pipelines.draw``'s pure drawing of one image."""
 
 from .cache import ModelCache
-from .run import Drawn, generate, run
+from .run import Drawn, Interrupted, Skipped, generate, run
 from .spec import DEFAULT_STRENGTH, Job, Mode, check, resolve_settings
 
-__all__ = ["DEFAULT_STRENGTH", "Drawn", "Job", "ModelCache", "Mode", "check", "generate", "resolve_settings", "run"]
+__all__ = ["DEFAULT_STRENGTH", "Drawn", "Interrupted", "Job", "ModelCache", "Mode", "Skipped", "check", "generate",
+           "resolve_settings", "run"]

@@ -41,6 +41,7 @@ class ModelCache:
         self.size = size
         self._pipes: OrderedDict[_Key, StableDiffusion] = OrderedDict()
         self._ids: dict[tuple[str, tuple[int, int]], ModelId] = {}
+        self.last: StableDiffusion | None = None  # the base pipeline ``pipelines`` handed out last
 
     def load_options(self, job: Job) -> dict:
         """How the job's models are loaded: ``dtype`` (torch), ``device`` and ``prediction``."""
@@ -70,6 +71,7 @@ class ModelCache:
                              "--mask MASK")
         if job.vae is None or pipe.vae_file is None or Path(job.vae).resolve() != pipe.vae_file.resolve():
             pipe.load_vae(job.vae)
+        self.last = pipe
         if job.refiner is None:
             return pipe, None
         if pipe.family != "sdxl":
@@ -88,3 +90,10 @@ class ModelCache:
         if key not in self._ids:
             self._ids[key] = ModelId.of(path)  # named as given (a link keeps its own name)
         return self._ids[key]
+
+    def known_id(self, path: Path) -> ModelId | None:
+        """``model_id(path)`` if it has been computed for this version of the file, else None."""
+        try:
+            return self._ids.get((str(Path(path).resolve()), _stamp(Path(path))))
+        except OSError:
+            return None

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..pipelines.draw import Progress, check_size, draw, parameters
+from ..pipelines.inputs import to_pil
 from ..pipelines.outputs import ModelId, OutputTarget, StepProgress, draw_seed
 from .adapters import applied
 from .cache import ModelCache
@@ -26,6 +27,19 @@ class Drawn:
     parameters: str
 
 
+class Skipped(Exception):
+    """Raised by a progress callback: abandon the image being drawn and go on with the next."""
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback: stop the job. ``latents``, the sampler's latest ``denoised``
+    (or None), become the last image, as far as it got (as A1111 returns an interrupted image)."""
+
+    def __init__(self, latents=None):
+        super().__init__("interrupted")
+        self.latents = latents
+
+
 def _stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -34,7 +48,9 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
              progress: Progress = StepProgress) -> Iterator[Drawn]:
     """Draw the job's images one by one (image i with seed ``seed + i``) with the models of
     ``models`` (a fresh cache: loaded for this job only). The adapters the job asks for are on the
-    models while the images are drawn and off again when the iterator ends or is closed."""
+    models while the images are drawn and off again when the iterator ends or is closed. A
+    ``progress`` callback may raise ``Skipped`` (that image is left out) or ``Interrupted`` (the
+    job ends; the image being drawn is decoded from the latents it carries, if any)."""
     check(job)
     init, mask = input_images(job)
     models = models or ModelCache()
@@ -55,9 +71,17 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
         for i in range(job.batch_size):
             one = replace(s, seed=seed + i, width=width, height=height)
             drawn = replace(adapters.settings, seed=one.seed, width=width, height=height)
-            image = draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}", adapters.controls,
-                         warn if i == 0 else None, progress)  # a resized hint is said once
-            yield Drawn(image, one.seed, parameters(pipe, one, model_id, refiner_id, adapters.unit_texts, vae_id))
+            text = parameters(pipe, one, model_id, refiner_id, adapters.unit_texts, vae_id)
+            try:
+                image = draw(pipe, refiner, drawn, init, mask, f"image {i + 1}/{job.batch_size}", adapters.controls,
+                             warn if i == 0 else None, progress)  # a resized hint is said once
+            except Skipped:
+                continue
+            except Interrupted as stop:
+                if stop.latents is not None:
+                    yield Drawn(to_pil(pipe.decode(stop.latents))[0], one.seed, text)
+                return
+            yield Drawn(image, one.seed, text)
 
 
 def run(job: Job, warn: Callable[[str], None] = _stderr, models: ModelCache | None = None) -> Iterator[Path]:

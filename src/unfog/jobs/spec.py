@@ -33,8 +33,8 @@ class Job:
     mode: Mode
     settings: Settings
     model: Path
-    init: Path | None = None
-    mask: Path | None = None
+    init: Path | Image.Image | None = None  # a file, or an image in memory (the server's)
+    mask: Path | Image.Image | None = None
     refiner: Path | None = None
     family: str | None = None
     prediction: str | None = None
@@ -102,7 +102,8 @@ def check(job: Job) -> None:
         raise ValueError("--refiner works with generate and img2img, not inpaint")
     if job.refiner is not None and not 0 < s.refiner_start < 1:
         raise ValueError(f"--refiner-start must be in (0, 1), got {s.refiner_start}")
-    for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", job.init), ("mask", job.mask),
+    files = [p if not isinstance(p, Image.Image) else None for p in (job.init, job.mask)]
+    for what, path in (("model", job.model), ("refiner", job.refiner), ("init image", files[0]), ("mask", files[1]),
                        ("VAE", job.vae)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{what} not found: {path}")
@@ -123,9 +124,18 @@ def input_images(job: Job) -> tuple[Image.Image | None, Image.Image | None]:
         raise ValueError(f"{'img2img' if job.mode == 'img2img' else 'inpaint'} needs --init IMAGE")
     if job.mode == "inpaint" and job.mask is None:
         raise ValueError("inpaint needs --mask MASK (white = repaint, black = keep)")
-    init = open_image(job.init, "init image").convert("RGB")
-    mask = None if job.mask is None else open_image(job.mask, "mask").convert("L")
+    init = _image(job.init, "init image").convert("RGB")
+    mask = None if job.mask is None else _image(job.mask, "mask").convert("L")
     if mask is not None and mask.size != init.size:
-        raise ValueError(f"the mask {job.mask} is {mask.width}x{mask.height} but the init image {job.init} is "
-                         f"{init.width}x{init.height} (width x height); give a mask of the image's size")
+        raise ValueError(f"the mask {_name(job.mask)} is {mask.width}x{mask.height} but the init image "
+                         f"{_name(job.init)} is {init.width}x{init.height} (width x height); give a mask of the "
+                         "image's size")
     return init, mask
+
+
+def _image(value: Path | Image.Image, what: str) -> Image.Image:
+    return value if isinstance(value, Image.Image) else open_image(value, what)
+
+
+def _name(value: Path | Image.Image) -> str:
+    return "given" if isinstance(value, Image.Image) else str(value)

@@ -371,9 +371,15 @@ class StableDiffusion:
         x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
         if output == "latent":
             return x
-        vae_device = next(self.vae.parameters()).device
-        images = self.vae.decode(x.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
+        images = self.decode(x)
         return images if output == "tensor" else inputs.to_pil(images)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, 3, H, W) float32 images in [-1, 1] on the CPU from the U-Net's latents (also the
+        ``denoised`` of a sampler callback: a preview, or what an interrupted run has reached)."""
+        vae_device = next(self.vae.parameters()).device
+        return self.vae.decode(latents.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
 
     def sigmas(self, steps: int, sampler: str = "euler", spacing: str | None = None, *, strength: float | None = None,
                denoising_start: float | None = None, denoising_end: float | None = None) -> Tensor:
