@@ -105,7 +105,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "sampler": "sampler",
                     "spacing": "spacing", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
                     "height": "height", "clip_skip": "clip_skip", "strength": "strength",
-                    "refiner_start": "refiner_start"}
+                    "refiner_start": "refiner_start", "masked_content": "masked_content", "mask_blur": "mask_blur",
+                    "only_masked": "only_masked", "mask_padding": "mask_padding"}
 
 
 def _warn(message: str) -> None:
@@ -408,6 +409,14 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                        help="how much to change it, in (0, 1] (default 0.75)")
     if mode == "inpaint":
         p.add_argument("--mask", required=True, help="mask of the init image's size: white = repaint, black = keep")
+        p.add_argument("--masked-content", default=None, choices=("original", "fill", "latent noise", "latent nothing"),
+                       help="what the masked area starts from (A1111's Masked content; default original)")
+        p.add_argument("--mask-blur", type=int, default=None, help="Gaussian blur of the mask, in pixels (default 0)")
+        p.add_argument("--only-masked", action="store_const", const=True, default=None,
+                       help="draw only the masked area and its surroundings, at --width x --height, then paste it "
+                       "back (A1111's Inpaint area: Only masked)")
+        p.add_argument("--mask-padding", type=int, default=None,
+                       help="pixels around the masked area that --only-masked draws too (default 32)")
     if mode != "inpaint":
         p.add_argument("--refiner", default=None, help="SDXL refiner checkpoint to finish the base's images")
         p.add_argument("--refiner-start", type=finite_float, default=None,

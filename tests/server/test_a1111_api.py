@@ -327,3 +327,34 @@ def test_serve_says_when_the_port_is_taken(capsys):
         assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"port {port} on 127.0.0.1 is in use" in err
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2, 3])
+def test_every_inpainting_fill_whole_picture_and_only_masked(api, fill):
+    init = Image.fromarray(np.random.default_rng(fill).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    keep = np.ones((64, 64), bool)
+    keep[14:50, 14:50] = False  # beyond the blur's reach (sigma 4 px: 10 px) the init image is kept exactly
+    names = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+    for full_res in (False, True):
+        r = api.img2img(images=[init], mask_image=mask, inpainting_fill=fill, inpaint_full_res=full_res,
+                        inpaint_full_res_padding=8, mask_blur=4, prompt="a red circle", seed=6,
+                        denoising_strength=0.8, **FAST)
+        out = np.asarray(r.images[0].convert("RGB"))
+        assert out.shape == (64, 64, 3)
+        assert np.array_equal(out[keep], np.asarray(init)[keep])
+        assert not np.array_equal(out[~keep], np.asarray(init)[~keep])
+        text = r.images[0].info["parameters"]
+        assert "Mask blur: 4" in text
+        assert (f"Masked content: {names[fill]}" in text) == (fill != 1)
+        assert ("Inpaint area: Only masked, Masked area padding: 8" in text) == full_res
+
+
+def test_webuiapi_default_inpainting_works(api):
+    """webuiapi sends inpainting_fill 0 and inpaint_full_res True unless told otherwise."""
+    init = Image.new("RGB", (64, 64), (250, 250, 248))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 20, 44, 44))
+    r = api.img2img(images=[init], mask_image=mask, prompt="a red circle", seed=2, **FAST)
+    assert r.images[0].size == (64, 64) and "Inpaint area: Only masked" in r.images[0].info["parameters"]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..pipelines.draw import Progress, check_size, draw, parameters
 from ..pipelines.inputs import to_pil
+from ..pipelines.masking import blur_mask, crop_region, overlay, paste_back
 from ..pipelines.outputs import ModelId, OutputTarget, StepProgress, draw_seed
 from .adapters import applied
 from .cache import ModelCache
@@ -53,6 +54,10 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
     job ends; the image being drawn is decoded from the latents it carries, if any)."""
     check(job)
     init, mask = input_images(job)
+    if mask is not None and job.settings.masked_content is None:  # an inpainting run says so in its PNG
+        job = replace(job, settings=replace(job.settings, masked_content="original"))
+    if mask is not None and job.settings.mask_blur > 0:
+        mask = blur_mask(mask, job.settings.mask_blur)
     models = models or ModelCache()
     pipe, refiner = models.pipelines(job)
     model_id = models.model_id(job.model)
@@ -65,9 +70,15 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
         width = s.width or (init.width if init else pipe.default_size)
         height = s.height or (init.height if init else pipe.default_size)
         check_size(pipe, width, height, warn)
+        region = None if mask is None or not s.only_masked else crop_region(mask, s.mask_padding, width, height)
+        if region is not None:  # "only masked": draw the masked area's surroundings at width x height
+            full_init, full_mask = init, mask
+            init, mask = init.crop(region), mask.crop(region)
         if init is not None and init.size != (width, height):
             init = init.resize((width, height), Image.LANCZOS)
-            mask = None if mask is None else mask.resize((width, height), Image.NEAREST)
+            mask = None if mask is None else mask.resize((width, height), Image.LANCZOS)
+        if region is None:
+            full_init, full_mask = init, mask
         for i in range(job.batch_size):
             one = replace(s, seed=seed + i, width=width, height=height)
             drawn = replace(adapters.settings, seed=one.seed, width=width, height=height)
@@ -79,9 +90,20 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
                 continue
             except Interrupted as stop:
                 if stop.latents is not None:
-                    yield Drawn(to_pil(pipe.decode(stop.latents))[0], one.seed, text)
+                    image = to_pil(pipe.decode(stop.latents))[0]
+                    yield Drawn(_inpainted(image, full_init, full_mask, region), one.seed, text)
                 return
-            yield Drawn(image, one.seed, text)
+            yield Drawn(_inpainted(image, full_init, full_mask, region), one.seed, text)
+
+
+def _inpainted(image: Image.Image, init: Image.Image | None, mask: Image.Image | None, region) -> Image.Image:
+    """An inpainted drawing pasted back into its region (only masked) and the init image laid over
+    what was not to be repainted, as A1111 does; any other drawing as it is."""
+    if mask is None:
+        return image
+    if region is not None:
+        image = paste_back(image, init, region)
+    return overlay(image, init, mask)
 
 
 def run(job: Job, warn: Callable[[str], None] = _stderr, models: ModelCache | None = None) -> Iterator[Path]:

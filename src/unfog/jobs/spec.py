@@ -17,6 +17,7 @@ from ..diffusion.schedules import check_choice
 from ..pipelines.control_units import ControlSpec
 from ..pipelines.controlnet import check_unit
 from ..pipelines.images import open_image, read_parameters
+from ..pipelines.inputs import MASKED_CONTENT
 from ..pipelines.latent_model import recommended_settings
 from ..pipelines.outputs import Settings, check_seed, merge_settings, parse_parameters, settings_from_parameters
 from ..pipelines.precision import DTYPES
@@ -72,6 +73,9 @@ def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path 
         restored = settings_from_parameters(usable, str(from_png))
         if mode == "txt2img" and restored.pop("strength", None) is not None:
             warn(f"{from_png} was made by img2img or inpainting (it has a Denoising strength); generate ignores it")
+        if mode != "inpaint":  # an inpainting PNG's mask settings mean nothing without a mask
+            for name in ("masked_content", "mask_blur", "only_masked", "mask_padding"):
+                restored.pop(name, None)
     defaults = {"strength": DEFAULT_STRENGTH} if mode != "txt2img" else {}
     recommended = {} if model is None else recommended_settings(model)
     settings = merge_settings(defaults, recommended, restored, given)
@@ -96,6 +100,12 @@ def check(job: Job) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if job.mode == "txt2img" and (job.init or job.mask):
         raise ValueError("generate takes no init image or mask; use img2img or inpaint")
+    if s.masked_content is not None:
+        check_choice("masked content", s.masked_content, MASKED_CONTENT)
+    if job.mode != "inpaint" and (s.masked_content not in (None, "original") or s.only_masked or s.mask_blur):
+        raise ValueError("masked content, mask blur and only-masked are inpainting settings; use inpaint --mask")
+    if s.mask_blur < 0 or s.mask_padding < 0:
+        raise ValueError(f"mask blur and masked area padding must be >= 0, got {s.mask_blur} and {s.mask_padding}")
     if job.mode != "txt2img" and not 0 < s.strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {s.strength}")
     if job.refiner is not None and job.mode == "inpaint":

@@ -93,6 +93,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
+        **_inpainting_values(s),
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
         "Lora hashes": hashes_text(pipe.loras) or None,
         "TI hashes": ti_hashes_text(pipe, s) or None,
@@ -101,6 +102,19 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
+
+
+def _inpainting_values(s: Settings) -> dict[str, object]:
+    """A1111's inpainting keys, written where they differ from its defaults (an inpainting run's
+    settings carry ``masked_content``; others write none)."""
+    if s.masked_content is None:
+        return {}
+    values: dict[str, object] = {"Mask blur": s.mask_blur or None}
+    if s.masked_content != "original":
+        values["Masked content"] = s.masked_content
+    if s.only_masked:
+        values |= {"Inpaint area": "Only masked", "Masked area padding": s.mask_padding}
+    return values
 
 
 def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, init, mask, desc: str,
@@ -115,6 +129,8 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
     inputs = dict(width=s.width, height=s.height)
     if init is not None:
         inputs |= dict(init_image=init, mask=mask, strength=s.strength)
+    if mask is not None:
+        inputs["masked_content"] = s.masked_content or "original"
     end = None if refiner is None else s.refiner_start
     steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
     with progress(steps, desc) as bar:

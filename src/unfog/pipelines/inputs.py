@@ -85,3 +85,28 @@ def batch_of(x: Tensor, n: int, what: str) -> Tensor:
 def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> B RGB images."""
     return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+
+
+MASKED_CONTENT: tuple[str, ...] = ("original", "fill", "latent noise", "latent nothing")  # A1111's inpainting_fill 1, 0, 2, 3
+
+
+def fill_masked(image: Tensor, mask: Tensor) -> Tensor:
+    """A1111's "fill" masked content: the masked pixels (mask 1) replaced by a smooth extension of
+    the kept ones, the kept pixels unchanged. Push-pull interpolation (Gortler et al. 1996, "The
+    Lumigraph"): average the kept pixels down a pyramid of 2x2 cells, each cell weighted by how
+    much of it is kept, then fill each level's gaps from the level below on the way back up.
+    image (B, 3, H, W), mask (B, 1, H, W) binary -> (B, 3, H, W)."""
+    keep = 1 - mask
+    levels = [(image * keep, keep)]  # premultiplied colour and weight, finest first
+    while min(levels[-1][1].shape[-2:]) > 1:
+        colour, weight = levels[-1]
+        colour = F.avg_pool2d(colour, 2, ceil_mode=True)
+        weight = F.avg_pool2d(weight, 2, ceil_mode=True)
+        levels.append((colour, weight))
+    colour, weight = levels[-1]
+    estimate = colour / weight.clamp_min(1e-8)  # the coarsest level: the mean kept colour (or 0 if none kept)
+    for colour, weight in reversed(levels[:-1]):
+        up = F.interpolate(estimate, size=colour.shape[-2:], mode="bilinear", align_corners=False)
+        w = weight.clamp(0, 1)  # premultiplied: a cell w kept holds w x its kept colour; the rest comes from below
+        estimate = colour / weight.clamp_min(1e-8) * (weight >= 1) + (colour + (1 - w) * up) * (weight < 1)
+    return image * keep + estimate * mask

@@ -47,6 +47,10 @@ class Settings:
     seed: -1 draws a random one (the one used is recorded).
     strength: img2img / inpainting only (A1111's "Denoising strength").
     refiner_start: the fraction of the steps the base model runs before the SDXL refiner.
+    masked_content, mask_blur, only_masked, mask_padding: inpainting only (A1111's "Masked
+        content", "Mask blur", "Inpaint area: Only masked" and "Masked area padding";
+        ``pipelines.masking``); None / 0 / False: the image as it is, the mask as given, the whole
+        picture.
     """
 
     prompt: str = ""
@@ -61,6 +65,10 @@ class Settings:
     clip_skip: int | None = None
     strength: float | None = None
     refiner_start: float = 0.8
+    masked_content: str | None = None
+    mask_blur: int = 0
+    only_masked: bool = False
+    mask_padding: int = 32
 
 
 SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
@@ -190,6 +198,7 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
     out: dict[str, object] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
     numbers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
+               "Mask blur": ("mask_blur", int), "Masked area padding": ("mask_padding", int),
                "Refiner switch at": ("refiner_start", float)}
     for key, (name, kind) in numbers.items():
         if key in params:
@@ -199,6 +208,10 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
                 raise ValueError(f"{source}: '{key}: {params[key]}' is not a number") from None
     if "Sampler" in params:
         out["sampler"] = params["Sampler"]
+    if "Masked content" in params:
+        out["masked_content"] = params["Masked content"]
+    if "Inpaint area" in params:
+        out["only_masked"] = params["Inpaint area"].strip().lower() == "only masked"
     if "Schedule type" in params:
         out["spacing"] = spacing_of(params["Schedule type"])
     if "Size" in params:

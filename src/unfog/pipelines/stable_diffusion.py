@@ -310,7 +310,8 @@ class StableDiffusion:
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
-                 init_image=None, strength: float = 0.8, mask=None, encode: EncodeMode = "sample",
+                 init_image=None, strength: float = 0.8, mask=None, masked_content: str = "original",
+                 encode: EncodeMode = "sample",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, denoising_start: float | None = None,
@@ -327,6 +328,10 @@ class StableDiffusion:
         inpainting (``init_image`` and ``mask``, 1 = paint): a 9-channel U-Net sees the mask and the
             masked image's latents; a 4-channel one is kept to the image outside the mask at every
             step (``InpaintDenoiser``). At strength 1 the start is pure noise, as txt2img.
+            ``masked_content`` (A1111's "Masked content") is where the masked area starts from:
+            "original" (the image), "fill" (the image with the masked area filled smoothly from
+            its surroundings, ``inputs.fill_masked``), "latent noise" (the run's own noise, as
+            A1111's image seed gives it) or "latent nothing" (zero latents).
         hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
             with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
         SDXL (and ``size_conditioning`` models): size and crop conditioning (defaults (height, width),
@@ -342,9 +347,15 @@ class StableDiffusion:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts) * batch_size
+        check_choice("masked content", masked_content, inputs.MASKED_CONTENT)
         image = None if init_image is None else inputs.image_tensor(init_image)
         pixel_mask = None if mask is None else inputs.mask_tensor(mask)
         self._check_mode(image, pixel_mask, latents, denoising_start)
+        if masked_content != "original" and pixel_mask is None:
+            raise ValueError(f"masked content {masked_content!r} needs a mask (inpainting)")
+        if masked_content == "fill":
+            inputs.check_mask_fits(pixel_mask, image)
+            image = inputs.fill_masked(image, inputs.batch_of(pixel_mask, image.shape[0], "mask"))
         height, width = self._size(height, width, image, latents)
         f = self.vae.config.downsample_factor
         latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
@@ -364,7 +375,7 @@ class StableDiffusion:
             x, concat, blend = self._latents(latents, latent_shape), {}, None
         else:
             x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
-                                           strength, encode)
+                                           strength, encode, masked_content)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control)
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
@@ -457,9 +468,12 @@ class StableDiffusion:
                              f"{want} (pooled text output + 6 * {SIZE_EMBED_DIM}), got num_classes="
                              f"{cfg.num_classes!r}, adm_in_channels={cfg.adm_in_channels}")
 
-    def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str):
+    def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str,
+               masked_content: str = "original"):
         """x at sigma0, the inpainting U-Net's extra input, and the 4-channel blend (or None).
-        Draws from g in diffusers' order: VAE sample of the image, noise, VAE sample of the masked image."""
+        Draws from g in diffusers' order: VAE sample of the image, noise, VAE sample of the masked image.
+        "latent noise" / "latent nothing" change where the masked area starts from, not the blend's
+        reference outside it (the same latents there)."""
         n, (h, w) = shape[0], shape[2:]
         from_noise = image is None or (mask is not None and strength == 1)  # txt2img, or inpainting at strength 1
         needs_x0 = image is not None and not (from_noise and self.inpainting_unet)
@@ -468,12 +482,15 @@ class StableDiffusion:
             noise = torch.randn(shape, generator=g).to(self.device)  # (n, 4, h, w), drawn on the CPU
         else:
             noise = self._latents(latents, shape)
-        x = noise * math.sqrt(1 + sigma0**2) if from_noise else x0 + sigma0 * noise  # the VP prior, or x0 + sigma n
+        small = None if mask is None else inputs.batch_of(inputs.latent_mask(mask, (h, w)), n, "mask").to(self.device)
+        start = x0
+        if masked_content in ("latent noise", "latent nothing") and not from_noise:  # small: (n, 1, h, w)
+            start = x0 * (1 - small) + (noise * small if masked_content == "latent noise" else 0)
+        x = noise * math.sqrt(1 + sigma0**2) if from_noise else start + sigma0 * noise  # the VP prior, or x0 + sigma n
         if mask is None:
             return x, {}, None
         if mask.shape[0] != image.shape[0]:
             mask, image = inputs.batch_of(mask, n, "mask"), inputs.batch_of(image, n, "init_image")
-        small = inputs.batch_of(inputs.latent_mask(mask, (h, w)), n, "mask").to(self.device)  # (n, 1, h, w)
         if not self.inpainting_unet:
             return x, {}, (small, x0, noise)
         masked = inputs.batch_of(self._encode(image * (mask < 0.5), g, encode), n, "init_image")  # draw 3

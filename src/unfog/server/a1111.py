@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict
 
@@ -162,9 +161,13 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
                     clip_skip=clip_skip if clip_skip and clip_skip > 1 else None, strength=strength)
 
 
+INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+
+
 def init_and_mask(req: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:
     """The init image and the mask as A1111 reads them: white (or, in an RGBA mask, opaque) =
-    repaint; ``inpainting_mask_invert`` swaps; ``mask_blur`` (or ``mask_blur_x`` / ``_y``) blurs it."""
+    repaint; ``inpainting_mask_invert`` swaps them. (Blur, masked content and only-masked are
+    settings of the job: ``inpainting_settings``.)"""
     if not req.init_images:
         raise BadRequest("img2img needs init_images: a list with one base64 image")
     init = decode_image(req.init_images[0], "init_images[0]").convert("RGB")
@@ -174,29 +177,26 @@ def init_and_mask(req: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]
     mask = raw.getchannel("A") if raw.mode in ("RGBA", "LA") else raw.convert("L")
     if req.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    bx, by = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (req.mask_blur_x, req.mask_blur_y)
-    if bx > 0 or by > 0:  # A1111 blurs each axis on its own (a box of 2.5 sigma each side)
-        mask = _blur(mask, bx, by)
     if mask.size != init.size:
         mask = mask.resize(init.size, Image.LANCZOS)
     return init, mask
 
 
-def _blur(mask: Image.Image, bx: int, by: int) -> Image.Image:
-    """Gaussian blur with sigma ``bx`` across and ``by`` down, each axis on its own as A1111 does
-    (its kernel reaches 2.5 sigma each side; edges repeat)."""
-    a = np.asarray(mask, dtype=np.float64)
-    for axis, sigma in ((1, bx), (0, by)):
-        if sigma <= 0:
-            continue
-        r = int(np.ceil(2.5 * sigma))
-        k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-        k /= k.sum()
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (r, r)
-        padded = np.pad(a, pad, mode="edge")
-        a = np.apply_along_axis(lambda line: np.convolve(line, k, mode="valid"), axis, padded)
-    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+def inpainting_settings(req: Img2ImgRequest) -> dict[str, Any]:
+    """The job settings of A1111's inpainting fields."""
+    if req.inpainting_fill not in range(4):
+        raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                         f"got {req.inpainting_fill}")
+    blur = req.mask_blur
+    if blur is None:
+        if req.mask_blur_x != req.mask_blur_y:
+            raise BadRequest(f"mask_blur_x {req.mask_blur_x} and mask_blur_y {req.mask_blur_y} differ; unfog blurs "
+                             "both axes alike: send mask_blur")
+        blur = req.mask_blur_x
+    if blur < 0 or req.inpaint_full_res_padding < 0:
+        raise BadRequest("mask_blur and inpaint_full_res_padding must be >= 0")
+    return dict(masked_content=INPAINTING_FILL[req.inpainting_fill], mask_blur=blur,
+                only_masked=bool(req.inpaint_full_res), mask_padding=req.inpaint_full_res_padding)
 
 
 def resize_init(init: Image.Image, mode: int, width: int, height: int) -> Image.Image:
@@ -249,4 +249,4 @@ def request_echo(req: Txt2ImgRequest) -> dict:
 
 
 __all__ = ["A1111_DEFAULTS", "BadRequest", "Img2ImgRequest", "Txt2ImgRequest", "decode_image",
-           "encode_png", "info_json", "init_and_mask", "request_echo", "resize_init", "settings_of"]
+           "encode_png", "info_json", "init_and_mask", "inpainting_settings", "request_echo", "resize_init", "settings_of"]

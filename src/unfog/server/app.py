@@ -30,7 +30,7 @@ from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, parse_parameters
 from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, decode_image, encode_png, info_json, init_and_mask,
-                    request_echo, resize_init, settings_of)
+                    inpainting_settings, request_echo, resize_init, settings_of)
 from .library import Library, NotFound
 from .worker import Worker
 
@@ -148,14 +148,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         mode = "txt2img"
         if img2img:
             init, mask = init_and_mask(req)
-            if req.inpainting_fill != 1 and mask is not None:
-                raise BadRequest(f"inpainting_fill {req.inpainting_fill} is not built yet in unfog's server; send 1 "
-                                 "(original)")
-            if req.inpaint_full_res and mask is not None:
-                raise BadRequest("inpaint_full_res (only masked) is not built yet in unfog's server; send false")
             width, height = settings.width or init.width, settings.height or init.height
-            init = resize_init(init, req.resize_mode, width, height)
-            mask = None if mask is None else mask.resize((width, height), Image.LANCZOS)
+            if mask is not None and req.inpaint_full_res:  # only masked: the whole image stays, a region is drawn
+                settings = replace(settings, **inpainting_settings(req))
+            else:
+                init = resize_init(init, req.resize_mode, width, height)
+                mask = None if mask is None else mask.resize((width, height), Image.LANCZOS)
+                if mask is not None:
+                    settings = replace(settings, **inpainting_settings(req))
             settings = replace(settings, width=width, height=height)
             mode = "inpaint" if mask is not None else "img2img"
         return Job(mode, settings, model.path, init=init, mask=mask, dtype=config.dtype, device=config.device,
@@ -168,8 +168,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         started = time.time()
         task = worker.submit(job)
         drawn = await asyncio.wrap_future(task.future)
-        if job.mask is not None:  # as A1111, the init image is laid back over what was not to be repainted
-            drawn = [replace(d, image=Image.composite(d.image, job.init, job.mask)) for d in drawn]
         model_id = cache.model_id(job.model)
         if req.save_images:
             target = OutputTarget.parse(config.outdir / ("img2img-images" if img2img else "txt2img-images"), 2)
