@@ -106,7 +106,9 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "spacing": "spacing", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width",
                     "height": "height", "clip_skip": "clip_skip", "strength": "strength",
                     "refiner_start": "refiner_start", "masked_content": "masked_content", "mask_blur": "mask_blur",
-                    "only_masked": "only_masked", "mask_padding": "mask_padding"}
+                    "only_masked": "only_masked", "mask_padding": "mask_padding", "hires": "hires",
+                    "hires_scale": "hr_scale", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_steps",
+                    "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt"}
 
 
 def _warn(message: str) -> None:
@@ -119,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .jobs import Job, resolve_settings, run
 
     given = {field: getattr(args, option) for option, field in SETTINGS_OPTIONS.items() if hasattr(args, option)}
+    if getattr(args, "hires_resize", None) is not None:
+        given["hr_resize_x"], given["hr_resize_y"] = args.hires_resize
     model = Path(args.model) if args.model else default_model_path(DEFAULT_TEXT_MODEL)
     settings, source = resolve_settings(args.mode, given, args.from_png, _warn, model=model)
     job = Job(args.mode, settings, model, init=_path(args, "init"), mask=_path(args, "mask"),
@@ -132,6 +136,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
               hints=tuple(Path(h) for h in args.hint), preprocess=tuple(args.preprocess), vae=_path(args, "vae"))
     for path in run(job, warn=_warn):
         print(f"wrote {path}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768); a side may be 0."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (e.g. 1024x768, or 1024x0)")
+    return int(parts[0]), int(parts[1])
 
 
 def _path(args: argparse.Namespace, name: str) -> Path | None:
@@ -403,6 +415,21 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    "per --control in order")
     p.add_argument("--hint", action="append", default=[], metavar="IMAGE",
                    help="with --from: the hint image of each of the PNG's ControlNet units, in order")
+    if mode == "txt2img":
+        p.add_argument("--hires", action="store_const", const=True, default=None,
+                       help="hires fix: draw, upscale, then redraw at the larger size (A1111's; docs/generate.md)")
+        p.add_argument("--hires-scale", type=finite_float, default=None, help="hires size / first size (default 2)")
+        p.add_argument("--hires-resize", type=_parse_size, default=None, metavar="WxH",
+                       help="hires size instead of --hires-scale (a 0 side keeps the aspect ratio)")
+        p.add_argument("--hires-upscaler", default=None, help="Latent (default), Latent (antialiased), Latent "
+                       "(bicubic), Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), Lanczos, "
+                       "Nearest")
+        p.add_argument("--hires-steps", type=int, default=None, help="second-pass steps (default 0: as --steps)")
+        p.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: as --sampler)")
+        p.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
+        p.add_argument("--hires-negative", default=None, help="second-pass negative prompt (default: --negative)")
+        p.add_argument("--strength", type=finite_float, default=None,
+                       help="with --hires: the second pass's denoising strength, in (0, 1] (default 0.7)")
     if mode != "txt2img":
         p.add_argument("--init", required=True, help="the image to start from")
         p.add_argument("--strength", type=finite_float, default=None,

@@ -358,3 +358,32 @@ def test_webuiapi_default_inpainting_works(api):
     mask.paste(255, (20, 20, 44, 44))
     r = api.img2img(images=[init], mask_image=mask, prompt="a red circle", seed=2, **FAST)
     assert r.images[0].size == (64, 64) and "Inpaint area: Only masked" in r.images[0].info["parameters"]
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"restore_faces": True}, "face restoration"), ({"tiling": True}, "tiling"), ({"styles": ["noir"]}, "noir"),
+    ({"script_name": "x/y/z plot"}, "x/y/z plot"), ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "ADetailer"),
+    ({"subseed_strength": 0.3}, "variation seeds"), ({"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "valid choices"),
+    ({"enable_hr": True, "hr_scale": 8}, "hires size 512x512 is over"),
+])
+def test_features_unfog_lacks_are_refused_by_name(server, fields, named):
+    r = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", **FAST, **fields})
+    assert r.status_code == 422 and named in r.json()["errors"], r.text
+
+
+def test_hires_fix(api):
+    """A1111's hires fix: the image at hr_scale x the size; its PNG records the first pass's size and
+    the hires keys; webuiapi's util lists the upscalers it may name."""
+    assert {"Latent", "Latent (bicubic antialiased)"} <= {m["name"] for m in api.get_latent_upscale_modes()}
+    assert {"Lanczos", "Nearest"} <= {u["name"] for u in api.get_upscalers()}
+    r = api.txt2img(prompt="a red circle", seed=3, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)",
+                    hr_second_pass_steps=5, denoising_strength=0.4, **FAST)
+    assert r.images[0].size == (96, 96)
+    text = r.images[0].info["parameters"]
+    for part in ("Size: 64x64", "Denoising strength: 0.4", "Hires upscale: 1.5", "Hires steps: 5",
+                 "Hires upscaler: Latent (bicubic)"):
+        assert part in text
+    r = api.txt2img(prompt="a red circle", seed=3, enable_hr=True, hr_resize_x=128, hr_upscaler="Lanczos",
+                    hr_second_pass_steps=4, denoising_strength=0.5, **FAST)
+    assert r.images[0].size == (128, 128) and "Hires resize: 128x0" in r.images[0].info["parameters"]

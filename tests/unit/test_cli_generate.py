@@ -333,7 +333,7 @@ def test_parse_an_a1111_parameters_text():
     s = settings_from_parameters(p)
     assert s == dict(prompt=p["Prompt"], negative_prompt=p["Negative prompt"], steps=28, cfg_scale=7.5,
                      seed=1234567890, clip_skip=2, strength=0.55, sampler="DPM++ 2M", spacing="karras",
-                     width=512, height=768)
+                     width=512, height=768, hires=True, hr_scale=2.0, hr_upscaler="Latent")  # A1111's hires fix
     # older A1111: the schedule in the sampler name, no Schedule type; no negative prompt
     old = parse_parameters("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512")
     assert (old["Prompt"], old["Negative prompt"], old["Sampler"]) == ("a cat", "", "DPM++ 2M Karras")

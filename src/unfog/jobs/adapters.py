@@ -74,7 +74,13 @@ def apply_loras(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[st
         if tag.name in recorded and recorded[tag.name].lower() != applied.hash:
             raise ValueError(f"the image was made with LoRA {tag.name} [{recorded[tag.name]}], but {path} has hash "
                              f"{applied.hash}: it is another file (put the one with that hash in --lora-dir)")
-    return replace(s, prompt=prompt, negative_prompt=negative)
+    return replace(s, prompt=prompt, negative_prompt=negative, **_hires_prompts(s, extract_lora_tags))
+
+
+def _hires_prompts(s: Settings, extract) -> dict[str, str]:
+    """The hires prompts without their adapter tags (the first pass's adapters act on both passes)."""
+    return {name: extract(getattr(s, name))[0] for name in ("hr_prompt", "hr_negative_prompt")
+            if getattr(s, name) is not None}
 
 
 def apply_hypernetworks(pipe: StableDiffusion, s: Settings, job: Job, warn: Callable[[str], None]) -> Settings:
@@ -93,7 +99,7 @@ def apply_hypernetworks(pipe: StableDiffusion, s: Settings, job: Job, warn: Call
             raise ValueError(f"the image was made with hypernetwork {tag.name} [{recorded[tag.name]}], but {path} has "
                              f"hash {applied.hash}: it is another file (put the one with that hash in "
                              "--hypernetwork-dir)")
-    return replace(s, prompt=prompt, negative_prompt=negative)
+    return replace(s, prompt=prompt, negative_prompt=negative, **_hires_prompts(s, hypernetwork.extract_hypernet_tags))
 
 
 def _control_specs(job: Job, warn: Callable[[str], None]) -> list[tuple[ControlSpec, str | None]]:

@@ -56,6 +56,8 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
     init, mask = input_images(job)
     if mask is not None and job.settings.masked_content is None:  # an inpainting run says so in its PNG
         job = replace(job, settings=replace(job.settings, masked_content="original"))
+    if job.settings.hires and job.settings.strength is None:  # hires fix records its denoising strength
+        job = replace(job, settings=replace(job.settings, strength=job.settings.hires_pass().strength))
     if mask is not None and job.settings.mask_blur > 0:
         mask = blur_mask(mask, job.settings.mask_blur)
     models = models or ModelCache()

@@ -71,8 +71,10 @@ def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path 
         source = parse_parameters(text)
         usable = {k: v for k, v in source.items() if not (k == "Schedule type" and given.get("spacing"))}
         restored = settings_from_parameters(usable, str(from_png))
-        if mode == "txt2img" and restored.pop("strength", None) is not None:
+        if mode == "txt2img" and not restored.get("hires") and restored.pop("strength", None) is not None:
             warn(f"{from_png} was made by img2img or inpainting (it has a Denoising strength); generate ignores it")
+        if mode != "txt2img":  # hires fix is txt2img's
+            restored = {k: v for k, v in restored.items() if not k.startswith("hr") and k != "hires"}
         if mode != "inpaint":  # an inpainting PNG's mask settings mean nothing without a mask
             for name in ("masked_content", "mask_blur", "only_masked", "mask_padding"):
                 restored.pop(name, None)
@@ -106,6 +108,16 @@ def check(job: Job) -> None:
         raise ValueError("masked content, mask blur and only-masked are inpainting settings; use inpaint --mask")
     if s.mask_blur < 0 or s.mask_padding < 0:
         raise ValueError(f"mask blur and masked area padding must be >= 0, got {s.mask_blur} and {s.mask_padding}")
+    if s.hires:
+        if job.mode != "txt2img":
+            raise ValueError("hires fix is for generate (txt2img); img2img and inpaint draw at the size asked")
+        if job.refiner is not None:
+            raise ValueError("hires fix and --refiner together are not supported; use one of them")
+        s.hires_pass()  # its values checked (upscaler, scale, strength)
+        if s.hr_sampler is not None:
+            resolve_sampler(s.hr_sampler)
+    elif job.mode == "txt2img" and s.strength is not None:
+        raise ValueError("--strength is img2img's and inpaint's, or hires fix's (--hires) denoising strength")
     if job.mode != "txt2img" and not 0 < s.strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {s.strength}")
     if job.refiner is not None and job.mode == "inpaint":

@@ -93,7 +93,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
-        **_inpainting_values(s),
+        **_inpainting_values(s), **_hires_values(s),
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
         "Lora hashes": hashes_text(pipe.loras) or None,
         "TI hashes": ti_hashes_text(pipe, s) or None,
@@ -117,6 +117,20 @@ def _inpainting_values(s: Settings) -> dict[str, object]:
     return values
 
 
+def _hires_values(s: Settings) -> dict[str, object]:
+    """A1111's hires-fix keys (``Denoising strength`` is written with the others)."""
+    if not s.hires:
+        return {}
+    resized = s.hr_resize_x or s.hr_resize_y
+    return {"Hires upscale": None if resized else s.hr_scale,
+            "Hires resize": f"{s.hr_resize_x}x{s.hr_resize_y}" if resized else None,
+            "Hires steps": s.hr_steps or None, "Hires upscaler": s.hr_upscaler,
+            "Hires sampler": s.hr_sampler and sampler_name(s.hr_sampler),
+            "Hires prompt": s.hr_prompt if s.hr_prompt not in (None, s.prompt) else None,
+            "Hires negative prompt": s.hr_negative_prompt if s.hr_negative_prompt not in (None, s.negative_prompt)
+            else None}
+
+
 def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, init, mask, desc: str,
          controls: list[Control] = (), warn: Callable[[str], None] | None = None,
          progress: Progress = StepProgress) -> Image.Image:
@@ -132,10 +146,13 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
     if mask is not None:
         inputs["masked_content"] = s.masked_content or "original"
     end = None if refiner is None else s.refiner_start
+    hires = s.hires_pass()
     steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
     with progress(steps, desc) as bar:
         out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end, controls=controls, warn=warn,
-                   output="pil" if refiner is None else "latent", callback=bar.callback)
+                   output="pil" if refiner is None and hires is None else "latent", callback=bar.callback)
+    if hires is not None:
+        return _hires_pass(pipe, s, hires, out, controls, desc, progress)
     if refiner is None:
         return out[0]
     steps = len(refiner.sigmas(s.steps, s.sampler, spacing, denoising_start=end)) - 1
@@ -149,3 +166,30 @@ def ti_hashes_text(pipe: StableDiffusion, s: Settings) -> str:
     use, its name without ":" and ",", the file's 12-digit sha256."""
     used = used_embeddings([s.prompt, s.negative_prompt], pipe.tokenizer, pipe.embeddings)
     return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}" for e in used if e.short_hash)
+
+
+def _hires_pass(pipe: StableDiffusion, s: Settings, hires, first, controls, desc: str,
+                progress: Progress) -> Image.Image:
+    """Hires fix's second pass over the first pass's latents ``first``: upscaled as latents, or
+    decoded, resized and encoded again; then img2img at the larger size with the hires strength,
+    on the same seed, the ControlNets acting again (their hints fitted to the new size)."""
+    from .hires import LATENT_UPSCALERS, target_size, upscale_image, upscale_latents
+    from .inputs import to_pil
+
+    width, height = target_size(s.width, s.height, hires, pipe.size_multiple)
+    sampler = hires.sampler or s.sampler
+    steps = hires.steps or s.steps
+    spacing = pipe.spacing_for(sampler, s.spacing if hires.sampler is None else None)
+    start = {}
+    f = pipe.size_multiple
+    if hires.upscaler in LATENT_UPSCALERS:
+        start["init_latents"] = upscale_latents(first, (height // f, width // f), hires.upscaler)
+    else:
+        start["init_image"] = upscale_image(to_pil(pipe.decode(first))[0], (width, height), hires.upscaler)
+    prompt = s.prompt if hires.prompt is None else hires.prompt
+    negative = s.negative_prompt if hires.negative_prompt is None else hires.negative_prompt
+    total = len(pipe.sigmas(steps, sampler, spacing, strength=hires.strength)) - 1
+    with progress(total, desc + " (hires)") as bar:
+        return pipe(prompt, negative, steps=steps, sampler=sampler, spacing=spacing, cfg_scale=s.cfg_scale,
+                    seed=s.seed, clip_skip=s.clip_skip, width=width, height=height, strength=hires.strength,
+                    controls=controls, callback=bar.callback, **start)[0]

@@ -47,6 +47,8 @@ class Settings:
     seed: -1 draws a random one (the one used is recorded).
     strength: img2img / inpainting only (A1111's "Denoising strength").
     refiner_start: the fraction of the steps the base model runs before the SDXL refiner.
+    hires, hr_*: txt2img only, A1111's hires fix (``pipelines.hires``): a second pass at hr_scale
+        times the size (or hr_resize_x x hr_resize_y) with denoising strength ``strength``.
     masked_content, mask_blur, only_masked, mask_padding: inpainting only (A1111's "Masked
         content", "Mask blur", "Inpaint area: Only masked" and "Masked area padding";
         ``pipelines.masking``); None / 0 / False: the image as it is, the mask as given, the whole
@@ -69,6 +71,26 @@ class Settings:
     mask_blur: int = 0
     only_masked: bool = False
     mask_padding: int = 32
+    hires: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"
+    hr_steps: int = 0
+    hr_sampler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+
+    def hires_pass(self):
+        """The hires fix's second pass (``pipelines.hires.Hires``), or None without ``hires``;
+        its denoising strength is ``strength`` (default 0.7, A1111's)."""
+        if not self.hires:
+            return None
+        from .hires import Hires
+
+        return Hires(self.hr_upscaler, self.hr_scale, (self.hr_resize_x, self.hr_resize_y), self.hr_steps,
+                     0.7 if self.strength is None else self.strength, self.hr_sampler, self.hr_prompt,
+                     self.hr_negative_prompt)
 
 
 SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
@@ -199,6 +221,7 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
     numbers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
                "Mask blur": ("mask_blur", int), "Masked area padding": ("mask_padding", int),
+               "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_steps", int),
                "Refiner switch at": ("refiner_start", float)}
     for key, (name, kind) in numbers.items():
         if key in params:
@@ -208,6 +231,17 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
                 raise ValueError(f"{source}: '{key}: {params[key]}' is not a number") from None
     if "Sampler" in params:
         out["sampler"] = params["Sampler"]
+    for key, name in (("Hires upscaler", "hr_upscaler"), ("Hires sampler", "hr_sampler"),
+                      ("Hires prompt", "hr_prompt"), ("Hires negative prompt", "hr_negative_prompt")):
+        if key in params:
+            out[name] = params[key]
+    if "Hires resize" in params:
+        m = _SIZE.match(params["Hires resize"])
+        if m is None:
+            raise ValueError(f"{source}: 'Hires resize: {params['Hires resize']}' is not WIDTHxHEIGHT")
+        out["hr_resize_x"], out["hr_resize_y"] = int(m.group(1)), int(m.group(2))
+    if any(k in params for k in ("Hires upscaler", "Hires upscale", "Hires resize")):
+        out["hires"] = True
     if "Masked content" in params:
         out["masked_content"] = params["Masked content"]
     if "Inpaint area" in params:

@@ -310,7 +310,8 @@ class StableDiffusion:
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
-                 init_image=None, strength: float = 0.8, mask=None, masked_content: str = "original",
+                 init_image=None, init_latents: Tensor | None = None, strength: float = 0.8, mask=None,
+                 masked_content: str = "original",
                  encode: EncodeMode = "sample",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
@@ -324,7 +325,8 @@ class StableDiffusion:
         txt2img: start from unit noise (``latents`` if given, else drawn) times sqrt(1 + sigma_0^2).
         img2img (``init_image``): run the last int(steps * strength) steps, starting from the VAE
             latents of the image (a posterior sample, or its mean with ``encode="mean"``) plus
-            sigma * noise.
+            sigma * noise; ``init_latents`` (B, C, h, w), scaled as the U-Net's, start there
+            instead of an encoded image (hires fix's latent upscalers).
         inpainting (``init_image`` and ``mask``, 1 = paint): a 9-channel U-Net sees the mask and the
             masked image's latents; a 4-channel one is kept to the image outside the mask at every
             step (``InpaintDenoiser``). At strength 1 the start is pure noise, as txt2img.
@@ -351,16 +353,19 @@ class StableDiffusion:
         image = None if init_image is None else inputs.image_tensor(init_image)
         pixel_mask = None if mask is None else inputs.mask_tensor(mask)
         self._check_mode(image, pixel_mask, latents, denoising_start)
+        if init_latents is not None and (image is not None or latents is not None):
+            raise ValueError("init_latents start img2img from latents: give them without init_image and latents")
         if masked_content != "original" and pixel_mask is None:
             raise ValueError(f"masked content {masked_content!r} needs a mask (inpainting)")
         if masked_content == "fill":
             inputs.check_mask_fits(pixel_mask, image)
             image = inputs.fill_masked(image, inputs.batch_of(pixel_mask, image.shape[0], "mask"))
-        height, width = self._size(height, width, image, latents)
+        height, width = self._size(height, width, image, latents if init_latents is None else init_latents)
         f = self.vae.config.downsample_factor
         latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
 
-        sigmas = self.sigmas(steps, sampler, spacing, strength=None if image is None else strength,
+        img2img = image is not None or init_latents is not None
+        sigmas = self.sigmas(steps, sampler, spacing, strength=strength if img2img else None,
                              denoising_start=denoising_start, denoising_end=denoising_end)
         y = dict(original_size=original_size or (height, width), crop=crops_coords_top_left,
                  target_size=target_size or (height, width), aesthetic_score=aesthetic_score,
@@ -375,7 +380,7 @@ class StableDiffusion:
             x, concat, blend = self._latents(latents, latent_shape), {}, None
         else:
             x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
-                                           strength, encode, masked_content)
+                                           strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control)
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
@@ -469,12 +474,16 @@ class StableDiffusion:
                              f"{cfg.num_classes!r}, adm_in_channels={cfg.adm_in_channels}")
 
     def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str,
-               masked_content: str = "original"):
+               masked_content: str = "original", init_latents: Tensor | None = None):
         """x at sigma0, the inpainting U-Net's extra input, and the 4-channel blend (or None).
         Draws from g in diffusers' order: VAE sample of the image, noise, VAE sample of the masked image.
         "latent noise" / "latent nothing" change where the masked area starts from, not the blend's
         reference outside it (the same latents there)."""
         n, (h, w) = shape[0], shape[2:]
+        if init_latents is not None:
+            x0 = inputs.batch_of(self._latents(init_latents, (init_latents.shape[0], *shape[1:])), n, "init_latents")
+            noise = torch.randn(shape, generator=g).to(self.device)
+            return x0 + sigma0 * noise, {}, None
         from_noise = image is None or (mask is not None and strength == 1)  # txt2img, or inpainting at strength 1
         needs_x0 = image is not None and not (from_noise and self.inpainting_unet)
         x0 = inputs.batch_of(self._encode(image, g, encode), n, "init_image") if needs_x0 else None

@@ -62,6 +62,15 @@ class Txt2ImgRequest(BaseModel):
     script_args: list = []
     infotext: str | None = None
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -125,8 +134,8 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
         raise BadRequest(f"script {req.script_name!r} is not available (GET /sdapi/v1/scripts lists none)")
     if req.alwayson_scripts:
         raise BadRequest(f"alwayson_scripts {sorted(req.alwayson_scripts)} are not available in unfog; send {{}}")
-    if req.enable_hr:
-        raise BadRequest("hires fix (enable_hr) is not built yet in unfog's server; send enable_hr false")
+    if req.enable_hr and req.hr_scheduler not in (None, "", "Use same scheduler", req.scheduler):
+        raise BadRequest("a hires scheduler of its own (hr_scheduler) is not supported; send \"Use same scheduler\"")
     for name in ("batch_size", "n_iter"):
         if getattr(req, name) < 1:
             raise BadRequest(f"{name} must be >= 1, got {getattr(req, name)}")
@@ -134,6 +143,7 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
 
 def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img2img: bool) -> Settings:
     """The job's settings: A1111's defaults < the model's recommended settings < the request's."""
+    _refuse_unsupported(req)
     given = req.model_fields_set
     values: dict[str, Any] = dict(A1111_DEFAULTS)
     values |= {k: v for k, v in recommended_settings(model).items() if k in ("steps", "sampler", "cfg_scale",
@@ -152,9 +162,14 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and not isinstance(clip_skip, int):
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer, got {clip_skip!r}")
-    strength = req.denoising_strength if img2img else None
+    strength = req.denoising_strength if img2img or req.enable_hr else None
     if img2img and strength is None:
         strength = 0.75
+    if req.enable_hr and not img2img:
+        values |= dict(hires=True, hr_scale=req.hr_scale, hr_upscaler=req.hr_upscaler or "Latent",
+                       hr_steps=req.hr_second_pass_steps, hr_resize_x=req.hr_resize_x, hr_resize_y=req.hr_resize_y,
+                       hr_sampler=req.hr_sampler_name if req.hr_sampler_name not in (None, "Use same sampler") else None,
+                       hr_prompt=req.hr_prompt or None, hr_negative_prompt=req.hr_negative_prompt or None)
     fields = Settings.__dataclass_fields__
     return Settings(**{k: v for k, v in values.items() if k in fields}, prompt=req.prompt,
                     negative_prompt=req.negative_prompt, seed=req.seed,

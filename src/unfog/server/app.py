@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
+from ..pipelines.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS, target_size
 from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, parse_parameters
 from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, decode_image, encode_png, info_json, init_and_mask,
                     inpainting_settings, request_echo, resize_init, settings_of)
@@ -144,6 +145,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             if value is not None and not 8 <= value <= limits.max_size:
                 raise BadRequest(f"{name} must be in 8..{limits.max_size} (--max-size), got {value}")
         resolve_sampler(settings.sampler)  # an unknown sampler is a 422 before queueing
+        hires = settings.hires_pass()
+        if hires is not None:
+            size = target_size(settings.width or 512, settings.height or 512, hires, 1)
+            if max(size) > limits.max_size:
+                raise BadRequest(f"the hires size {size[0]}x{size[1]} is over this server's {limits.max_size} "
+                                 "(--max-size)")
         init = mask = None
         mode = "txt2img"
         if img2img:
@@ -310,7 +317,16 @@ def create_app(config: ServerConfig) -> FastAPI:
             (loaded if fits else skipped)[emb.name] = item
         return {"loaded": loaded, "skipped": skipped}
 
-    for path in ("prompt-styles", "face-restorers", "realesrgan-models", "upscalers", "latent-upscale-modes"):
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                for name in IMAGE_UPSCALERS]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_UPSCALERS]
+
+    for path in ("prompt-styles", "face-restorers", "realesrgan-models"):
         app.get(f"/sdapi/v1/{path}")(lambda: [])  # things unfog does not have: empty lists, as the issue asks
 
     @app.get("/sdapi/v1/scripts")
