@@ -140,6 +140,10 @@ def test_img2img_without_and_with_a_mask(api, tmp_path):
                            inpaint_full_res=False, mask_blur=0, prompt="a red circle", seed=4, **FAST)
     out = np.asarray(inverted.images[0].convert("RGB"))
     assert np.array_equal(out[~keep], np.asarray(init)[~keep])
+    opaque = Image.merge("RGBA", (*[mask] * 3, Image.new("L", (64, 64), 255)))  # a canvas export: read by its grey
+    same = api.img2img(images=[init], mask_image=opaque, inpainting_fill=1, inpaint_full_res=False, mask_blur=0,
+                       prompt="a red circle", denoising_strength=1.0, seed=4, **FAST)
+    assert np.array_equal(np.asarray(same.images[0]), np.asarray(painted.images[0]))
 
 
 def test_png_info_reads_what_txt2img_wrote(api):

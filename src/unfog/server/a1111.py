@@ -180,8 +180,8 @@ INPAINTING_FILL = ("fill", "original", "latent noise", "latent nothing")  # A111
 
 
 def init_and_mask(req: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:
-    """The init image and the mask as A1111 reads them: white (or, in an RGBA mask, opaque) =
-    repaint; ``inpainting_mask_invert`` swaps them. (Blur, masked content and only-masked are
+    """The init image and the mask as A1111 reads them: white (or, in an RGBA mask with
+    transparency, opaque) = repaint; ``inpainting_mask_invert`` swaps them. (Blur, masked content and only-masked are
     settings of the job: ``inpainting_settings``.)"""
     if not req.init_images:
         raise BadRequest("img2img needs init_images: a list with one base64 image")
@@ -189,7 +189,8 @@ def init_and_mask(req: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]
     if req.mask is None:
         return init, None
     raw = decode_image(req.mask, "mask")
-    mask = raw.getchannel("A") if raw.mode in ("RGBA", "LA") else raw.convert("L")
+    transparent = raw.mode in ("RGBA", "LA") and raw.getchannel("A").getextrema() != (255, 255)
+    mask = raw.getchannel("A") if transparent else raw.convert("L")  # an opaque RGBA mask is read by its grey
     if req.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     if mask.size != init.size:

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 from pydantic import BaseModel
@@ -358,7 +358,23 @@ def create_app(config: ServerConfig) -> FastAPI:
             params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
         return {"info": text, "items": {k: v for k, v in items.items() if isinstance(v, str)}, "parameters": params}
 
+    # ------------------------------------------------------------ the page (static, nothing fetched elsewhere)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in STATIC_FILES:  # a fixed list: no path reaches outside the folder
+            raise NotFound(f"no such file: {name}")
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
+
     return app
+
+
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 
 
 def _same(a, b) -> bool:
