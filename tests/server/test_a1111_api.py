@@ -391,3 +391,43 @@ def test_hires_fix(api):
     r = api.txt2img(prompt="a red circle", seed=3, enable_hr=True, hr_resize_x=128, hr_upscaler="Lanczos",
                     hr_second_pass_steps=4, denoising_strength=0.5, **FAST)
     assert r.images[0].size == (128, 128) and "Hires resize: 128x0" in r.images[0].info["parameters"]
+
+
+def test_fifty_requests_from_ten_clients_and_a_client_that_leaves(server):
+    """Bounded load on this machine: every request completes with its own seeds, none lost;
+    /progress stays fast while the queue is full; a client that disconnects mid-job stops
+    nothing (its job still runs and the next requests are served)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = server.url + "/sdapi/v1"
+    leaver = socket.create_connection(("127.0.0.1", server.port))
+    body = json.dumps({"prompt": "a red circle", "seed": 900, "batch_size": 2, **FAST, "steps": 30}).encode()
+    leaver.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(0.3)
+    leaver.close()  # gone before its answer
+
+    def client(c: int) -> list[bool]:
+        with requests.Session() as s:
+            return [s.post(f"{url}/txt2img", json={"prompt": "a blue square", "seed": 100 * c + k, **FAST}).json()
+                    ["info"].count(f'"all_seeds": [{100 * c + k}]') == 1 for k in range(5)]
+
+    slow = []
+
+    def poll(stop: threading.Event) -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            requests.get(f"{url}/progress", timeout=5)
+            slow.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+    stop = threading.Event()
+    poller = threading.Thread(target=poll, args=(stop,))
+    poller.start()
+    with ThreadPoolExecutor(10) as pool:
+        results = [ok for oks in pool.map(client, range(10)) for ok in oks]
+    stop.set()
+    poller.join()
+    assert len(results) == 50 and all(results)
+    assert len(slow) > 10 and max(slow) < 0.2
+    assert requests.get(f"{url}/progress").json()["state"]["job_count"] == 0
