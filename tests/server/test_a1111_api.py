@@ -23,8 +23,8 @@ import pytest
 import requests
 from PIL import Image
 
-webuiapi = pytest.importorskip("webuiapi")
-uvicorn = pytest.importorskip("uvicorn")
+import uvicorn
+import webuiapi
 
 from unfog.cli import DEFAULT_TEXT_MODEL, default_model_path, main  # noqa: E402
 from unfog.server.app import Limits, ServerConfig, create_app  # noqa: E402

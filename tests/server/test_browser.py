@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-playwright = pytest.importorskip("playwright.sync_api")
+import playwright.sync_api as playwright
 
 from test_a1111_api import Running  # noqa: E402
 

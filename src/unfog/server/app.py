@@ -358,6 +358,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
         return {"info": text, "items": {k: v for k, v in items.items() if isinstance(v, str)}, "parameters": params}
 
+    from .comfy import add_comfy_routes
+
+    add_comfy_routes(app, lib, cache, worker, config.outdir, config.dtype, config.device)
+
     # ------------------------------------------------------------ the page (static, nothing fetched elsewhere)
 
     @app.get("/", include_in_schema=False)
