@@ -79,15 +79,19 @@ def summary(rows: list[dict], idx: list[int]) -> dict[str, float]:
            "colour / shape adherence (all prompts) %": 100 * np.mean([rows[k]["correct"] for k in idx])}
     for c in CATEGORIES:
         verdicts = [rows[k]["correct"] for k in idx if rows[k]["category"] == c]
-        out[f"  {c} %"] = 100 * np.mean(verdicts) if verdicts else float("nan")
+        if verdicts:  # categories not drawn get no row
+            out[f"  {c} %"] = 100 * np.mean(verdicts)
     return out
 
 
-def draw(pipe, scenes: list, settings: dict, controlnet=None, weight: float = 1.0) -> list[np.ndarray]:
-    """One image per scene, its canonical prompt, seed = its index; with the scene's hint if given."""
+def draw(pipe, scenes: list, settings: dict, controlnet=None, weight: float = 1.0, end: float = 1.0
+         ) -> list[np.ndarray]:
+    """One image per scene, its canonical prompt, seed = its index; with the scene's hint if given,
+    from the first step to the fraction ``end`` of the steps."""
     out = []
     for i, scene in enumerate(scenes):
-        controls = [] if controlnet is None else [Control(controlnet, Image.fromarray(layout_hint(scene)), weight)]
+        controls = [] if controlnet is None else [Control(controlnet, Image.fromarray(layout_hint(scene)), weight,
+                                                          end=end)]
         image = pipe(spec_for(scene).text, **settings, seed=i, output="tensor", controls=controls)[0]
         out.append(((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     return out
@@ -101,6 +105,8 @@ def main() -> None:
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
                    help="draw the scenes from these categories only (e.g. position: a larger sample of it)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0])
+    p.add_argument("--ends", type=float, nargs="+", default=[1.0],
+                   help="guidance ends to try with each weight (fractions of the steps; default 1: every step)")
     p.add_argument("--size", type=int, default=64, help="image side (default 64, the embedded model's)")
     p.add_argument("--grid", help="write a grid of the first 8 scenes: hint | without | with (first weight)")
     args = p.parse_args()
@@ -115,7 +121,9 @@ def main() -> None:
     real = measure([render(s) for s in scenes], scenes)
     images = {"without": draw(pipe, scenes, settings)}
     for w in args.weights:
-        images[f"ControlNet x{w:g}"] = draw(pipe, scenes, settings, controlnet, w)
+        for end in args.ends:
+            name = f"ControlNet x{w:g}" + ("" if end == 1 else f", to {end:g}")
+            images[name] = draw(pipe, scenes, settings, controlnet, w, end)
     rows = {name: measure(imgs, scenes) for name, imgs in images.items()}
     groups = {"all held-out scenes": list(range(len(scenes))),
               "layouts the base model gets wrong": [k for k, r in enumerate(rows["without"]) if not r["layout"]]}
