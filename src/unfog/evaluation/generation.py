@@ -15,8 +15,10 @@ a run killed mid-write leaves no half-written ``NNNNN.png``; leftovers are delet
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -114,7 +116,18 @@ class TextModel:
         return self.pipe.spacing_for(sampler)
 
     def draw(self, prompt: str, *, sampler: str, steps: int, cfg_scale: float, seed: int) -> Image.Image:
-        return self.pipe(prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, output="pil")[0]
+        """One image through ``pipelines.draw.draw``, the drawing the CLI and the server use."""
+        from ..pipelines.draw import draw
+        from ..pipelines.outputs import Settings
+
+        settings = Settings(prompt=prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
+        return draw(self.pipe, None, settings, None, None, prompt, progress=_no_bar)
+
+
+@contextmanager
+def _no_bar(total: int, desc: str):
+    """``draw``'s progress for eval, which shows its own bar over the images."""
+    yield SimpleNamespace(callback=None)
 
 
 def model_kind(path: Path) -> str:
