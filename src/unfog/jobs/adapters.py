@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from PIL import Image
+
 from ..checkpoint.embeddings import EMBEDDING_SUFFIXES
 from ..pipelines import hypernetwork
 from ..pipelines.control_units import (ControlSpec, find_controlnet, model_title, preprocessor, recorded_hash,
@@ -151,10 +153,11 @@ def load_controls(pipe: StableDiffusion, job: Job, load: dict, warn: Callable[[s
             check_controlnet_family(model, pipe.unet)
         except ValueError as err:
             raise ValueError(f"ControlNet {path}: {err}") from None
-        image = open_image(spec.image, "ControlNet hint").convert("RGB")
+        image = spec.image if isinstance(spec.image, Image.Image) else open_image(spec.image, "ControlNet hint")
+        image = image.convert("RGB")
         fn = preprocessor(spec.module)
         if fn is not None:
-            image = fn(image)
+            image = fn(image, **dict(spec.options))
         resize, mode = spec.resize_mode or job.control_resize, spec.control_mode or job.control_mode
         controls.append(Control(model, image, spec.weight, spec.start, spec.end, resize, mode))
         texts.append(unit_text(spec, title, resize, mode))

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from ..choices import check_choice
 from .controlnet import A1111_CONTROL, A1111_RESIZE, check_unit
 from .extra_networks import find_named_file
@@ -42,13 +44,14 @@ class ControlSpec:
     (``--control-resize``, ``--control-mode``); module: the preprocessor's name, or "none"."""
 
     model: str
-    image: Path
+    image: Path | Image.Image  # a file, or an image in memory (the server's)
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
     resize_mode: str | None = None
     control_mode: str | None = None
     module: str = "none"
+    options: tuple[tuple[str, float], ...] = ()  # the preprocessor's options (e.g. canny's low / high)
 
     def __post_init__(self) -> None:
         check_unit(self.weight, self.start, self.end, self.resize_mode or "just_resize",

@@ -132,8 +132,9 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
         raise BadRequest(f"prompt styles {req.styles} are not defined (GET /sdapi/v1/prompt-styles is empty)")
     if req.script_name:
         raise BadRequest(f"script {req.script_name!r} is not available (GET /sdapi/v1/scripts lists none)")
-    if req.alwayson_scripts:
-        raise BadRequest(f"alwayson_scripts {sorted(req.alwayson_scripts)} are not available in unfog; send {{}}")
+    others = sorted(k for k in req.alwayson_scripts if k.lower() != "controlnet")
+    if others:
+        raise BadRequest(f"alwayson_scripts {others} are not available in unfog (ControlNet is); leave them out")
     if req.enable_hr and req.hr_scheduler not in (None, "", "Use same scheduler", req.scheduler):
         raise BadRequest("a hires scheduler of its own (hr_scheduler) is not supported; send \"Use same scheduler\"")
     for name in ("batch_size", "n_iter"):
@@ -264,5 +265,60 @@ def request_echo(req: Txt2ImgRequest) -> dict:
     return echo
 
 
+
+# sd-webui-controlnet's unit fields: resize_mode and control_mode as names or numbers
+_RESIZE = {"just resize": "just_resize", "crop and resize": "crop_and_resize", "resize and fill": "resize_and_fill",
+           "inner fit (scale to fit)": "crop_and_resize", "outer fit (shrink to fit)": "resize_and_fill",
+           "0": "just_resize", "1": "crop_and_resize", "2": "resize_and_fill"}
+_CONTROL = {"balanced": "balanced", "my prompt is more important": "prompt",
+            "controlnet is more important": "controlnet", "0": "balanced", "1": "prompt", "2": "controlnet"}
+
+
+def control_units(req: Txt2ImgRequest) -> tuple:
+    """The ControlNet units of ``alwayson_scripts`` (sd-webui-controlnet's API: ``{"controlnet":
+    {"args": [unit, ...]}}``), enabled ones with a model, as ``ControlSpec``s; canny's
+    ``threshold_a`` / ``threshold_b`` are its low / high thresholds, as in the extension."""
+    from ..pipelines.control_units import ControlSpec
+    from ..pipelines.preprocess import A1111_NAMES
+
+    script = next((v for k, v in req.alwayson_scripts.items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return ()
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise BadRequest("alwayson_scripts.controlnet.args must be a list of ControlNet units")
+    specs = []
+    for i, unit in enumerate(args):
+        where = f"ControlNet unit {i}"
+        if not isinstance(unit, dict):
+            raise BadRequest(f"{where}: expected an object, got {unit!r}")
+        model = str(unit.get("model") or "None")
+        if not unit.get("enabled", True) or model == "None":
+            continue
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):  # newer clients: {"image": b64, "mask": b64}
+            image = image.get("image")
+        if not image:
+            raise BadRequest(f"{where}: give its hint as image (base64)")
+        resize = _RESIZE.get(str(unit.get("resize_mode", "Crop and Resize")).strip().lower())
+        control = _CONTROL.get(str(unit.get("control_mode", "Balanced")).strip().lower())
+        if resize is None or control is None:
+            raise BadRequest(f"{where}: resize_mode must be Just Resize, Crop and Resize or Resize and Fill (0-2) and "
+                             "control_mode Balanced, My prompt is more important or ControlNet is more important "
+                             f"(0-2); got {unit.get('resize_mode')!r}, {unit.get('control_mode')!r}")
+        module = str(unit.get("module") or "none")
+        options = ()
+        if A1111_NAMES.get(module, module) == "canny":
+            options = (("low", float(unit.get("threshold_a", 100))), ("high", float(unit.get("threshold_b", 200))))
+        hint = decode_image(image, f"{where} image")
+        try:
+            specs.append(ControlSpec(model.rsplit(" [", 1)[0].strip(), hint,
+                                     float(unit.get("weight", 1.0)), float(unit.get("guidance_start", 0.0)),
+                                     float(unit.get("guidance_end", 1.0)), resize, control, module, options))
+        except (TypeError, ValueError) as err:
+            raise BadRequest(f"{where}: {err}") from None
+    return tuple(specs)
+
+
 __all__ = ["A1111_DEFAULTS", "BadRequest", "Img2ImgRequest", "Txt2ImgRequest", "decode_image",
-           "encode_png", "info_json", "init_and_mask", "inpainting_settings", "request_echo", "resize_init", "settings_of"]
+           "control_units", "encode_png", "info_json", "init_and_mask", "inpainting_settings", "request_echo", "resize_init", "settings_of"]

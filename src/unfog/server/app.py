@@ -30,7 +30,7 @@ from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS, target_size
 from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, parse_parameters
-from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, decode_image, encode_png, info_json, init_and_mask,
+from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, control_units, decode_image, encode_png, info_json, init_and_mask,
                     inpainting_settings, request_echo, resize_init, settings_of)
 from .library import Library, NotFound
 from .worker import Worker
@@ -165,10 +165,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                     settings = replace(settings, **inpainting_settings(req))
             settings = replace(settings, width=width, height=height)
             mode = "inpaint" if mask is not None else "img2img"
+        controls = control_units(req)
+        if controls and not lib.controlnet_dirs:
+            raise BadRequest("this server has no ControlNet models: start it with --controlnet-dir")
         return Job(mode, settings, model.path, init=init, mask=mask, dtype=config.dtype, device=config.device,
                    batch_size=count, lora_dirs=lib.lora_dirs, embedding_dirs=lib.embedding_dirs,
-                   hypernetwork_dirs=lib.hypernetwork_dirs, controlnet_dirs=lib.controlnet_dirs,
-                   vae=None if vae is None else vae.path)
+                   hypernetwork_dirs=lib.hypernetwork_dirs, controls=controls,
+                   controlnet_dirs=lib.controlnet_dirs, vae=None if vae is None else vae.path)
 
     async def generate(req: Txt2ImgRequest, img2img: bool) -> dict:
         job = job_for(req, img2img)
@@ -328,6 +331,23 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     for path in ("prompt-styles", "face-restorers", "realesrgan-models"):
         app.get(f"/sdapi/v1/{path}")(lambda: [])  # things unfog does not have: empty lists, as the issue asks
+
+    # sd-webui-controlnet's own routes, which its clients read before sending units
+    @app.get("/controlnet/version")
+    def controlnet_version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models():
+        from ..pipelines.control_units import model_title
+
+        return {"model_list": [model_title(e.path) for e in lib.controlnets()]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules():
+        from ..pipelines.preprocess import A1111_NAMES
+
+        return {"module_list": ["none", *sorted(A1111_NAMES)]}
 
     @app.get("/sdapi/v1/scripts")
     def scripts():

@@ -85,6 +85,11 @@ class Library:
     def embeddings(self) -> list[Entry]:
         return scan(self.embedding_dirs, EMBEDDING_SUFFIXES)
 
+    def controlnets(self) -> list[Entry]:
+        from ..pipelines.control_units import CONTROLNET_SUFFIXES
+
+        return scan(self.controlnet_dirs, CONTROLNET_SUFFIXES)
+
     def vaes(self) -> list[Entry]:
         return scan(self.vae_dirs, VAE_SUFFIXES)
 
