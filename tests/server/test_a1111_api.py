@@ -431,3 +431,42 @@ def test_fifty_requests_from_ten_clients_and_a_client_that_leaves(server):
     assert len(results) == 50 and all(results)
     assert len(slow) > 10 and max(slow) < 0.2
     assert requests.get(f"{url}/progress").json()["state"]["job_count"] == 0
+
+
+def test_infotext_redraws_an_image_and_fields_given_win(server, api):
+    first = api.txt2img(prompt="a purple square below a red circle", negative_prompt="green", seed=41, steps=3,
+                        cfg_scale=3.0, width=64, height=64, sampler_name="DPM++ 2M", scheduler="Karras")
+    text = first.images[0].info["parameters"]
+    r = requests.post(server.url + "/sdapi/v1/txt2img", json={"infotext": text})
+    again = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert again.info["parameters"] == text
+    assert np.array_equal(np.asarray(again), np.asarray(first.images[0]))
+    r = requests.post(server.url + "/sdapi/v1/txt2img", json={"infotext": text, "seed": 42})
+    assert json.loads(r.json()["info"])["all_seeds"] == [42]
+    bad = requests.post(server.url + "/sdapi/v1/txt2img",
+                        json={"infotext": "x\nSteps: many, Sampler: Euler, Size: 64x64"})
+    assert bad.status_code == 422 and "Steps: many" in bad.json()["errors"]
+
+
+def test_send_images_false_and_cors(folders):
+    config = ServerConfig(Library(default_model_path(DEFAULT_TEXT_MODEL)), cors_origins=("https://ok.example",))
+    running = Running(config)
+    try:
+        r = requests.post(running.url + "/sdapi/v1/txt2img", json={"prompt": "x", "send_images": False, **FAST})
+        assert r.json()["images"] == [] and json.loads(r.json()["info"])["all_seeds"]
+        pre = {"Origin": "https://ok.example", "Access-Control-Request-Method": "POST"}
+        ok = requests.options(running.url + "/sdapi/v1/txt2img", headers=pre)
+        assert ok.headers.get("access-control-allow-origin") == "https://ok.example"
+        no = requests.options(running.url + "/sdapi/v1/txt2img", headers={**pre, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in no.headers
+    finally:
+        running.stop()
+
+
+def test_listen_means_every_address(monkeypatch):
+    import unfog.server as server_module
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda config, host, port: seen.update(host=host, port=port))
+    assert main(["serve", "--port", "7861"]) == 0 and seen["host"] == "127.0.0.1"
+    assert main(["serve", "--port", "7861", "--listen"]) == 0 and seen["host"] == "0.0.0.0"

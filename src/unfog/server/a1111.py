@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..jobs import Drawn, Job
 from ..pipelines.latent_model import recommended_settings
-from ..pipelines.outputs import Settings, spacing_of
+from ..pipelines.outputs import Settings, parse_parameters, settings_from_parameters, spacing_of
 
 # A1111's defaults where unfog's Settings differ (StableDiffusionProcessing.__init__).
 A1111_DEFAULTS = dict(steps=50, sampler="Euler", cfg_scale=7.0)
@@ -143,12 +143,22 @@ def _refuse_unsupported(req: Txt2ImgRequest) -> None:
 
 
 def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img2img: bool) -> Settings:
-    """The job's settings: A1111's defaults < the model's recommended settings < the request's."""
+    """The job's settings: A1111's defaults < the model's recommended settings < the settings of
+    the request's ``infotext`` (a parameters text, as A1111 applies it) < the request's fields."""
     _refuse_unsupported(req)
     given = req.model_fields_set
     values: dict[str, Any] = dict(A1111_DEFAULTS)
     values |= {k: v for k, v in recommended_settings(model).items() if k in ("steps", "sampler", "cfg_scale",
                                                                              "spacing")}
+    restored: dict[str, Any] = {}
+    if req.infotext:
+        try:
+            restored = settings_from_parameters(parse_parameters(req.infotext), "infotext")
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        if not img2img and not restored.get("hires"):
+            restored.pop("strength", None)
+        values |= {k: v for k, v in restored.items() if k not in ("prompt", "negative_prompt", "seed", "strength")}
     sampler = req.sampler_name or (req.sampler_index if "sampler_index" in given else None)
     if sampler:
         values["sampler"] = sampler
@@ -164,6 +174,8 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
     if clip_skip is not None and not isinstance(clip_skip, int):
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer, got {clip_skip!r}")
     strength = req.denoising_strength if img2img or req.enable_hr else None
+    if "denoising_strength" not in given and "strength" in restored:
+        strength = restored["strength"]
     if img2img and strength is None:
         strength = 0.75
     if req.enable_hr and not img2img:
@@ -171,9 +183,12 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
                        hr_steps=req.hr_second_pass_steps, hr_resize_x=req.hr_resize_x, hr_resize_y=req.hr_resize_y,
                        hr_sampler=req.hr_sampler_name if req.hr_sampler_name not in (None, "Use same sampler") else None,
                        hr_prompt=req.hr_prompt or None, hr_negative_prompt=req.hr_negative_prompt or None)
+    text = {name: getattr(req, name) if name in given or name not in restored else restored[name]
+            for name in ("prompt", "negative_prompt", "seed")}
+    if clip_skip is None or (clip_skip == 1 and "clip_skip" in restored):
+        clip_skip = restored.get("clip_skip", clip_skip)
     fields = Settings.__dataclass_fields__
-    return Settings(**{k: v for k, v in values.items() if k in fields}, prompt=req.prompt,
-                    negative_prompt=req.negative_prompt, seed=req.seed,
+    return Settings(**{k: v for k, v in values.items() if k in fields and k not in ("clip_skip",)}, **text,
                     clip_skip=clip_skip if clip_skip and clip_skip > 1 else None, strength=strength)
 
 
