@@ -40,9 +40,22 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    import sys
+
+    import unfog
+    from unfog.checkpoint.controlnet import save_controlnet
+    from unfog.training.controlnet import controlnet_from_unet
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
+    from model_checks import randomize_
+
     loras = tmp_path_factory.mktemp("loras")
     (loras / "pastel.safetensors").write_bytes(b"")  # listed by name; never loaded here
-    running = Running(ServerConfig(Library(default_model_path(DEFAULT_TEXT_MODEL), lora_dirs=[loras]),
+    controlnets = tmp_path_factory.mktemp("controlnets")
+    pipe = unfog.load(default_model_path(DEFAULT_TEXT_MODEL))
+    save_controlnet(randomize_(controlnet_from_unet(pipe), seed=3), controlnets / "layout_test.safetensors")
+    running = Running(ServerConfig(Library(default_model_path(DEFAULT_TEXT_MODEL), lora_dirs=[loras],
+                                           controlnet_dirs=[controlnets]),
                                    limits=Limits(max_size=512, max_steps=150, max_batch=8), preview_every=2))
     yield running
     running.stop()
@@ -203,3 +216,32 @@ def test_paint_a_mask_and_inpaint(page, tmp_path):
     page.get_by_role("button", name="Send to inpaint").click()
     page.wait_for_function("document.getElementById('init-canvas').width === 64")
     assert page.get_by_role("tab", name="img2img").get_attribute("aria-selected") == "true"
+
+
+def test_a_controlnet_unit_from_the_form(page, server, tmp_path):
+    hint = Image.new("RGB", (64, 64), (0, 0, 0))
+    hint.paste((255, 255, 255), (8, 20, 30, 44))
+    hint.save(tmp_path / "hint.png")
+    fill(page, Prompt="a red circle", Width=64, Height=64, Steps=4, Seed=8)
+    page.get_by_label("CFG scale", exact=True).fill("2")
+    page.get_by_label("ControlNet", exact=True).check()
+    assert page.get_by_label("ControlNet model").input_value().startswith("layout_test [")
+    page.get_by_label("Preprocessor").select_option("none")
+    fill(page, **{"Control weight": 0.7, "Ending control step": 0.8})
+    page.get_by_label("Control image").set_input_files(str(tmp_path / "hint.png"))
+    page.wait_for_function("controlData !== null")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelector('#gallery img') || document.getElementById('error').textContent",
+                           timeout=120_000)
+    assert page.get_by_role("alert").text_content() == ""
+    info = page.get_by_label("Image parameters").text_content()
+    assert "Module: none, Model: layout_test [" in info and "Weight: 0.7" in info and "Guidance End: 0.8" in info
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    unit = webuiapi.ControlNetUnit(image=hint, module="none", model="layout_test", weight=0.7, guidance_end=0.8,
+                                   resize_mode="Crop and Resize")
+    same = api.txt2img(prompt="a red circle", seed=8, steps=4, width=64, height=64, cfg_scale=2,
+                       sampler_name="Euler a", scheduler="Automatic", controlnet_units=[unit])
+    assert np.array_equal(np.asarray(same.images[0].convert("RGB")), np.asarray(image_of(page).convert("RGB")))
+    page.get_by_label("ControlNet", exact=True).uncheck()

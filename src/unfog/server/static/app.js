@@ -18,6 +18,12 @@ async function call(path, body) {
   return data;
 }
 
+async function fetchJSON(path) {
+  const response = await fetch(path);
+  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  return response.json();
+}
+
 function fillSelect(select, names, current) {
   select.replaceChildren(...names.map((n) => new Option(n, n)));
   if (current !== undefined && names.includes(current)) select.value = current;
@@ -44,9 +50,13 @@ function restoreSettings() {
 // ------------------------------------------------------------------ lists from the server
 
 async function loadLists() {
-  const [models, options, samplers, schedulers, loras, upscalers, latent] = await Promise.all([
+  const [models, options, samplers, schedulers, loras, upscalers, latent, controlnets, modules] = await Promise.all([
     call("/sd-models"), call("/options"), call("/samplers"), call("/schedulers"), call("/loras"),
-    call("/upscalers"), call("/latent-upscale-modes")]);
+    call("/upscalers"), call("/latent-upscale-modes"), fetchJSON("/controlnet/model_list"),
+    fetchJSON("/controlnet/module_list")]);
+  fillSelect($("cn_model"), controlnets.model_list);
+  fillSelect($("cn_module"), modules.module_list, "none");
+  $("controlnet-box").hidden = controlnets.model_list.length === 0;
   fillSelect($("model"), models.map((m) => m.title));
   const current = models.find((m) => m.title === options.sd_model_checkpoint ||
                                      m.title.startsWith(options.sd_model_checkpoint));
@@ -73,6 +83,13 @@ function payload() {
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr_upscaler").value, hr_scale: number("hr_scale"),
                           hr_second_pass_steps: number("hr_second_pass_steps"),
                           denoising_strength: number("hr_denoising_strength") });
+  }
+  if ($("cn_enabled").checked && !$("controlnet-box").hidden) {
+    if (!controlData) throw new Error("choose a control image for the ControlNet unit");
+    body.alwayson_scripts = { controlnet: { args: [{
+      image: controlData, module: $("cn_module").value, model: $("cn_model").value, weight: number("cn_weight"),
+      guidance_start: number("cn_start"), guidance_end: number("cn_end"), control_mode: $("cn_mode").value,
+      resize_mode: "Crop and Resize" }] } };
   }
   if (mode === "img2img") {
     if (!initImage) throw new Error("choose an init image first (or send one from the gallery)");
@@ -151,6 +168,7 @@ function select(i) {
 
 // ------------------------------------------------------------------ img2img and the mask brush
 
+let controlData = null;  // the ControlNet unit's hint, as a data URL
 let initImage = null;
 let initData = null;
 
@@ -276,6 +294,13 @@ function wire() {
     $("status").textContent = "Loading model…";
     try { await call("/options", { sd_model_checkpoint: $("model").value }); $("status").textContent = "Model loaded"; }
     catch (err) { $("error").textContent = err.message; $("status").textContent = ""; }
+  });
+  $("cn_image").addEventListener("change", () => {
+    const file = $("cn_image").files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => { controlData = reader.result; };
+    reader.readAsDataURL(file);
   });
   $("init-image").addEventListener("change", () => {
     const file = $("init-image").files[0];
