@@ -323,6 +323,17 @@ def test_serve_start_up_errors(args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_serve_refuses_a_folder_it_cannot_read(tmp_path, monkeypatch, capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real(path, mode))
+    assert main(["serve", "--port", str(_free_port()), "--lora-dir", str(locked)]) == 2  # (root reads any folder)
+    assert f"--lora-dir {locked}: this user cannot read the folder" in capsys.readouterr().err
+
+
 def test_serve_says_when_the_port_is_taken(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

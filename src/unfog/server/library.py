@@ -6,6 +6,7 @@ folders can be named, so no request reaches a path outside them."""
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class Library:
             for folder in folders:
                 if not folder.is_dir():
                     raise ValueError(f"{flag} {folder}: not a folder")
+                if not os.access(folder, os.R_OK | os.X_OK):
+                    raise ValueError(f"{flag} {folder}: this user cannot read the folder (permissions)")
 
     def models(self) -> list[Entry]:
         entries = scan(self.model_dirs, MODEL_SUFFIXES, folders_too=True)
