@@ -450,6 +450,76 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                        help="fraction of the steps the base runs before the refiner (default 0.8)")
 
 
+def _add_serve_parser(sub) -> None:
+    """`unfog serve`: the HTTP server (server/)."""
+    p = sub.add_parser("serve", help="an HTTP server speaking AUTOMATIC1111's API (/sdapi/v1), for its clients")
+    p.add_argument("--model", default=None, help="the model loaded at start (default: the embedded shapes model)")
+    for flag, what in (("--models-dir", "model files and diffusers folders"), ("--lora-dir", "LoRA files"),
+                       ("--embeddings-dir", "textual-inversion embeddings"), ("--hypernetwork-dir", "hypernetworks"),
+                       ("--vae-dir", "VAE files"), ("--controlnet-dir", "ControlNet files")):
+        p.add_argument(flag, action="append", default=[], metavar="DIR", help=f"a folder of {what} (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    p.add_argument("--listen", action="store_true", help="listen on every address (0.0.0.0), for other machines")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
+                   help="HTTP Basic credentials every route asks for")
+    p.add_argument("--cors-allow-origins", default=None, metavar="A,B", help="origins browsers may call from")
+    p.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the models' dtype (default fp32)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width or height a request may ask (2048)")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (150)")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per request, batch_size x n_iter (16)")
+    p.add_argument("--outdir", default="outputs", help="where save_images writes (default outputs/)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_preprocess_parser(sub) -> None:
+    """`unfog preprocess NAME IMAGE -o HINT`: a ControlNet hint image."""
+    p = sub.add_parser("preprocess", help="make a ControlNet hint image: canny, scribble, lineart_standard, shuffle, "
+                       "tile, blur, invert, binary")
+    p.add_argument("name", help="the preprocessor: canny, scribble, lineart_standard, shuffle, tile, blur, invert, "
+                   "binary (or A1111's module name, e.g. scribble_xdog)")
+    p.add_argument("image", help="the image to make the hint from")
+    p.add_argument("-o", "--out", required=True, help="the hint PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--low", type=finite_float, default=None, help="canny: low threshold (default 100)")
+    p.add_argument("--high", type=finite_float, default=None, help="canny: high threshold (default 200)")
+    p.add_argument("--l2-gradient", action="store_true", default=None, help="canny: Euclidean gradient magnitude "
+                   "(default |dx| + |dy|, as A1111)")
+    p.add_argument("--sigma", type=finite_float, default=None, help="blur: Gaussian sigma in pixels (default 9); "
+                   "canny: blur before the gradients (default 0: none, as A1111)")
+    p.add_argument("--threshold", type=finite_float, default=None, help="scribble: XDoG threshold (default 32); "
+                   "binary: grey level, 0 for Otsu's (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="shuffle: random seed (default 0)")
+    p.add_argument("--cell", type=int, default=None, help="shuffle: pixels between the flow field's random "
+                   "values (default 256)")
+    p.add_argument("--rate", type=finite_float, default=None, help="tile: downsampling rate (default 1: none)")
+    p.set_defaults(func=cmd_preprocess)
+
+
+def _add_lora_parser(sub) -> None:
+    """`unfog lora info | extract`."""
+    p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE, lora extract BASE TUNED")
+    lora = p.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
+    p = lora.add_parser("info", help="what a LoRA file is for, its kinds, ranks, targets and training metadata")
+    p.add_argument("file", help="a LoRA / LyCORIS file (.safetensors, .pt, .ckpt)")
+    p.set_defaults(func=cmd_lora_info)
+    p = lora.add_parser("extract", help="a LoRA from the difference of two checkpoints by truncated SVD (as kohya's "
+                        "extractor): BASE + the LoRA ~ TUNED")
+    p.add_argument("base", help="the original model (single file, diffusers folder or unfog model file)")
+    p.add_argument("tuned", help="the fine-tuned model, of the same architecture")
+    p.add_argument("--rank", type=int, required=True, help="the LoRA rank of the Linear / 1x1-conv modules")
+    p.add_argument("--conv-rank", type=int, default=None, help="also extract the ResBlock and up/down-sampling 3x3 "
+                   "convs, at this rank (default: leave them out)")
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="extract the text encoders' changes too (default: yes)")
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda (default cpu)")
+    p.set_defaults(func=cmd_lora_extract)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line, as every other error of the command (argparse would add the usage)."""
@@ -500,70 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(p, "img2img")
     p = sub.add_parser("inpaint", help="repaint the masked part of an image")
     _add_image_args(p, "inpaint")
-    p = sub.add_parser("serve", help="an HTTP server speaking AUTOMATIC1111's API (/sdapi/v1), for its clients")
-    p.add_argument("--model", default=None, help="the model loaded at start (default: the embedded shapes model)")
-    for flag, what in (("--models-dir", "model files and diffusers folders"), ("--lora-dir", "LoRA files"),
-                       ("--embeddings-dir", "textual-inversion embeddings"), ("--hypernetwork-dir", "hypernetworks"),
-                       ("--vae-dir", "VAE files"), ("--controlnet-dir", "ControlNet files")):
-        p.add_argument(flag, action="append", default=[], metavar="DIR", help=f"a folder of {what} (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
-    p.add_argument("--listen", action="store_true", help="listen on every address (0.0.0.0), for other machines")
-    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER2:PASS2]",
-                   help="HTTP Basic credentials every route asks for")
-    p.add_argument("--cors-allow-origins", default=None, metavar="A,B", help="origins browsers may call from")
-    p.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the models' dtype (default fp32)")
-    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-size", type=int, default=2048, help="largest width or height a request may ask (2048)")
-    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (150)")
-    p.add_argument("--max-batch", type=int, default=16, help="most images per request, batch_size x n_iter (16)")
-    p.add_argument("--outdir", default="outputs", help="where save_images writes (default outputs/)")
-    p.set_defaults(func=cmd_serve)
+    _add_serve_parser(sub)
 
     p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
     p.add_argument("image", help="a PNG written by unfog or AUTOMATIC1111")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("preprocess", help="make a ControlNet hint image: canny, scribble, lineart_standard, shuffle, "
-                       "tile, blur, invert, binary")
-    p.add_argument("name", help="the preprocessor: canny, scribble, lineart_standard, shuffle, tile, blur, invert, "
-                   "binary (or A1111's module name, e.g. scribble_xdog)")
-    p.add_argument("image", help="the image to make the hint from")
-    p.add_argument("-o", "--out", required=True, help="the hint PNG to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--low", type=finite_float, default=None, help="canny: low threshold (default 100)")
-    p.add_argument("--high", type=finite_float, default=None, help="canny: high threshold (default 200)")
-    p.add_argument("--l2-gradient", action="store_true", default=None, help="canny: Euclidean gradient magnitude "
-                   "(default |dx| + |dy|, as A1111)")
-    p.add_argument("--sigma", type=finite_float, default=None, help="blur: Gaussian sigma in pixels (default 9); "
-                   "canny: blur before the gradients (default 0: none, as A1111)")
-    p.add_argument("--threshold", type=finite_float, default=None, help="scribble: XDoG threshold (default 32); "
-                   "binary: grey level, 0 for Otsu's (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="shuffle: random seed (default 0)")
-    p.add_argument("--cell", type=int, default=None, help="shuffle: pixels between the flow field's random "
-                   "values (default 256)")
-    p.add_argument("--rate", type=finite_float, default=None, help="tile: downsampling rate (default 1: none)")
-    p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser("lora", help="LoRA / LyCORIS files: lora info FILE, lora extract BASE TUNED")
-    lora = p.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
-    p = lora.add_parser("info", help="what a LoRA file is for, its kinds, ranks, targets and training metadata")
-    p.add_argument("file", help="a LoRA / LyCORIS file (.safetensors, .pt, .ckpt)")
-    p.set_defaults(func=cmd_lora_info)
-    p = lora.add_parser("extract", help="a LoRA from the difference of two checkpoints by truncated SVD (as kohya's "
-                        "extractor): BASE + the LoRA ~ TUNED")
-    p.add_argument("base", help="the original model (single file, diffusers folder or unfog model file)")
-    p.add_argument("tuned", help="the fine-tuned model, of the same architecture")
-    p.add_argument("--rank", type=int, required=True, help="the LoRA rank of the Linear / 1x1-conv modules")
-    p.add_argument("--conv-rank", type=int, default=None, help="also extract the ResBlock and up/down-sampling 3x3 "
-                   "convs, at this rank (default: leave them out)")
-    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
-                   help="extract the text encoders' changes too (default: yes)")
-    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, kohya format)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda (default cpu)")
-    p.set_defaults(func=cmd_lora_extract)
+    _add_preprocess_parser(sub)
+    _add_lora_parser(sub)
 
     p = sub.add_parser("eval", help="evaluate a model over samplers, steps and guidance scales: FID, KID, CLIP "
                        "score, prompt adherence; writes report.json, report.md and plots")
