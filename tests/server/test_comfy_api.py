@@ -105,7 +105,7 @@ def test_img2img_graph_from_the_input_folder(server):
 @pytest.mark.parametrize("change, status, words", [
     (lambda g: g.update({"11": {"class_type": "LoraLoader", "inputs": {}}}), 400, "node LoraLoader does not exist"),
     (lambda g: g["4"]["inputs"].update(ckpt_name="../../etc/passwd"), 400, "not in the server's folders"),
-    (lambda g: g["3"]["inputs"].update(scheduler="beta"), 400, "valid: normal"),
+    (lambda g: g["3"]["inputs"].update(scheduler="beta"), 400, "valid choices: normal"),
     (lambda g: g.pop("9"), 400, "Prompt has no outputs"),
     (lambda g: g.update({"5": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
                          "10": {"class_type": "LoadImage", "inputs": {"image": "../secret.png"}}}), 400,

@@ -27,6 +27,7 @@ import torch
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 
+from ..choices import check_choice
 from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.images import open_image, save_png
@@ -81,7 +82,7 @@ def object_info(lib: Library, cache: ModelCache) -> dict[str, Any]:
 
 
 def _node(graph: dict, link, want: tuple[str, ...], what: str, node_id: str) -> tuple[str, dict]:
-    """The node a link ``[id, output]`` points to, which must be one of ``want``."""
+    """The node a link ``[id, output]`` points to; its class is to be in ``want``."""
     if not (isinstance(link, list) and len(link) == 2 and str(link[0]) in graph):
         raise GraphError(f"node {node_id}: input {what} must link to another node, got {link!r}", node_id)
     nid = str(link[0])
@@ -139,9 +140,10 @@ def plan(graph: dict, lib: Library, cache: ModelCache, input_dir: Path, dtype: s
     except NotFound as err:
         raise GraphError(f"node {ck_id}: {err}", ck_id, "value_not_in_list") from None
     scheduler = _value(k, "scheduler", k_id, str, "normal")
-    if scheduler not in SCHEDULERS:
-        raise GraphError(f"node {k_id}: scheduler {scheduler!r} is not one unfog has; valid: {', '.join(SCHEDULERS)}",
-                         k_id, "value_not_in_list")
+    try:
+        check_choice("scheduler", scheduler, SCHEDULERS)
+    except ValueError as err:
+        raise GraphError(f"node {k_id}: {err}", k_id, "value_not_in_list") from None
     sampler = _value(k, "sampler_name", k_id, str, "euler")
     try:
         resolve_sampler(sampler)
