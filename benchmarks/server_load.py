@@ -34,12 +34,13 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--requests", type=int, default=5, help="requests per client")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--preview-every", type=int, default=5, help="live preview every N steps (0: none; default 5)")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(ServerConfig(Library(default_model_path(DEFAULT_TEXT_MODEL)), limits=Limits(max_batch=4),
-                                  preview_every=5))
+                                  preview_every=args.preview_every))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -82,8 +83,8 @@ def main() -> None:
     latencies = np.array([t for t, _ in results])
     progress = np.array(progress_times) * 1000
     n = len(results)
-    print(f"unfog serve, shapes model, 64 px, {args.steps} steps, Euler a; {args.clients} clients x {args.requests} "
-          f"requests; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
+    print(f"unfog serve, shapes model, 64 px, {args.steps} steps, Euler a, preview every {args.preview_every} steps; "
+          f"{args.clients} clients x {args.requests} requests; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
     print("| measure | value |")
     print("|---|---|")
     print(f"| requests completed with their seed | {sum(ok for _, ok in results)} / {n} |")
