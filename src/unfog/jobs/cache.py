@@ -51,7 +51,8 @@ class ModelCache:
         """The pipeline of the model file or folder ``path``, loaded as ``job`` asks, from the cache
         when it holds it."""
         load = self.load_options(job)
-        key = _Key(str(Path(path).resolve()), _stamp(Path(path)), family, job.prediction, job.dtype, str(load["device"]))
+        path = Path(path)
+        key = _Key(str(path.resolve()), _stamp(path), family, job.prediction, job.dtype, str(load["device"]))
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]

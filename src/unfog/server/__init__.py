@@ -32,7 +32,8 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {host} is in use (another server?); pick another with --port") from None
+                raise ValueError(f"port {port} on {host} is in use (another server?); pick another with --port"
+                                 ) from None
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 

@@ -181,7 +181,7 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
     if req.enable_hr and not img2img:
         values |= dict(hires=True, hr_scale=req.hr_scale, hr_upscaler=req.hr_upscaler or "Latent",
                        hr_steps=req.hr_second_pass_steps, hr_resize_x=req.hr_resize_x, hr_resize_y=req.hr_resize_y,
-                       hr_sampler=req.hr_sampler_name if req.hr_sampler_name not in (None, "Use same sampler") else None,
+                       hr_sampler=None if req.hr_sampler_name in (None, "Use same sampler") else req.hr_sampler_name,
                        hr_prompt=req.hr_prompt or None, hr_negative_prompt=req.hr_negative_prompt or None)
     text = {name: getattr(req, name) if name in given or name not in restored else restored[name]
             for name in ("prompt", "negative_prompt", "seed")}
@@ -335,5 +335,6 @@ def control_units(req: Txt2ImgRequest) -> tuple:
     return tuple(specs)
 
 
-__all__ = ["A1111_DEFAULTS", "BadRequest", "Img2ImgRequest", "Txt2ImgRequest", "decode_image",
-           "control_units", "encode_png", "info_json", "init_and_mask", "inpainting_settings", "request_echo", "resize_init", "settings_of"]
+__all__ = ["A1111_DEFAULTS", "BadRequest", "Img2ImgRequest", "Txt2ImgRequest", "control_units", "decode_image",
+           "encode_png", "info_json", "init_and_mask", "inpainting_settings", "request_echo", "resize_init",
+           "settings_of"]

@@ -30,8 +30,8 @@ from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS, target_size
 from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, parse_parameters
-from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, control_units, decode_image, encode_png, info_json, init_and_mask,
-                    inpainting_settings, request_echo, resize_init, settings_of)
+from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, control_units, decode_image, encode_png, info_json,
+                    init_and_mask, inpainting_settings, request_echo, resize_init, settings_of)
 from .library import Library, NotFound
 from .worker import Worker
 
@@ -97,6 +97,20 @@ def create_app(config: ServerConfig) -> FastAPI:
                            allow_origin_regex=config.cors_origin_regex, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials=True)
 
+    _add_error_handlers(app)
+    _add_generation_routes(app, config, lib, cache, worker, options, current)
+    _add_model_routes(app, config, lib, cache, worker, options, current)
+    _add_list_routes(app, config, lib, cache)
+    from .comfy import add_comfy_routes
+
+    add_comfy_routes(app, lib, cache, worker, config.outdir, config.dtype, config.device)
+
+    _add_page_routes(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors in A1111's body: 422 for bad requests and values, 404 for unknown names, else 500."""
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError):
         text = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
@@ -123,8 +137,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def failed(request: Request, err: Exception):
         return _error(500, err)
 
-    # ------------------------------------------------------------ generation
 
+def _add_generation_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: ModelCache, worker: Worker,
+                           options: dict, current: dict) -> None:
+    """txt2img, img2img, and the queue's progress, interrupt and skip."""
     def job_for(req: Txt2ImgRequest, img2img: bool) -> Job:
         overrides = dict(req.override_settings or {})
         model = current["model"]
@@ -219,8 +235,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         worker.skip()
         return {}
 
-    # ------------------------------------------------------------ options and models
 
+def _add_model_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: ModelCache, worker: Worker,
+                      options: dict, current: dict) -> None:
+    """Options (switching the model through the queue), models and the refresh routes."""
     @app.get("/sdapi/v1/options")
     def get_options():
         return dict(options)
@@ -266,6 +284,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     def refresh_vae():
         return None
 
+
+def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: ModelCache) -> None:
+    """The lists clients read (samplers, LoRAs, ...; empty for what unfog lacks), memory, png-info."""
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
         return [{"model_name": e.name, "filename": str(e.path)} for e in lib.vaes()]
@@ -378,12 +399,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
         return {"info": text, "items": {k: v for k, v in items.items() if isinstance(v, str)}, "parameters": params}
 
-    from .comfy import add_comfy_routes
 
-    add_comfy_routes(app, lib, cache, worker, config.outdir, config.dtype, config.device)
-
-    # ------------------------------------------------------------ the page (static, nothing fetched elsewhere)
-
+def _add_page_routes(app: FastAPI) -> None:
+    """The page at / and its files (a fixed list)."""
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -394,7 +412,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise NotFound(f"no such file: {name}")
         return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
 
-    return app
+
 
 
 STATIC = Path(__file__).parent / "static"

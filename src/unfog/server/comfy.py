@@ -151,7 +151,8 @@ def plan(graph: dict, lib: Library, cache: ModelCache, input_dir: Path, dtype: s
         raise GraphError(f"node {k_id}: {err}", k_id, "value_not_in_list") from None
     denoise = _value(k, "denoise", k_id, float, 1.0)
     l_id, latent = _node(graph, k.get("latent_image"), ("EmptyLatentImage", "VAEEncode"), "latent_image", k_id)
-    settings = dict(prompt=texts["positive"], negative_prompt=texts["negative"], steps=_value(k, "steps", k_id, int, 20),
+    settings = dict(prompt=texts["positive"], negative_prompt=texts["negative"],
+                    steps=_value(k, "steps", k_id, int, 20),
                     sampler=sampler, spacing=SCHEDULERS[scheduler], cfg_scale=_value(k, "cfg", k_id, float, 8.0),
                     seed=_value(k, "seed", k_id, int, 0))
     init, batch = None, 1
@@ -202,9 +203,10 @@ def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Work
         node_errors = {} if err.node is None else {err.node: {"errors": [{"type": err.kind, "message": str(err),
                                                                           "details": "", "extra_info": {}}],
                                                               "dependent_outputs": [], "class_type": None}}
+        details = "" if err.node is None else f"Node ID '#{err.node}'"
         return JSONResponse(status_code=status, content={"error": {"type": err.kind, "message": str(err),
-                                                                    "details": "" if err.node is None else f"Node ID '#{err.node}'",
-                                                                    "extra_info": {}}, "node_errors": node_errors})
+                                                                    "details": details, "extra_info": {}},
+                                                          "node_errors": node_errors})
 
     async def run(prompt_id: str, number: int, graph: dict, p: Plan) -> None:
         state.emit("execution_start", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)})
