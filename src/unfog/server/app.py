@@ -8,7 +8,6 @@ interrupt and the lists answer while a job runs.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import resource
 import secrets
@@ -26,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..checkpoint.io import read_metadata
 from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS, target_size
@@ -315,7 +315,7 @@ def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: Mo
 
     @app.get("/sdapi/v1/loras")
     def loras():
-        return [{"name": e.stem, "alias": e.stem, "path": str(e.path), "metadata": _metadata(e.path)}
+        return [{"name": e.stem, "alias": e.stem, "path": str(e.path), "metadata": read_metadata(e.path) or {}}
                 for e in lib.loras()]
 
     @app.get("/sdapi/v1/hypernetworks")
@@ -421,18 +421,6 @@ STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.c
 
 def _same(a, b) -> bool:
     return (a.name, a.options) == (b.name, b.options)
-
-
-def _metadata(path: Path) -> dict:
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else {}
-        return header.get("__metadata__", {}) or {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _auth(pairs: tuple[tuple[str, str], ...]):

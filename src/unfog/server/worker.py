@@ -4,18 +4,17 @@ future, so the server keeps answering (progress, lists) while a job runs."""
 
 from __future__ import annotations
 
-import base64
-import io
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..jobs import Drawn, Interrupted, Job, ModelCache, Skipped, generate
 from ..pipelines.inputs import to_pil
+from .a1111 import encode_png
 
 
 @dataclass
@@ -114,10 +113,9 @@ class Worker:
     def _run(self, task: Task) -> list[Drawn]:
         job = task.job
         with self.lock:
-            s = self.state
-            s.job, s.job_images, s.job_no, s.started = "txt2img" if job.mode == "txt2img" else "img2img", \
-                job.batch_size, 0, time.time()
-            s.timestamp = time.strftime("%Y%m%d%H%M%S")
+            self.state = replace(self.state, job="txt2img" if job.mode == "txt2img" else "img2img",
+                                 job_images=job.batch_size, job_no=0, started=time.time(),
+                                 timestamp=time.strftime("%Y%m%d%H%M%S"))
         drawn: list[Drawn] = []
         for d in generate(job, self.cache, warn=task.warnings.append, progress=self._progress):
             drawn.append(d)
@@ -169,7 +167,4 @@ def _preview(worker: Worker, latents) -> str | None:
     pipe = worker.cache.last  # the job's base model: the last one handed out
     if pipe is None:
         return None
-    image = to_pil(pipe.decode(latents))[0]
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return encode_png(to_pil(pipe.decode(latents))[0], None)
