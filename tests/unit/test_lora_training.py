@@ -418,3 +418,90 @@ def test_latent_cache_in_memory_and_on_disk_match_direct_encoding_and_stale_entr
     redone = vae.encode(data.batch(torch.tensor([1])).images).mean[0]
     torch.testing.assert_close(fresh[1].mean, redone, atol=1e-4, rtol=1e-4)  # batched vs single encoding: float summation order
     assert not torch.allclose(fresh[1].mean, first[1].mean)
+
+
+# ---- prior preservation (lora.prior_*) -------------------------------------------------------------------
+
+PRIOR = ["shapes_options.extra_shapes=[\"star\"]", "shapes_options.extra_fraction=1.0", "lora.prior_data=shapes",
+         "lora.text_encoder_lora=true", "lora.conv_rank=2"]
+
+
+def test_prior_data_shapes_leaves_out_the_extra_concepts(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, *PRIOR, "lora.prior_size=40"), "cpu")
+    assert all("star" in trainer.data.caption_of(i) for i in range(len(trainer.data)))
+    assert len(trainer.prior) == 40
+    assert not any("star" in trainer.prior.caption_of(i) for i in range(len(trainer.prior)))
+
+
+def _unet_out(pipe, x, t, prompts):
+    from unfog.training.finetune import frozen_forward
+    with torch.no_grad():
+        return frozen_forward(pipe, x, t, prompts, None, text_grad=False)
+
+
+def test_base_forward_is_the_untouched_model_and_the_adapters_come_back(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, *PRIOR, "lr=0.02", "lora.prior_target=base"), "cpu")
+    for _ in range(3):
+        trainer.train_step()
+    x, t, prompts = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([100., 700.]), \
+        ["a red circle", "two blue squares"]
+    oracle = _unet_out(unfog.load(default_model_path(DEFAULT_TEXT_MODEL)), x, t, prompts)  # a fresh copy
+    with torch.no_grad():
+        base = trainer.net.frozen.base_forward(x, t, prompts)
+        adapted = trainer.net(x, t, prompts)
+    assert torch.allclose(base, oracle, rtol=0, atol=1e-6)
+    assert (adapted - oracle).abs().max() > 1e-3  # the adapters have learnt something, and are on again
+    assert all(layer.multiplier == 1.0 for layer in trainer.net.frozen.layers.values())
+
+
+def test_prior_loss_against_the_base_model_is_zero_before_training(tmp_path):
+    trainer = make_trainer(lora_config(tmp_path, *PRIOR, "lora.prior_target=base"), "cpu")
+    idx = torch.arange(2)
+    loss = trainer.batch_loss(idx, trainer.net, trainer.prior, trainer.prior_latents, trainer.net.frozen.base_forward)
+    loss.backward()  # lora_up starts at zero: the adapted model is the base model, exactly
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.net.parameters())
+
+
+@pytest.mark.slow  # two runs of 12 steps
+def test_prior_preservation_keeps_the_model_closer_to_the_base_on_prior_prompts(tmp_path):
+    def drift(*extra):
+        trainer = make_trainer(lora_config(tmp_path / str(len(extra)), *PRIOR, "lr=0.01", "data_size=4", *extra),
+                               "cpu")
+        for _ in range(12):
+            trainer.train_step()
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(8, 4, 4, 4, generator=g), torch.randint(50, 950, (8,), generator=g).float()
+        prompts = [trainer.prior.caption_of(i) for i in range(8)]
+        with torch.no_grad():
+            return (trainer.net(x, t, prompts) - trainer.net.frozen.base_forward(x, t, prompts)).pow(2).mean().item()
+
+    free = drift("lora.prior_loss_weight=1e-9")  # the same draws, the prior term weighted to nothing
+    held = drift("lora.prior_target=base", "lora.prior_loss_weight=4", "lora.prior_batch_size=4")
+    assert held < 0.5 * free, (held, free)
+
+
+@pytest.mark.slow  # three runs of 2-4 steps
+def test_prior_preservation_resumes_bit_identically_and_is_recorded(tmp_path):
+    options = [*PRIOR, "lora.prior_target=base", "lora.prior_batch_size=3", "lora.cache_latents=memory",
+               "save_every=2", "sample_every=100"]
+    path = train(lora_config(tmp_path / "a", "steps=4", *options), progress=False)
+    train(lora_config(tmp_path / "b", "steps=2", *options), progress=False)
+    train(lora_config(tmp_path / "b", "steps=4", *options), resume=True, progress=False)
+    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_reg_images"] == "8" and meta["ss_prior_loss_weight"] == "1.0"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("lora.prior_target=teacher", r"unknown lora\.prior_target 'teacher'; valid choices: noise, base"),
+    ("lora.prior_loss_weight=0", r"lora\.prior_loss_weight must be > 0"),
+    ("lora.prior_data=digits", r"lora\.prior_data must be \"shapes\" or a folder"),
+    ("lora.prior_data=/no/such/folder", r"'/no/such/folder' is not a folder"),
+    ("lora.prior_batch_size=-1", r"lora\.prior_batch_size must be >= 0"),
+])
+def test_bad_prior_options_are_refused(tmp_path, option, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(lora_config(tmp_path, option), "cpu")

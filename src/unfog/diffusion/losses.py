@@ -127,11 +127,15 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
     noise: Tensor | None = None,
+    teacher: Callable[..., Tensor] | None = None,
     **model_kwargs,
 ) -> Tensor:
     """Mean training loss over a batch: draw t ~ U{0..T-1} and the noise (or take ``t`` and
     ``noise`` from ``draw_noise``, as distributed training does for its slice of a global batch),
-    noise x0, and compare ``model(x_t, t, **model_kwargs)`` with the target of ``config.prediction``."""
+    noise x0, and compare ``model(x_t, t, **model_kwargs)`` with the target of ``config.prediction``.
+    With ``teacher`` the target is instead ``teacher(x_t, t, **model_kwargs)`` (no gradient): the
+    model is fitted to another model's prediction (self-distillation), whose expectation is the same
+    target where the teacher is right, with none of the noise's variance."""
     if (t is None) != (noise is None):
         raise ValueError("give both t and noise, or neither")
     if t is None:
@@ -139,7 +143,11 @@ def diffusion_loss(
     t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
     x_t = q_sample(x0, t, noise, schedule)
     sigma = schedule.sigmas.to(x0.device)[t].to(x0.dtype)
-    target = network_target(x0, noise, sigma, config.prediction)
+    if teacher is None:
+        target = network_target(x0, noise, sigma, config.prediction)
+    else:
+        with torch.no_grad():
+            target = teacher(x_t, t.to(x0.dtype), **model_kwargs)
     out = model(x_t, t.to(x0.dtype), **model_kwargs)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     if config.min_snr_gamma is not None:

@@ -339,6 +339,8 @@ class LoRALayer(TrainableLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.op(x, self.weight, self.bias)
+        if self.multiplier == 0:  # switched off (a trainer's base-model pass)
+            return y
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the layers cast x themselves
             x = x.to(self.lora_down.weight.dtype)
         h = self.lora_up(self.lora_down(x))
@@ -362,6 +364,8 @@ class _DeltaLayer(TrainableLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.op(x, self.weight, self.bias)
+        if self.multiplier == 0:  # switched off (a trainer's base-model pass)
+            return y
         d = self.delta()
         return y + self.op(x.to(d.dtype), d * self.multiplier).to(y.dtype)
 

@@ -211,6 +211,16 @@ class LoraOptions(TaskOptions):
     # the LoRA file (bundle_emb keys, as A1111 reads them)
     new_words: dict[str, str] = field(default_factory=dict)
     new_word_vectors: int = 1
+    # prior preservation (DreamBooth; kohya's reg_data_dir): every step also trains on a batch of
+    # prior_data ("shapes": the shapes set without shapes_options' extra concepts; or a captioned
+    # image folder) and adds its loss times prior_loss_weight. prior_target "noise": the usual
+    # target, as DreamBooth and kohya; "base": the frozen base model's own prediction for the same
+    # noisy latents (self-distillation: the adapted model is held to the base on those prompts)
+    prior_data: str | None = None
+    prior_size: int = 0  # items of prior_data "shapes"; 0: data_size
+    prior_batch_size: int = 0  # 0: batch_size
+    prior_loss_weight: float = 1.0
+    prior_target: str = "noise"
 
     def __post_init__(self):
         super().__post_init__()
@@ -221,7 +231,7 @@ class LoraOptions(TaskOptions):
         if not 1 <= self.new_word_vectors <= 75:
             raise ValueError(f"lora.new_word_vectors must be in 1..75 (a prompt chunk's tokens), got "
                              f"{self.new_word_vectors}")
-        for name in ("rank", "conv_rank", "keep_tokens"):
+        for name in ("rank", "conv_rank", "keep_tokens", "prior_size", "prior_batch_size"):
             minimum = 1 if name == "rank" else 0
             if getattr(self, name) < minimum:
                 raise ValueError(f"lora.{name} must be >= {minimum}, got {getattr(self, name)}")
@@ -232,6 +242,10 @@ class LoraOptions(TaskOptions):
         check_choice("lora.algo", self.algo, TRAINABLE)
         check_choice("lora.base_dtype", self.base_dtype, ("fp32", "bf16", "fp16"))
         check_choice("lora.cache_latents", self.cache_latents, ("none", "memory", "disk"))
+        check_choice("lora.prior_target", self.prior_target, ("noise", "base"))
+        if not self.prior_loss_weight > 0:
+            raise ValueError(f"lora.prior_loss_weight must be > 0, got {self.prior_loss_weight} (leave prior_data "
+                             "out to train without prior preservation)")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"lora.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not all(isinstance(p, str) for p in self.validation_prompts):
@@ -245,6 +259,12 @@ class LoraOptions(TaskOptions):
             raise ValueError(f"lora.aspect_buckets need an image folder of images of many shapes, not {config.data!r}")
         if self.aspect_bucket_step < 8:
             raise ValueError(f"lora.aspect_bucket_step must be >= 8 (the VAE's factor), got {self.aspect_bucket_step}")
+        if self.prior_data == "digits":
+            raise ValueError("lora.prior_data must be \"shapes\" or a folder of captioned images, not 'digits' "
+                             "(no captions)")
+        if self.prior_data not in (None, "shapes") and not Path(self.prior_data).is_dir():
+            raise ValueError(f"lora.prior_data: {self.prior_data!r} is not a folder (give \"shapes\" or a folder of "
+                             "captioned images)")
 
 
 def _check_finetune(config: TrainConfig, instead: str) -> None:

@@ -187,36 +187,50 @@ class FineTuneTrainer(BaseTrainer):
             return super().make_batches()
         return BucketBatches(self.data.bucket_of, self.config.batch_size, self.config.seed)
 
-    def posteriors(self, idx: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, list[str], dict]:
-        """Items ``idx``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6), captions
+    def posteriors(self, idx: Tensor, seeds: Tensor | None, data: CaptionedImages | None = None,
+                   latents: list[Posterior] | None = None) -> tuple[Tensor, Tensor, Tensor, list[str], dict]:
+        """Items ``idx`` of ``data`` (the training data by default) with its latent cache
+        ``latents``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6), captions
         and the ``extra_inputs`` of the network (none from the latent cache)."""
-        if self.latents is not None:
-            cached = [self.latents[int(i)] for i in idx]
-            captions = [self.data.caption_of(int(i)) for i in idx]
+        if data is None:
+            data, latents = self.data, self.latents
+        if latents is not None:
+            cached = [latents[int(i)] for i in idx]
+            captions = [data.caption_of(int(i)) for i in idx]
             return (torch.stack([p.mean for p in cached]), torch.stack([p.std for p in cached]),
                     torch.stack([p.sizes for p in cached]), captions, {})
-        batch = self.data.batch(idx, seeds)
+        batch = data.batch(idx, seeds)
         vae = self.pipe.vae
         with torch.no_grad():
             posterior = vae.encode(batch.images.to(self.device, next(vae.parameters()).dtype))
         return posterior.mean.float(), posterior.std.float(), batch.sizes, batch.captions, self.extra_inputs(batch)
 
     def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
+        return self.batch_loss(idx, model)
+
+    def batch_loss(self, idx: Tensor, model: nn.Module, data: CaptionedImages | None = None,
+                   latents: list[Posterior] | None = None, teacher=None) -> Tensor:
+        """The diffusion loss of the global batch ``idx`` of ``data`` (the training data by default;
+        ``latents`` its cache), every random draw made from ``noise_gen``; ``teacher``: see
+        ``diffusion_loss``."""
+        if data is None:
+            data, latents = self.data, self.latents
         g, b = self.noise_gen, idx.numel()
-        h, w = self.data.target_of(int(idx[0]))  # a batch is of one size (one bucket)
+        h, w = data.target_of(int(idx[0]))  # a batch is of one size (one bucket)
         vae = self.pipe.vae.config
         latent_shape = (b, vae.latent_channels, h // vae.downsample_factor, w // vae.downsample_factor)
         # Every draw is made for the global batch, in a fixed order, then sliced (distributed.py).
         draws = self.prompt_draws(b, g)
         posterior_noise = torch.randn(latent_shape, generator=g)
         t, noise = draw_noise(latent_shape, self.schedule, self.loss_config, g)
-        seeds = self.data.crop_seeds(b, g)  # random crops only
+        seeds = data.crop_seeds(b, g)  # random crops only
         mine = self.world.local_slice(b)
-        mean, std, sizes, captions, extra = self.posteriors(idx[mine], None if seeds is None else seeds[mine])
+        mean, std, sizes, captions, extra = self.posteriors(idx[mine], None if seeds is None else seeds[mine], data,
+                                                            latents)
         z = (mean + std * posterior_noise[mine].to(mean.device)) * vae.scaling_factor  # (b, C, h / f, w / f)
         prompts = self.make_prompts(captions, tuple(None if d is None else d[mine] for d in draws))
         return diffusion_loss(model, z.to(self.device), self.schedule, self.loss_config, t=t[mine], noise=noise[mine],
-                              prompts=prompts, sizes=sizes.to(self.device), **extra)
+                              teacher=teacher, prompts=prompts, sizes=sizes.to(self.device), **extra)
 
     def validation_prompts(self) -> list[str]:
         """The grid's prompts: the section's ``validation_prompts``, else ``default_prompts``."""

@@ -39,13 +39,15 @@ from torch import Tensor, nn
 
 from ..checkpoint.embeddings import Embedding
 from ..checkpoint.lora import LoraFile, ModuleIndex, Target, check_family, kohya_metadata, read_lora, save_lora
+from ..datasets.shapes_text import ShapesConfig
 from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from ..nn.lora import AdapterWeights, TrainableLayer, add_lora
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
 from .config import LoraOptions, field_differences
+from .data import CaptionedImages
 from .finetune import FineTuneTrainer, frozen_forward
-from .lora_data import transform_captions
+from .lora_data import cache_latents, make_lora_data, transform_captions
 from .new_words import WordVectors, check_new_words, initial_vectors
 
 UNET_BLOCKS = (SpatialTransformer,)
@@ -87,6 +89,18 @@ class Frozen:
     def __init__(self, pipe: StableDiffusion, layers: dict[str, TrainableLayer], targets: dict[str, Target],
                  train_text_encoder: bool):
         self.pipe, self.layers, self.targets, self.train_text_encoder = pipe, layers, targets, train_text_encoder
+
+    def base_forward(self, x: Tensor, t: Tensor, prompts: list[str], sizes: Tensor | None = None) -> Tensor:
+        """The base model's U-Net output, every adapter switched off (multiplier 0) for the pass:
+        prior preservation's teacher (``lora.prior_target`` "base")."""
+        multipliers = {key: layer.multiplier for key, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.multiplier = 0.0
+        try:
+            return frozen_forward(self.pipe, x, t, prompts, sizes, text_grad=False)
+        finally:
+            for key, layer in self.layers.items():
+                layer.multiplier = multipliers[key]
 
 
 class LoraNetwork(nn.Module):
@@ -130,6 +144,39 @@ class LoraNetwork(nn.Module):
 
 class LoraTrainer(FineTuneTrainer):
     options: LoraOptions
+
+    def build(self) -> None:
+        super().build()
+        self.prior, self.prior_latents = self._prior_data(), None
+        if self.prior is not None and self.options.cache_latents != "none":
+            path = Path(self.config.out_dir) / "prior_latent_cache.safetensors"
+            self.prior_latents = cache_latents(self.prior, self.pipe.vae, self.device,
+                                               path if self.options.cache_latents == "disk" else None,
+                                               progress=self.world.is_main)
+
+    def _prior_data(self) -> CaptionedImages | None:
+        """``lora.prior_data``: "shapes" without the extra concepts (another seed than the training
+        data's), or a captioned folder (no aspect buckets); None without prior preservation."""
+        c, o = self.config, self.options
+        if o.prior_data is None:
+            return None
+        shapes = c.shapes_config() if c.data == "shapes" else None
+        if o.prior_data == "shapes":
+            shapes = replace(shapes or ShapesConfig(), extra_shapes=(), extra_colors=(), extra_fraction=0.0)
+        return make_lora_data(o.prior_data, c.image_size, o.prior_size or c.data_size, c.seed + 1, True,
+                              bucket_step=None, min_bucket=1, shapes_config=shapes, workers=c.data_workers)
+
+    def compute_loss(self, idx: Tensor, model: nn.Module) -> Tensor:
+        """The diffusion loss, plus with ``lora.prior_data`` ``prior_loss_weight`` times that of a
+        batch of the prior data drawn at random (its target ``prior_target``'s)."""
+        loss = super().compute_loss(idx, model)
+        if self.prior is None:
+            return loss
+        o = self.options
+        prior_idx = torch.randint(len(self.prior), (o.prior_batch_size or self.config.batch_size,),
+                                  generator=self.noise_gen)
+        teacher = self.net.frozen.base_forward if o.prior_target == "base" else None
+        return loss + o.prior_loss_weight * self.batch_loss(prior_idx, model, self.prior, self.prior_latents, teacher)
 
     def make_network(self) -> LoraNetwork:
         words = self._new_words()  # from the token table as loaded, before base_dtype casts it
@@ -206,6 +253,8 @@ class LoraTrainer(FineTuneTrainer):
         extra = {"ss_sd_model_name": self.base_path.name, "ss_num_train_images": str(len(self.data)),
                  "ss_max_train_steps": str(c.steps), "ss_steps": str(self.step), "ss_learning_rate": str(c.lr),
                  "ss_seed": str(c.seed), "ss_network_train_unet_only": str(not o.text_encoder_lora)}
+        if self.prior is not None:
+            extra |= {"ss_num_reg_images": str(len(self.prior)), "ss_prior_loss_weight": str(o.prior_loss_weight)}
         return kohya_metadata(pipe.family, rank=o.rank, alpha=o.alpha, output_name=o.output_name,
                               started_at=self.started_at, prediction=pipe.prediction,
                               conv_rank=o.conv_rank or None, conv_alpha=o.conv_alpha if o.conv_rank else None,
