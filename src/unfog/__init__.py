@@ -27,7 +27,7 @@ __all__ = ["load", "load_controlnet"]
 def load(
     path: str | Path,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     family: str | None = None,
     prediction: str | None = None,
@@ -41,7 +41,9 @@ def load(
     ``pipe.text_encoder`` (and ``pipe.text_encoder_2`` for SDXL), ``pipe.tokenizer``; calling
     ``pipe(prompt, ...)`` draws images (see ``StableDiffusion.__call__``).
 
-    dtype: of every model, whatever the file stores (None: torch.float32). device: where they go.
+    dtype: of every model, whatever the file stores (None: torch.float32; "auto": bfloat16 on a CPU
+        where it is faster than float32, float16 on CUDA, else float32; or "fp32", "bf16", "fp16").
+        device: where they go.
     family: the checkpoint family when detection cannot tell (e.g. "SD15", "SD2", "SDXL_BASE";
         ``unfog.checkpoint.FAMILIES``). prediction: "eps" | "v" | "x0", overriding the family's
         (SD 2.x 512-base files need "eps"). use_ema: the U-Net's EMA weights of a file with both.
@@ -52,8 +54,11 @@ def load(
     """
     import torch
 
+    from .pipelines.precision import resolve_dtype
     from .pipelines.stable_diffusion import StableDiffusion
 
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     pipe = StableDiffusion.load(path, dtype=torch.float32 if dtype is None else dtype, device=device, family=family,
                                 prediction=prediction, use_ema=use_ema)
     if vae is not None:

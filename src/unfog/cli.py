@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .embedded import DEFAULT_MODEL, DEFAULT_TEXT_MODEL, default_model_path  # noqa: F401 (re-exported)
 
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # pipelines.precision.DTYPE_NAMES, without importing torch here
+
 
 def _parse_classes(text: str) -> list[int]:
     """"0-9", "3", "1,4,7" -> class ids."""
@@ -378,7 +380,8 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images to draw, with seeds seed, seed+1, ... (default 1)")
     p.add_argument("--clip-skip", type=int, default=None, help="read the text encoder's N-th layer from the end "
                    "(A1111's CLIP skip; default: the model family's, 1 for SD 1.x, 2 for SD 2.x / SDXL)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model precision (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="model precision (default auto: bf16 on a "
+                   "CPU where it is faster than fp32, fp16 on CUDA, else fp32)")
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--family", default=None, help="checkpoint family (SD15, SD2, SDXL_BASE, ...), only where the "
                    "weights cannot tell")
@@ -465,7 +468,8 @@ def _add_serve_parser(sub) -> None:
                    help="HTTP Basic credentials every route asks for")
     p.add_argument("--cors-allow-origins", default=None, metavar="A,B", help="origins browsers may call from")
     p.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the models' dtype (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="the models' dtype (default auto: bf16 on a "
+                   "CPU where it is faster than fp32, fp16 on CUDA, else fp32)")
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-size", type=int, default=2048, help="largest width or height a request may ask (2048)")
     p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (150)")

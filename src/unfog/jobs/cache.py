@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..pipelines.outputs import ModelId
-from ..pipelines.precision import DTYPES, resolve_device
+from ..pipelines.precision import resolve_device, resolve_dtype
 from ..pipelines.stable_diffusion import StableDiffusion
 from .spec import Job
 
@@ -45,14 +45,15 @@ class ModelCache:
 
     def load_options(self, job: Job) -> dict:
         """How the job's models are loaded: ``dtype`` (torch), ``device`` and ``prediction``."""
-        return dict(dtype=DTYPES[job.dtype], device=resolve_device(job.device), prediction=job.prediction)
+        device = resolve_device(job.device)
+        return dict(dtype=resolve_dtype(job.dtype, device), device=device, prediction=job.prediction)
 
     def pipeline(self, path: Path, job: Job, family: str | None = None) -> StableDiffusion:
         """The pipeline of the model file or folder ``path``, loaded as ``job`` asks, from the cache
         when it holds it."""
         load = self.load_options(job)
         path = Path(path)
-        key = _Key(str(path.resolve()), _stamp(path), family, job.prediction, job.dtype, str(load["device"]))
+        key = _Key(str(path.resolve()), _stamp(path), family, job.prediction, str(load["dtype"]), str(load["device"]))
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]

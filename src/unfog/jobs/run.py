@@ -14,6 +14,7 @@ from ..pipelines.draw import Progress, check_size, draw, parameters
 from ..pipelines.inputs import to_pil
 from ..pipelines.masking import blur_mask, crop_region, overlay, paste_back
 from ..pipelines.outputs import ModelId, OutputTarget, StepProgress, draw_seed
+from ..pipelines.precision import slow_dtype_warning
 from .adapters import applied
 from .cache import ModelCache
 from .spec import Job, check, input_images
@@ -62,12 +63,15 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
         mask = blur_mask(mask, job.settings.mask_blur)
     models = models or ModelCache()
     pipe, refiner = models.pipelines(job)
+    load = models.load_options(job)
+    if (slow := slow_dtype_warning(load["dtype"], load["device"])) is not None:
+        warn(slow)
     model_id = models.model_id(job.model)
     refiner_id = job.refiner and models.model_id(job.refiner)
     vae_id = job.vae and models.model_id(job.vae)
     _compare_models(job, model_id, refiner_id, warn, vae_id)
     s = job.settings
-    with applied(pipe, refiner, job, models.load_options(job), warn) as adapters:
+    with applied(pipe, refiner, job, load, warn) as adapters:
         seed = draw_seed(s.seed)
         width = s.width or (init.width if init else pipe.default_size)
         height = s.height or (init.height if init else pipe.default_size)

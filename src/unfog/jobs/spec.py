@@ -20,7 +20,7 @@ from ..pipelines.images import open_image, read_parameters
 from ..pipelines.inputs import MASKED_CONTENT
 from ..pipelines.latent_model import recommended_settings
 from ..pipelines.outputs import Settings, check_seed, merge_settings, parse_parameters, settings_from_parameters
-from ..pipelines.precision import DTYPES
+from ..pipelines.precision import DTYPE_NAMES
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 DEFAULT_STRENGTH = 0.75
@@ -39,7 +39,7 @@ class Job:
     refiner: Path | None = None
     family: str | None = None
     prediction: str | None = None
-    dtype: str = "fp32"
+    dtype: str = "auto"  # "auto" (pipelines.precision.auto_dtype), "fp32", "bf16" or "fp16"
     device: str | None = None
     batch_size: int = 1
     output: str | None = None
@@ -92,7 +92,7 @@ def check(job: Job) -> None:
     resolve_sampler(s.sampler)
     if s.spacing is not None:
         check_choice("sigma spacing", s.spacing, SPACINGS)
-    check_choice("dtype", job.dtype, tuple(DTYPES))
+    check_choice("dtype", job.dtype, DTYPE_NAMES)
     check_seed(s.seed, job.batch_size)
     if not math.isfinite(s.cfg_scale):
         raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")

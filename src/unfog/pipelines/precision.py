@@ -11,10 +11,15 @@ when the U-Net runs in float16, else the U-Net's dtype (bf16 runs stay bf16, fp3
 
 from __future__ import annotations
 
+import functools
+import time
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from ..choices import check_choice
 
 VAEDtypeName = Literal["auto", "unet", "float32", "bfloat16", "float16"]
 VAEDtype = VAEDtypeName | torch.dtype
@@ -112,3 +117,77 @@ def _parses(name: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+# ---- the models' dtype: "auto" -------------------------------------------------------------------------
+
+DTYPE_NAMES = ("auto", *DTYPES)  # what --dtype and Job.dtype accept
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of native bf16 matmuls
+_PROBE_SIDE = 512  # the probe's square matmul: 0.27 GFLOP, under a millisecond with AMX
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _matmul_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
+    a = torch.randn(_PROBE_SIDE, _PROBE_SIDE, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a @ a  # warm-up: the kernel's first call picks and packs
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@functools.cache
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 beats float32 on this CPU. With AMX (``amx_bf16``) it does, about 5x in large
+    matmuls. Without ``amx_bf16`` or ``avx512_bf16``, torch emulates bf16 and it does not: 5x
+    slower on AVX-512 machines, 100x on an AVX2 one (docs/benchmarks.md). With ``avx512_bf16``
+    alone the flags cannot tell, so a 512 x 512 matmul is timed once in each dtype (a few ms) and
+    bf16 must be at least 20% faster."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False
+    return _matmul_seconds(torch.bfloat16) < 0.8 * _matmul_seconds(torch.float32)
+
+
+def auto_dtype(device: str | torch.device) -> torch.dtype:
+    """``--dtype auto``: float16 on CUDA (the VAE then decodes in float32, ``resolve_vae_dtype``),
+    bfloat16 on a CPU where it is faster than float32 (``cpu_bf16_is_faster``), else float32."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.float16
+    if kind == "cpu" and cpu_bf16_is_faster():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A ``--dtype`` name ("auto", "fp32", "bf16", "fp16") on ``device`` -> the torch dtype."""
+    check_choice("dtype", name, DTYPE_NAMES)
+    return auto_dtype(device) if name == "auto" else DTYPES[name]
+
+
+def slow_dtype_warning(dtype: torch.dtype, device: str | torch.device) -> str | None:
+    """A one-line warning for a half-precision dtype on a CPU that emulates it, else None."""
+    if torch.device(device).type != "cpu" or dtype == torch.float32:
+        return None
+    if dtype == torch.bfloat16 and cpu_bf16_is_faster():
+        return None
+    if dtype == torch.float16 and "amx_fp16" in cpu_flags():
+        return None
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    have = ", ".join(f for f in (*BF16_FLAGS, "amx_fp16") if f in cpu_flags()) or "none of " + ", ".join(
+        (*BF16_FLAGS, "amx_fp16"))
+    return (f"{name} on this CPU ({have}) runs slower than fp32, up to 100x; use --dtype auto or fp32")

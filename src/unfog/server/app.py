@@ -48,7 +48,7 @@ class Limits:
 @dataclass(frozen=True)
 class ServerConfig:
     library: Library
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str | None = None
     limits: Limits = Limits()
     auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no authentication
