@@ -117,3 +117,18 @@ def test_jobs_and_load_resolve_auto_and_an_explicit_slow_dtype_warns(cpu):
     assert len(warnings) == 1 and warnings[0].startswith("bf16 on this CPU")
     cpu({"amx_bf16"})
     assert cache.load_options(auto)["dtype"] == torch.bfloat16
+
+
+def test_training_precision_auto_uses_bf16_autocast_only_where_it_is_fast(cpu, tmp_path):
+    from unfog.training import load_config, make_trainer
+
+    cpu({"avx2"})
+    assert not precision.training_autocast("auto", "cpu")
+    assert precision.training_autocast("bf16", "cpu") and not precision.training_autocast("fp32", "cpu")
+    config = load_config(None, ["task=lora", "data=shapes", "image_size=32", "data_size=2", "batch_size=2",
+                                f"out_dir={tmp_path}", "lora.rank=2", "lora.alpha=2"])
+    assert config.precision == "auto" and not make_trainer(config, "cpu").bf16_autocast
+    cpu({"amx_bf16"})
+    assert precision.training_autocast("auto", "cpu")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid choices: auto, bf16, fp32"):
+        precision.training_autocast("fp16", "cpu")

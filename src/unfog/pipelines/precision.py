@@ -179,6 +179,19 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return auto_dtype(device) if name == "auto" else DTYPES[name]
 
 
+def training_autocast(precision: str, device: str | torch.device) -> bool:
+    """Whether a training run of ``precision`` ("auto", "bf16", "fp32") computes under bf16
+    autocast: "auto" on a CPU where bf16 beats float32 (``cpu_bf16_is_faster``), or on a CUDA
+    device that has bf16 (Ampere and later); the weights and optimiser stay float32."""
+    check_choice("precision", precision, ("auto", "bf16", "fp32"))
+    if precision != "auto":
+        return precision == "bf16"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return kind == "cpu" and cpu_bf16_is_faster()
+
+
 def slow_dtype_warning(dtype: torch.dtype, device: str | torch.device) -> str | None:
     """A one-line warning for a half-precision dtype on a CPU that emulates it, else None."""
     if torch.device(device).type != "cpu" or dtype == torch.float32:

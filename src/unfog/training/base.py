@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import DiscreteSchedule
+from ..pipelines.precision import training_autocast
 from .config import TaskOptions, TrainConfig, get_task
 from .data import BucketBatches, EpochBatches
 from .distributed import World, init_world, training_device
@@ -42,6 +43,7 @@ class BaseTrainer:
         self.config = config
         self.options: TaskOptions = config.options
         self.device = training_device(device)
+        self.bf16_autocast = training_autocast(config.precision, self.device)  # "auto" decided on this machine
         self.world: World = init_world(self.device)
         self.schedule = DiscreteSchedule.make(config.schedule, config.num_timesteps,
                                               zero_terminal_snr=config.zero_terminal_snr)
@@ -89,7 +91,7 @@ class BaseTrainer:
         """One step on the next global batch; returns its mean loss (averaged over the ranks)."""
         idx = self.batches.next()  # (batch_size,) the same on every rank
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
             loss = self.compute_loss(idx, self.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

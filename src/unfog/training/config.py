@@ -584,7 +584,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 autocast, or fp32; auto: bf16 where it is fast (pipelines.precision)
     seed: int = 0
     # output
     out_dir: str = "runs/digits"
@@ -608,7 +608,7 @@ class TrainConfig:
                              f"task {self.task!r}")
         check_choice("schedule", self.schedule, BETA_SCHEDULES)
         check_choice("prediction type", self.prediction, PREDICTIONS)
-        check_choice("precision", self.precision, ("bf16", "fp32"))
+        check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if self.data_size < 1:
             raise ValueError(f"data_size must be >= 1, got {self.data_size}")
