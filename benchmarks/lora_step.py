@@ -6,7 +6,8 @@ blocks' attention projections ``to_q/to_k/to_v/to_out.0``, the feed-forward ``ff
 ``ff.net.2``, and ``proj_in`` / ``proj_out``), batch 1 at 512 x 512 (latents 64 x 64, context
 77 x 768), the frozen U-Net in bf16 and the adapters in fp32 (as diffusers' ``train_text_to_image_
 lora.py`` casts them), bf16 autocast, an MSE loss against a fixed target, backward and one AdamW
-step over the adapters, with gradient checkpointing off and on (unfog: ``UNetConfig.
+step over the adapters (the base in fp32 and no autocast with `--dtype fp32`, the default on a CPU
+without fast bf16), with gradient checkpointing off and on (unfog: ``UNetConfig.
 gradient_checkpointing``; diffusers: ``enable_gradient_checkpointing()``).
 
 Both sides in ONE process on ONE copy of the base weights (diffusers' converter only renames, so its
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from unet_step import MODELS, QUICK, build, random_state_dict, rel_err, rss_mb  # noqa: E402
 
 from unfog.nn.lora import add_lora  # noqa: E402
+from unfog.pipelines.precision import DTYPES, training_autocast  # noqa: E402
 from machine import cpu_flags  # noqa: E402
 
 SIDES = ("unfog", "diffusers")
@@ -69,11 +71,11 @@ def with_adapters(side: str, net: torch.nn.Module, rank: int) -> list[torch.nn.P
     return params
 
 
-def make_step(side: str, cfg, rank: int, x, t, ctx, target, state=None):
-    """One side's U-Net in bf16 (on ``state``, one copy both sides can share; default: the random
-    weights of ``cfg``) with rank-``rank`` fp32 adapters and AdamW; returns ``step()``, one training
-    step that returns the (detached) prediction."""
-    net = build(side, cfg, torch.bfloat16, random_state_dict(cfg, torch.bfloat16) if state is None else state)
+def make_step(side: str, cfg, rank: int, x, t, ctx, target, state=None, dtype=torch.bfloat16):
+    """One side's U-Net in ``dtype`` (on ``state``, one copy both sides can share; default: the random
+    weights of ``cfg``) with rank-``rank`` fp32 adapters and AdamW, under bf16 autocast when ``dtype``
+    is bf16; returns ``step()``, one training step that returns the (detached) prediction."""
+    net = build(side, cfg, dtype, random_state_dict(cfg, dtype) if state is None else state)
     if side == "diffusers" and cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
     params = with_adapters(side, net, rank)
@@ -82,7 +84,7 @@ def make_step(side: str, cfg, rank: int, x, t, ctx, target, state=None):
 
     def step() -> torch.Tensor:
         net.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = call()
         loss = torch.nn.functional.mse_loss(out.float(), target)
         optim.zero_grad(set_to_none=True)
@@ -99,14 +101,14 @@ def inputs(size: int, context_dim: int):
     return x, torch.tensor([500.0]), ctx, torch.randn(1, 4, size // 8, size // 8, generator=g)
 
 
-def memory_worker(side: str, checkpointing: bool, quick: bool, rank: int, threads: int) -> None:
+def memory_worker(side: str, checkpointing: bool, quick: bool, rank: int, threads: int, dtype: torch.dtype) -> None:
     """Print, as JSON, the MB one first training step adds to this fresh process's peak."""
     torch.set_num_threads(threads)
     if side == "diffusers":
         import diffusers  # noqa: F401  (imported before the step is measured)
     model = (QUICK if quick else MODELS)["sd15"]
     cfg = replace(model.config, gradient_checkpointing=checkpointing)
-    step = make_step(side, cfg, rank, *inputs(model.size, cfg.context_dim))
+    step = make_step(side, cfg, rank, *inputs(model.size, cfg.context_dim), dtype=dtype)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
     before = rss_mb()
     step()
@@ -114,7 +116,8 @@ def memory_worker(side: str, checkpointing: bool, quick: bool, rank: int, thread
 
 
 def fresh_process_mb(side: str, checkpointing: bool, args) -> float:
-    cmd = [sys.executable, __file__, "--memory-worker", side, "--rank", str(args.rank), "--threads", str(args.threads)]
+    cmd = [sys.executable, __file__, "--memory-worker", side, "--rank", str(args.rank), "--threads", str(args.threads),
+           "--dtype", args.dtype]
     cmd += ["--checkpointing"] * checkpointing + ["--quick"] * args.quick
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["mb"]
@@ -127,24 +130,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="the frozen base's dtype, bf16 with "
+                        "bf16 autocast (default: bf16 where this CPU runs it fast, else fp32: pipelines.precision)")
     parser.add_argument("--memory-worker", choices=SIDES, help=argparse.SUPPRESS)  # one side's memory, in a fresh process
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if training_autocast("auto", "cpu") else "fp32"
+    dtype = DTYPES[args.dtype]
     if args.memory_worker:
-        return memory_worker(args.memory_worker, args.checkpointing, args.quick, args.rank, args.threads)
+        return memory_worker(args.memory_worker, args.checkpointing, args.quick, args.rank, args.threads, dtype)
     torch.set_num_threads(args.threads)
     model = (QUICK if args.quick else MODELS)["sd15"]
     size = model.size
     data = inputs(size, model.config.context_dim)
     print(f"LoRA training step: SD 1.5 U-Net{' (quick)' if args.quick else ''}, {size} px, batch 1, rank "
-          f"{args.rank}, bf16 base + fp32 adapters; torch {torch.__version__}, {args.threads} threads; CPU flags: "
+          f"{args.rank}, {args.dtype} base + fp32 adapters; torch {torch.__version__}, {args.threads} threads; CPU flags: "
           f"{cpu_flags()}")
     print(f"{'checkpointing':>13} | {'unfog s':>8} | {'diffusers s':>11} | {'time ratio':>10} | "
           f"{'unfog MB':>8} | {'diffusers MB':>12} | {'memory ratio':>12}")
     for checkpointing in (False, True):
         cfg = replace(model.config, gradient_checkpointing=checkpointing)
-        state = random_state_dict(cfg, torch.bfloat16)
-        steps = {side: make_step(side, cfg, args.rank, *data, state=state) for side in SIDES}
+        state = random_state_dict(cfg, dtype)
+        steps = {side: make_step(side, cfg, args.rank, *data, state=state, dtype=dtype) for side in SIDES}
         del state
 
         outs = {side: steps[side]() for side in SIDES}  # warm-up 1; up = 0, so both are the base model here

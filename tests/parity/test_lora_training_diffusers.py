@@ -74,7 +74,7 @@ def run(config) -> tuple:
     compute_loss = trainer.compute_loss
     trainer.compute_loss = lambda idx, model: (batches.append(idx), compute_loss(idx, model))[1]
     trainer.pipe.unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
-    trainer.pipe.unet.input_blocks[1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    trainer.pipe.unet.input_blocks[1][0].register_forward_pre_hook(lambda module, args: calls.append(1))  # a ResBlock
     losses = [trainer.train_step() for _ in range(2)]
     trainer.save_model()
     return trainer, trainer.model_path, losses, batches, shapes, len(calls)

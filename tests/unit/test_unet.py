@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import unfog.models.unet as unet_module
+import unfog.nn.blocks as blocks_module
 from unfog.models.presets import DIGITS, PRESETS, SD15, TINY, get_preset
 from unfog.models.unet import UNet
 from unfog.nn.attention import AttentionBlock
-from unfog.nn.blocks import ResBlock
+from unfog.nn.blocks import BasicTransformerBlock, ResBlock
 from unfog.nn.embeddings import timestep_embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: model_checks
@@ -86,25 +87,33 @@ def test_bf16_autocast_and_bf16_weights():
     assert rel_err(out_bf16.float(), ref) < 5e-2
 
 
-def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
-    cfg = replace(DIGITS, dropout=0.1)  # dropout too: the recomputation must replay its masks
+@pytest.mark.parametrize("preset", ["DIGITS", "TINY"])
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch, preset):
+    cfg = replace(get_preset(preset), dropout=0.1)  # dropout too: the recomputation must replay its masks
     plain = randomize_(UNet(cfg)).train()
     ckpt = UNet(replace(cfg, gradient_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     calls = []
 
     def counting_checkpoint(*args, **kwargs):
-        calls.append(1)
+        calls.append(type(args[0]))
         return torch.utils.checkpoint.checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(unet_module, "checkpoint", counting_checkpoint)
-    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 7])
+    monkeypatch.setattr(blocks_module, "checkpoint", counting_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    t = torch.tensor([3, 900])
+    kw = {"y": torch.tensor([1, 7])} if cfg.num_classes else {"context": torch.randn(2, 5, cfg.context_dim, generator=g)}
     grads = []
     for model in (plain, ckpt):
         torch.manual_seed(0)
-        model(x, t, y=y).square().mean().backward()
+        model(x, t, **kw).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert len(calls) == len(ckpt.input_blocks) + 1 + len(ckpt.output_blocks)
+    # diffusers' granularity: each ResBlock, self-attention and transformer block, nothing between them
+    recomputed = [type(m) for m in ckpt.modules() if isinstance(m, (ResBlock, AttentionBlock, BasicTransformerBlock))]
+    assert sorted(map(str, calls)) == sorted(map(str, recomputed))
+    assert (AttentionBlock if preset == "DIGITS" else BasicTransformerBlock) in calls
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -157,7 +157,10 @@ class UNetConfig:
 
 class UNetBlock(nn.Sequential):
     """A sequence of layers fed what each needs: ResBlocks get the embedding, SpatialTransformers
-    the context, an Upsample the size to reach, the rest only x (LDM ``TimestepEmbedSequential``)."""
+    the context, an Upsample the size to reach, the rest only x (LDM ``TimestepEmbedSequential``).
+    With ``checkpointing`` each ResBlock, self-attention block and transformer block is recomputed
+    in the backward pass (diffusers' granularity); the norms, projections and resamplers of a
+    SpatialTransformer and the down / up-sampling layers are not."""
 
     def forward(
         self,
@@ -165,12 +168,15 @@ class UNetBlock(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor | None,
         upsample_size: tuple[int, int] | None = None,
+        checkpointing: bool = False,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = checkpoint(layer, x, emb, use_reentrant=False) if checkpointing else layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = checkpoint(layer, x, use_reentrant=False) if checkpointing else layer(x)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, checkpointing)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
@@ -294,11 +300,10 @@ class UNetEncoder(nn.Module):
         context: torch.Tensor | None,
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """One block, recomputed in the backward pass when gradient checkpointing is on and
-        gradients are being taken (also in eval mode: a frozen U-Net under a trained adapter)."""
-        if self.config.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
-        return block(h, emb, context, upsample_size)
+        """One block; its ResBlocks and transformer blocks are recomputed in the backward pass when
+        gradient checkpointing is on and gradients are being taken (also in eval mode: a frozen
+        U-Net under a trained adapter)."""
+        return block(h, emb, context, upsample_size, self.config.gradient_checkpointing and torch.is_grad_enabled())
 
     def check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
         cfg = self.config

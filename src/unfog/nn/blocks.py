@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from unfog.nn.attention import CrossAttention, FeedForward
 from unfog.nn.norm import normalization
@@ -162,8 +163,9 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, H, W); context: (B, M, context_dim)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        """x: (B, C, H, W); context: (B, M, context_dim). ``checkpointing``: each transformer block
+        is recomputed in the backward pass instead of keeping its activations."""
         b, c, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -172,7 +174,10 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)  # (B, H*W, inner)
         for block in self.transformer_blocks:
-            h = block(h, context)  # (B, H*W, inner)
+            if checkpointing:
+                h = checkpoint(block, h, context, use_reentrant=False)  # (B, H*W, inner)
+            else:
+                h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)  # (B, H*W, C)
         h = h.transpose(1, 2).reshape(b, -1, height, width)  # (B, C or inner, H, W)
