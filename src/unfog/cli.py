@@ -110,7 +110,8 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "refiner_start": "refiner_start", "masked_content": "masked_content", "mask_blur": "mask_blur",
                     "only_masked": "only_masked", "mask_padding": "mask_padding", "hires": "hires",
                     "hires_scale": "hr_scale", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_steps",
-                    "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt"}
+                    "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt",
+                    "cfg_truncation": "cfg_truncation"}
 
 
 def _warn(message: str) -> None:
@@ -373,6 +374,8 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    "sgm_uniform (default: the sampler name's, else the model's: leading for the built-in model)")
     p.add_argument("--cfg-scale", type=finite_float, default=None, help="classifier-free guidance scale (default: "
                    "%(model_default)s)").model_default = _ModelDefault("cfg_scale")
+    p.add_argument("--cfg-truncation", type=finite_float, default=None, metavar="F", help="guide only the first "
+                   "fraction F of the steps; the rest run the conditional pass alone, 2x cheaper (default 1: all)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default -1: a random one, recorded)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's "
                    "size, or the init image's)")

@@ -195,6 +195,29 @@ def test_from_reproduces_the_same_bytes(models, workdir, capsys):
     assert params_of(workdir / "empty.png")["Prompt"] == ""
 
 
+def test_cfg_truncation_is_the_guided_run_handed_to_an_unguided_one(models, workdir):
+    """--cfg-truncation 0.5 over 4 Euler steps: CFG for steps 0-1, the conditional pass alone for
+    2-3. The oracle is the pipeline's hand-off: the guided run stopped half way
+    (denoising_end=0.5), continued at CFG scale 1 (denoising_start=0.5)."""
+    out = workdir / "truncated.png"
+    assert cli("generate", "a red bicycle", "--model", models["sd1"], "--steps", 4, "--sampler", "Euler",
+               "--width", 64, "--height", 64, "--seed", 4, "--cfg-truncation", 0.5, "--output", out) == 0
+    assert params_of(out)["CFG truncation"] == "0.5"
+    pipe = unfog.load(models["sd1"])
+    common = dict(steps=4, sampler="Euler", width=64, height=64, seed=4)
+    half = pipe("a red bicycle", **common, cfg_scale=7, denoising_end=0.5, output="latent")
+    oracle = pipe("a red bicycle", **common, cfg_scale=1, denoising_start=0.5, latents=half)[0]
+    assert len(pipe.sigmas(4, "Euler", denoising_end=0.5)) == 3  # the hand-off after step 2 of 4
+    assert np.array_equal(pixels(out), np.asarray(oracle))
+    assert not np.array_equal(pixels(out), np.asarray(pipe("a red bicycle", **common, cfg_scale=7)[0]))
+    again = workdir / "again.png"
+    assert cli("generate", "--from", out, "--model", models["sd1"], "--output", again) == 0
+    assert again.read_bytes() == out.read_bytes()
+    plain = workdir / "plain.png"
+    assert cli("generate", "a red bicycle", "--model", models["sd1"], "--seed", 4, "--output", plain, *FAST) == 0
+    assert "CFG truncation" not in params_of(plain)
+
+
 def test_img2img_and_inpaint(models, workdir, capsys):
     init = random_png(workdir / "init.png", seed=1)
     mask = Image.new("L", (64, 64))
@@ -283,6 +306,8 @@ def error_cases(models, workdir):
         ((*gen, "--family", "sd3"), "unknown model family 'sd3'; valid names: SD15, SD15_INPAINT"),
         ((*gen, "--family", "sd2"), "belong to no component of SD2"),
         ((*gen, "--dtype", "fp64"), "argument --dtype: invalid choice: 'fp64'"),
+        ((*gen, "--cfg-truncation", 1.5), "--cfg-truncation must be in [0, 1] (the fraction of the steps guided), "
+         "got 1.5"),
         ((*gen, "--steps", 0), "--steps must be >= 1, got 0"),
         ((*gen, "--seed", -2), "seed -2 is out of range; valid: -1 (a random one) or 0.."),
         (("generate", "a cat", "--model", pixel), "is an unfog pixel model"),

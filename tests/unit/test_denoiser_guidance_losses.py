@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from unfog.diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, network_target
+from unfog.diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, network_target, truncation_sigma
 from unfog.diffusion.losses import (
     LossConfig,
     diffusion_loss,
@@ -72,6 +72,34 @@ def test_cfg_scale_endpoints_and_one_batched_call():
     assert torch.allclose(CFGDenoiser(den, cond, uncond, 0.0)(x, sigma), d_uncond)
     assert torch.allclose(CFGDenoiser(den, cond, uncond, 7.5)(x, sigma), d_uncond + 7.5 * (d_cond - d_uncond))
     assert calls == [10, 10, 10]  # one call of twice the batch each time
+
+
+def test_cfg_truncation_runs_the_conditional_pass_alone_below_its_sigma():
+    calls = []
+
+    def den(x, sigma, y):
+        calls.append(x.shape[0])
+        return _toy_denoiser(x, sigma, y)
+
+    x = torch.randn(5, 3)
+    cond, uncond = {"y": torch.ones(5, dtype=torch.long)}, {"y": torch.zeros(5, dtype=torch.long)}
+    guided = CFGDenoiser(den, cond, uncond, 7.5, rescale=0.5, cond_only_below=1.0)
+    for s in (0.5, 1.0):  # at and below: D(x, sigma | cond), one call of batch B
+        sigma = torch.full((5,), s)
+        assert torch.equal(guided(x, sigma), _toy_denoiser(x, sigma, cond["y"]))
+    sigma = torch.full((5,), 1.5)
+    assert torch.equal(guided(x, sigma), CFGDenoiser(den, cond, uncond, 7.5, rescale=0.5)(x, sigma))
+    assert calls == [5, 5, 10, 10]
+
+
+def test_truncation_sigma_is_that_of_the_first_unguided_step():
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.0])  # 5 steps
+    assert truncation_sigma(sigmas, 1.0) == -1.0  # every step guided
+    assert truncation_sigma(sigmas, 0.99) == -1.0  # 4.95 steps guided, rounded up: all 5
+    assert truncation_sigma(sigmas, 0.8) == 0.5  # steps 0-3 guided, step 4 not
+    assert truncation_sigma(sigmas, 0.5) == 1.0  # ceil(2.5) = 3
+    assert truncation_sigma(sigmas, 0.0) == 8.0  # no step guided
+    assert truncation_sigma(torch.linspace(10, 0, 21), 0.8) == pytest.approx(2.0)  # 0.8 * 20 is step 16
 
 
 def test_cfg_rescale_matches_diffusers():

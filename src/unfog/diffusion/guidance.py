@@ -10,10 +10,16 @@ the per-sample standard deviation of the guided prediction to that of the condit
 
 and so depends on which quantity F is rescaled. diffusers rescales the network's own output (eps
 for eps models, v for v models); pass that as ``rescale_space`` to get the same numbers.
+
+CFG truncation (diffusers' CFG cut-off callback; A1111's "negative guidance minimum sigma" is the
+same idea on every other step): at the low noise levels the guided and the conditional
+predictions differ little, so below ``cond_only_below`` the unconditional pass is skipped and
+D_cfg = D(x, sigma | cond): one network call of batch B instead of 2B.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -33,6 +39,8 @@ class CFGDenoiser:
         scale: guidance weight w >= 0 (1 = no guidance, 0 = unconditional).
         rescale: phi in [0, 1]; 0 turns the rescale off.
         rescale_space: the quantity the rescale acts on: "eps", "v" or "x0".
+        cond_only_below: at sigma <= this the conditional denoiser alone (CFG truncation); the
+            default, -1, never.
     """
 
     def __init__(
@@ -44,6 +52,7 @@ class CFGDenoiser:
         *,
         rescale: float = 0.0,
         rescale_space: Prediction = "eps",
+        cond_only_below: float = -1.0,
     ):
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
@@ -56,9 +65,12 @@ class CFGDenoiser:
         self.scale = scale
         self.rescale = rescale
         self.rescale_space = check_choice("rescale space", rescale_space, PREDICTIONS)
+        self.cond_only_below = cond_only_below
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = sigma.expand(x.shape[0])
+        if self.cond_only_below >= 0 and bool((sigma <= self.cond_only_below).all()):
+            return self.denoiser(x, sigma, **self.cond)
         extra = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
         d_uncond, d_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **extra).chunk(2)
         d_cfg = d_uncond + self.scale * (d_cond - d_uncond)
@@ -74,3 +86,12 @@ class CFGDenoiser:
         ratio = f_cond.std(dim=dims, keepdim=True) / f_cfg.std(dim=dims, keepdim=True)
         f = self.rescale * f_cfg * ratio + (1 - self.rescale) * f_cfg
         return c_skip * x + c_out * f
+
+
+def truncation_sigma(sigmas: Tensor, fraction: float) -> float:
+    """CFG truncation at ``fraction`` of a run over ``sigmas`` (steps + 1 values, the last 0): the
+    sigma from which the conditional pass runs alone, that of step ceil(fraction * steps); -1
+    (never) when that is past the last step. E.g. 20 steps at 0.8: steps 16-19 unguided."""
+    steps = len(sigmas) - 1
+    first = math.ceil(fraction * steps - 1e-9)  # 0.8 * 20 = 16.000000000000004 is step 16
+    return -1.0 if first >= steps else float(sigmas[first])

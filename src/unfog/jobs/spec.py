@@ -96,6 +96,8 @@ def check(job: Job) -> None:
     check_seed(s.seed, job.batch_size)
     if not math.isfinite(s.cfg_scale):
         raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")
+    if not 0 <= s.cfg_truncation <= 1:
+        raise ValueError(f"--cfg-truncation must be in [0, 1] (the fraction of the steps guided), got {s.cfg_truncation}")
     for name, value in (("steps", s.steps), ("batch size", job.batch_size), ("clip skip", s.clip_skip),
                         ("width", s.width), ("height", s.height)):
         if value is not None and value < 1:

@@ -90,6 +90,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
     values = {
         "Steps": s.steps, "Sampler": sampler_name(s.sampler),
         "Schedule type": schedule_type(pipe.spacing_for(s.sampler, s.spacing)), "CFG scale": s.cfg_scale,
+        "CFG truncation": s.cfg_truncation if s.cfg_truncation < 1 else None,
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
@@ -139,7 +140,7 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
     steps, as in A1111). ``init`` / ``mask``: img2img and inpainting inputs of the image's size."""
     spacing = pipe.spacing_for(s.sampler, s.spacing)  # the refiner must step on the base's schedule
     common = dict(steps=s.steps, sampler=s.sampler, spacing=spacing, cfg_scale=s.cfg_scale, seed=s.seed,
-                  clip_skip=s.clip_skip)
+                  clip_skip=s.clip_skip, cfg_truncation=s.cfg_truncation)
     inputs = dict(width=s.width, height=s.height)
     if init is not None:
         inputs |= dict(init_image=init, mask=mask, strength=s.strength)
@@ -191,5 +192,5 @@ def _hires_pass(pipe: StableDiffusion, s: Settings, hires, first, controls, desc
     total = len(pipe.sigmas(steps, sampler, spacing, strength=hires.strength)) - 1
     with progress(total, desc + " (hires)") as bar:
         return pipe(prompt, negative, steps=steps, sampler=sampler, spacing=spacing, cfg_scale=s.cfg_scale,
-                    seed=s.seed, clip_skip=s.clip_skip, width=width, height=height, strength=hires.strength,
+                    cfg_truncation=s.cfg_truncation, seed=s.seed, clip_skip=s.clip_skip, width=width, height=height, strength=hires.strength,
                     controls=controls, callback=bar.callback, **start)[0]

@@ -53,6 +53,8 @@ class Settings:
         content", "Mask blur", "Inpaint area: Only masked" and "Masked area padding";
         ``pipelines.masking``); None / 0 / False: the image as it is, the mask as given, the whole
         picture.
+    cfg_truncation: the fraction of the steps with classifier-free guidance; the rest run the
+        conditional pass alone (1: every step guided).
     """
 
     prompt: str = ""
@@ -80,6 +82,7 @@ class Settings:
     hr_sampler: str | None = None
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
+    cfg_truncation: float = 1.0
 
     def hires_pass(self):
         """The hires fix's second pass (``pipelines.hires.Hires``), or None without ``hires``;
@@ -222,7 +225,7 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
                "Mask blur": ("mask_blur", int), "Masked area padding": ("mask_padding", int),
                "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_steps", int),
-               "Refiner switch at": ("refiner_start", float)}
+               "Refiner switch at": ("refiner_start", float), "CFG truncation": ("cfg_truncation", float)}
     for key, (name, kind) in numbers.items():
         if key in params:
             try:

@@ -27,7 +27,7 @@ from ..checkpoint.embeddings import Embedding, read_embedding
 from ..checkpoint.lora import read_lora
 from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, embedding_words, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
-                         get_sigmas, resolve_sampler)
+                         get_sigmas, resolve_sampler, truncation_sigma)
 from ..choices import check_choice
 from ..models.clip_text import CLIPTextEncoder
 from ..models.controlnet import HINT_DOWNSCALE
@@ -308,7 +308,7 @@ class StableDiffusion:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
-                 guidance_rescale: float = 0.0, seed: int = 0, width: int | None = None, height: int | None = None,
+                 guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
                  init_image=None, init_latents: Tensor | None = None, strength: float = 0.8, mask=None,
                  masked_content: str = "original",
@@ -334,6 +334,8 @@ class StableDiffusion:
             "original" (the image), "fill" (the image with the masked area filled smoothly from
             its surroundings, ``inputs.fill_masked``), "latent noise" (the run's own noise, as
             A1111's image seed gives it) or "latent nothing" (zero latents).
+        ``cfg_truncation=f``: classifier-free guidance for the first fraction f of the steps, the
+            conditional pass alone from the sigma of step ceil(f * steps) on (1: every step guided).
         hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
             with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
         SDXL (and ``size_conditioning`` models): size and crop conditioning (defaults (height, width),
@@ -345,6 +347,8 @@ class StableDiffusion:
         check_choice("encode mode", encode, get_args(EncodeMode))
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if not 0 <= cfg_truncation <= 1:
+            raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -381,7 +385,8 @@ class StableDiffusion:
         else:
             x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
                                            strength, encode, masked_content, init_latents)
-        guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control)
+        guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
+                              truncation_sigma(sigmas, cfg_truncation))
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
         x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
@@ -441,13 +446,16 @@ class StableDiffusion:
         timesteps = Denoiser(self._network, self.schedule, self.prediction).timestep(sigmas[:-1])
         return ControlRun(list(controls), hints, timesteps)
 
-    def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float, control: ControlRun | None = None):
-        """D(x, sigma) with classifier-free guidance; scale 1 is the conditional denoiser alone."""
+    def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float, control: ControlRun | None = None,
+                cond_only_below: float = -1.0):
+        """D(x, sigma) with classifier-free guidance (the conditional pass alone at sigma <=
+        ``cond_only_below``); scale 1 is the conditional denoiser alone."""
         network = self._network if control is None else partial(self._network, control=control)
         den = Denoiser(network, self.schedule, self.prediction)
         if scale == 1:
             return lambda x, sigma: den(x, sigma, **cond)
-        return CFGDenoiser(den, cond, uncond, scale, rescale=rescale, rescale_space=self.prediction)
+        return CFGDenoiser(den, cond, uncond, scale, rescale=rescale, rescale_space=self.prediction,
+                           cond_only_below=cond_only_below)
 
     def _conditioning(self, prompts, negative_prompt, clip_skip, per_prompt, y) -> tuple[dict, dict]:
         encoders = [getattr(self, name) for name in ENCODERS[self.family]]
