@@ -111,7 +111,8 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "only_masked": "only_masked", "mask_padding": "mask_padding", "hires": "hires",
                     "hires_scale": "hr_scale", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_steps",
                     "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt",
-                    "cfg_truncation": "cfg_truncation"}
+                    "cfg_truncation": "cfg_truncation", "deep_cache": "deep_cache",
+                    "deep_cache_branch": "deep_cache_branch"}
 
 
 def _warn(message: str) -> None:
@@ -376,6 +377,10 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    "%(model_default)s)").model_default = _ModelDefault("cfg_scale")
     p.add_argument("--cfg-truncation", type=finite_float, default=None, metavar="F", help="guide only the first "
                    "fraction F of the steps; the rest run the conditional pass alone, 2x cheaper (default 1: all)")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N", help="DeepCache: the whole U-Net every N-th "
+                   "step, its outer blocks alone in between (default 1: always the whole)")
+    p.add_argument("--deep-cache-branch", type=int, default=None, metavar="B", help="DeepCache's skip level: the "
+                   "steps in between run the U-Net's first B+1 input blocks and last B+1 output blocks (default 0)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default -1: a random one, recorded)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's "
                    "size, or the init image's)")

@@ -218,6 +218,29 @@ def test_cfg_truncation_is_the_guided_run_handed_to_an_unguided_one(models, work
     assert "CFG truncation" not in params_of(plain)
 
 
+def test_deep_cache_runs_the_whole_unet_every_nth_step_and_is_recorded(models, workdir):
+    pipe = unfog.load(models["sd1"])
+    full = []
+    pipe.unet.middle_block.register_forward_pre_hook(lambda module, args: full.append(args[0].shape[0]))
+    common = dict(steps=7, sampler="Euler", width=64, height=64, seed=4, output="latent")
+    plain = pipe("a red bicycle", **common)
+    assert torch.equal(pipe("a red bicycle", **common, deep_cache=1), plain) and len(full) == 14
+    full.clear()
+    cached = pipe("a red bicycle", **common, deep_cache=3)
+    assert full == [2, 2, 2]  # steps 0, 3, 6 in full (CFG: a batch of 2)
+    assert not torch.equal(cached, plain)
+    full.clear()
+    pipe("a red bicycle", **common, deep_cache=3, cfg_truncation=0.5)  # steps 0-3 guided, 4-6 not: batch 1
+    assert full == [2, 2, 1, 1]  # steps 0 and 3 by the interval, 4 for its new batch size, 6 by the interval
+    out = workdir / "cached.png"
+    assert cli("generate", "a red bicycle", "--model", models["sd1"], "--seed", 4, "--deep-cache", 3,
+               "--deep-cache-branch", 1, "--output", out, *FAST) == 0
+    assert (params_of(out)["DeepCache"], params_of(out)["DeepCache branch"]) == ("3", "1")
+    again = workdir / "again.png"
+    assert cli("generate", "--from", out, "--model", models["sd1"], "--output", again) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
 def test_img2img_and_inpaint(models, workdir, capsys):
     init = random_png(workdir / "init.png", seed=1)
     mask = Image.new("L", (64, 64))
@@ -308,6 +331,7 @@ def error_cases(models, workdir):
         ((*gen, "--dtype", "fp64"), "argument --dtype: invalid choice: 'fp64'"),
         ((*gen, "--cfg-truncation", 1.5), "--cfg-truncation must be in [0, 1] (the fraction of the steps guided), "
          "got 1.5"),
+        ((*gen, "--deep-cache", 0), "--deep-cache must be >= 1 (1: off) and --deep-cache-branch >= 0, got 0 and 0"),
         ((*gen, "--steps", 0), "--steps must be >= 1, got 0"),
         ((*gen, "--seed", -2), "seed -2 is out of range; valid: -1 (a random one) or 0.."),
         (("generate", "a cat", "--model", pixel), "is an unfog pixel model"),

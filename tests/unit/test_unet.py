@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import unfog.models.unet as unet_module
 import unfog.nn.blocks as blocks_module
 from unfog.models.presets import DIGITS, PRESETS, SD15, TINY, get_preset
-from unfog.models.unet import UNet
+from unfog.models.unet import FeatureCache, UNet
 from unfog.nn.attention import AttentionBlock
 from unfog.nn.blocks import BasicTransformerBlock, ResBlock
 from unfog.nn.embeddings import timestep_embedding
@@ -333,3 +333,42 @@ def test_control_bad_inputs_raise():
     control[2] = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match=r"control\[2\] has shape \(1, 4, 8, 8\), but the output it joins has"):
         model(x, 1, ctx, control=control)
+
+
+# ---- DeepCache (FeatureCache) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["TINY", "DIGITS"])
+def test_feature_cache_reused_at_the_same_inputs_is_the_full_pass_at_every_branch(preset):
+    """The closed form: the features a full call caches are what the skipped blocks would compute
+    again for the same x, t and conditioning, so the partial call must give the same bits."""
+    cfg = get_preset(preset)
+    unet = randomize_(UNet(cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, cfg.in_channels, 16, 16, generator=g), torch.tensor([500.0, 20.0])
+    kw = {"y": torch.tensor([1, 7])} if cfg.num_classes else {"context": torch.randn(2, 5, cfg.context_dim, generator=g)}
+    middle = []
+    unet.middle_block.register_forward_pre_hook(lambda module, args: middle.append(1))
+    with torch.no_grad():
+        full = unet(x, t, **kw)
+        for branch in range(len(unet.input_blocks)):
+            cache = FeatureCache(3, branch)
+            outs = [unet(x, t, **kw, cache=cache) for _ in range(4)]  # full, partial, partial, full
+            assert all(torch.equal(out, full) for out in outs), branch
+        assert len(middle) == 1 + 2 * len(unet.input_blocks)  # the partial calls skip the middle block
+        with pytest.raises(ValueError, match=f"DeepCache branch must be < {len(unet.input_blocks)}"):
+            unet(x, t, **kw, cache=FeatureCache(2, len(unet.input_blocks)))
+
+
+def test_feature_cache_runs_in_full_when_the_batch_changes_and_checks_its_settings():
+    unet = randomize_(UNet(TINY)).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    cache = FeatureCache(4)
+    with torch.no_grad():
+        unet(x, 10.0, ctx, cache=cache)
+        assert not cache.reuse(x[:1])  # call 2: a batch of 1 cannot use features of 2
+        assert cache.reuse(x)  # call 3
+    with pytest.raises(ValueError, match="DeepCache interval must be >= 1"):
+        FeatureCache(0)
+    with pytest.raises(ValueError, match="DeepCache branch must be >= 0"):
+        FeatureCache(2, -1)

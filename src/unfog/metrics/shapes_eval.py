@@ -45,13 +45,14 @@ def prompt_set(per_category: int, seed: int = 0, categories=CATEGORIES) -> list[
 
 @torch.no_grad()
 def generate(pipe, specs: list[PromptSpec], *, sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
-             seed: int = 0, batch: int = 64, progress: bool = True) -> Tensor:
-    """One image per prompt, (N, 3, H, W) in [-1, 1]; batch k is drawn with seed ``seed + k``."""
+             seed: int = 0, batch: int = 64, progress: bool = True, **options) -> Tensor:
+    """One image per prompt, (N, 3, H, W) in [-1, 1]; batch k is drawn with seed ``seed + k``;
+    ``options`` go to the pipeline (e.g. ``cfg_truncation``)."""
     out = []
     chunks = [specs[i : i + batch] for i in range(0, len(specs), batch)]
     for k, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", disable=not progress)):
         out.append(pipe([s.text for s in chunk], steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                        seed=seed + k, output="tensor"))
+                        seed=seed + k, output="tensor", **options))
     return torch.cat(out)
 
 
@@ -71,15 +72,17 @@ def held_out_images(n: int, size: int, seed: int = HELD_OUT_SEED) -> Tensor:
 
 def evaluate(pipe, per_category: int = 100, *, sampler: str = "dpmpp_2m", steps: int = 20, cfg_scale: float = 4.0,
              seed: int = 0, fid_reference: Tensor | None = None, real_floor: float | None = None,
-             progress: bool = True) -> ShapesScores:
-    """Adherence per category (and FID against ``fid_reference`` features when given)."""
+             progress: bool = True, **options) -> ShapesScores:
+    """Adherence per category (and FID against ``fid_reference`` features when given); ``options``
+    go to the pipeline."""
     specs = prompt_set(per_category, seed)
-    images = generate(pipe, specs, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, progress=progress)
+    images = generate(pipe, specs, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, progress=progress,
+                      **options)
     adherence = score_batch(images, specs)
     fid = None
     if fid_reference is not None:
         fid = fid_from_features(vae_features(pipe.vae, images), fid_reference)
-    settings = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, per_category=per_category)
+    settings = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, per_category=per_category, **options)
     return ShapesScores(adherence, fid, real_floor, len(specs), settings)
 
 

@@ -261,6 +261,31 @@ def label_embedding(cfg: UNetConfig) -> nn.Module | None:
     return nn.Embedding(cfg.num_classes, ted)
 
 
+class FeatureCache:
+    """DeepCache (Ma et al. 2023): between two steps the U-Net's deep features change little, so
+    only every ``interval``-th call runs the whole U-Net; the calls in between run the input
+    blocks down to skip level ``branch`` (0: the first block alone) and the output blocks from
+    there up, reusing the deep features the last full call handed to that output block (before
+    its skip concatenation). Interval 1 is the plain U-Net. One cache serves one sampling run;
+    a call whose batch or size differs from the cached features' (e.g. CFG truncation halving
+    the batch) runs in full and caches anew."""
+
+    def __init__(self, interval: int, branch: int = 0):
+        if interval < 1:
+            raise ValueError(f"DeepCache interval must be >= 1 (1: every step in full), got {interval}")
+        if branch < 0:
+            raise ValueError(f"DeepCache branch must be >= 0, got {branch}")
+        self.interval, self.branch = interval, branch
+        self.calls = 0
+        self.features: torch.Tensor | None = None
+
+    def reuse(self, x: torch.Tensor) -> bool:
+        """Whether this call (the next one counted) may run the shallow part alone."""
+        self.calls += 1
+        full = (self.calls - 1) % self.interval == 0
+        return not full and self.features is not None and self.features.shape[0] == x.shape[0]
+
+
 class UNetEncoder(nn.Module):
     """The part of the U-Net that a ControlNet copies: the time (and label) embedding, the input
     blocks and the middle block, built from ``config`` by the builders above, with the embedding,
@@ -354,10 +379,13 @@ class UNet(UNetEncoder):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         control: Sequence[torch.Tensor] | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W); timesteps: (B,) or a scalar; context: (B, M, context_dim) for
         cross-attention models; y: (B,) class ids or (B, adm_in_channels) vectors for
         class-conditional models. Returns (B, out_channels, H, W).
+
+        cache: DeepCache's reuse of deep features between calls (``FeatureCache``).
 
         control: ControlNet residuals (``models.controlnet``), one per input block then one for
         the middle block (13 for SD 1.x / 2.x, 10 for SDXL), each shaped as the output it joins.
@@ -380,15 +408,29 @@ class UNet(UNetEncoder):
         emb = self.embed(timesteps, x, y, dtype)  # (B, 4 * model_channels)
         context = None if context is None else context.to(dtype)
         h = x.to(dtype)  # (B, C_in, H, W)
+        n = len(self.input_blocks)
+        if cache is not None and cache.branch >= n:
+            raise ValueError(f"DeepCache branch must be < {n} (this U-Net's input blocks), got {cache.branch}")
+        reuse = cache is not None and cache.reuse(x)
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[: cache.branch + 1 if reuse else n]:
             h = self.run_block(block, h, emb, context)
             skips.append(h)
-        h = self.run_block(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
         if control is not None:
             skips = [_add_residual(s, c, f"control[{i}]") for i, (s, c) in enumerate(zip(skips, control))]
-            h = _add_residual(h, control[-1], f"control[{len(skips)}] (the middle block's)")
-        for block in self.output_blocks:
+        if not reuse:
+            h = self.run_block(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
+            if control is not None:
+                h = _add_residual(h, control[-1], f"control[{n}] (the middle block's)")
+        first = n - 1 - cache.branch if cache is not None else 0  # the output block the cache feeds
+        for i, block in enumerate(self.output_blocks):
+            if reuse and i < first:
+                continue
+            if cache is not None and i == first:
+                if reuse:
+                    h = cache.features
+                else:
+                    cache.features = h
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
             h = self.run_block(block, h, emb, context, size)

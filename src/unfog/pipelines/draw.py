@@ -91,6 +91,8 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Steps": s.steps, "Sampler": sampler_name(s.sampler),
         "Schedule type": schedule_type(pipe.spacing_for(s.sampler, s.spacing)), "CFG scale": s.cfg_scale,
         "CFG truncation": s.cfg_truncation if s.cfg_truncation < 1 else None,
+        "DeepCache": s.deep_cache if s.deep_cache > 1 else None,
+        "DeepCache branch": s.deep_cache_branch if s.deep_cache > 1 and s.deep_cache_branch else None,
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
@@ -140,7 +142,7 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
     steps, as in A1111). ``init`` / ``mask``: img2img and inpainting inputs of the image's size."""
     spacing = pipe.spacing_for(s.sampler, s.spacing)  # the refiner must step on the base's schedule
     common = dict(steps=s.steps, sampler=s.sampler, spacing=spacing, cfg_scale=s.cfg_scale, seed=s.seed,
-                  clip_skip=s.clip_skip, cfg_truncation=s.cfg_truncation)
+                  clip_skip=s.clip_skip, **savings(s))
     inputs = dict(width=s.width, height=s.height)
     if init is not None:
         inputs |= dict(init_image=init, mask=mask, strength=s.strength)
@@ -160,6 +162,11 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
     with progress(steps, desc + " (refiner)") as bar:
         return refiner(s.prompt, s.negative_prompt, **common, latents=out, denoising_start=end,
                        callback=bar.callback)[0]
+
+
+def savings(s: Settings) -> dict[str, object]:
+    """The pipeline's opt-in savings of U-Net work that ``s`` asks for (every pass)."""
+    return dict(cfg_truncation=s.cfg_truncation, deep_cache=s.deep_cache, deep_cache_branch=s.deep_cache_branch)
 
 
 def ti_hashes_text(pipe: StableDiffusion, s: Settings) -> str:
@@ -192,5 +199,5 @@ def _hires_pass(pipe: StableDiffusion, s: Settings, hires, first, controls, desc
     total = len(pipe.sigmas(steps, sampler, spacing, strength=hires.strength)) - 1
     with progress(total, desc + " (hires)") as bar:
         return pipe(prompt, negative, steps=steps, sampler=sampler, spacing=spacing, cfg_scale=s.cfg_scale,
-                    cfg_truncation=s.cfg_truncation, seed=s.seed, clip_skip=s.clip_skip, width=width, height=height, strength=hires.strength,
+                    **savings(s), seed=s.seed, clip_skip=s.clip_skip, width=width, height=height, strength=hires.strength,
                     controls=controls, callback=bar.callback, **start)[0]

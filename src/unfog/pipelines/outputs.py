@@ -55,6 +55,8 @@ class Settings:
         picture.
     cfg_truncation: the fraction of the steps with classifier-free guidance; the rest run the
         conditional pass alone (1: every step guided).
+    deep_cache, deep_cache_branch: DeepCache, the whole U-Net every deep_cache-th evaluation and
+        its shallow blocks down to skip level deep_cache_branch in between (1: always the whole).
     """
 
     prompt: str = ""
@@ -83,6 +85,8 @@ class Settings:
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
     cfg_truncation: float = 1.0
+    deep_cache: int = 1
+    deep_cache_branch: int = 0
 
     def hires_pass(self):
         """The hires fix's second pass (``pipelines.hires.Hires``), or None without ``hires``;
@@ -225,7 +229,8 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
                "Clip skip": ("clip_skip", int), "Denoising strength": ("strength", float),
                "Mask blur": ("mask_blur", int), "Masked area padding": ("mask_padding", int),
                "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_steps", int),
-               "Refiner switch at": ("refiner_start", float), "CFG truncation": ("cfg_truncation", float)}
+               "Refiner switch at": ("refiner_start", float), "CFG truncation": ("cfg_truncation", float),
+               "DeepCache": ("deep_cache", int), "DeepCache branch": ("deep_cache_branch", int)}
     for key, (name, kind) in numbers.items():
         if key in params:
             try:
