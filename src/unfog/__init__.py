@@ -72,6 +72,7 @@ def load_controlnet(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    global_pool: bool | None = None,
 ) -> ControlNet:
     """A ControlNet (SD 1.x, 2.x or SDXL) from an official single file (``control_model.`` prefix or
     none; fp16 or fp32) or a diffusers folder. Calling it, ``(x, timesteps, context, hint, y=None)``,
@@ -79,13 +80,15 @@ def load_controlnet(
 
     base: the U-Net a ``difference`` file was made against (usually SD 1.5's, e.g. ``pipe.unet``),
         whose weights are added back; refused for other files. dtype: of the module (None:
-        torch.float32). See docs/controlnet.md.
+        torch.float32). global_pool: whether its residuals are averaged over the image (the v1.1
+        shuffle model); None: from a diffusers config, else "shuffle" in an SD 1.x / 2.x file's
+        name, as sd-webui-controlnet decides. See docs/controlnet.md.
     """
     import torch
 
     from .checkpoint.controlnet import load_controlnet as load
     from .pipelines.precision import use_device_layout
 
-    model = load(path, base=base, dtype=torch.float32 if dtype is None else dtype).to(device)
+    model = load(path, base=base, dtype=torch.float32 if dtype is None else dtype, global_pool=global_pool).to(device)
     use_device_layout(model)  # as the pipeline lays out its U-Net: channels-last convolutions on the CPU
     return model

@@ -185,3 +185,23 @@ def test_sdxl_txt2img_one_controlnet(clip_l, big_g, tokenizers, tmp_path, case):
     mine = ours(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=6.0, latents=noise(), controls=[control], output="tensor",
                 **sizes)
     assert_close((mine + 1) / 2, theirs, f"SDXL txt2img, {case}")
+
+
+@torch.no_grad()
+def test_txt2img_globally_pooled_controlnet_as_diffusers_runs_it(clip_l, tokenizers, tmp_path):
+    """The v1.1 shuffle model: diffusers' ``global_pool_conditions`` averages each residual over
+    the image and its pipeline then runs the ControlNet in guess mode (the conditional half only,
+    without guess mode's scales for a pooled model): unfog's balanced mode must give the same."""
+    theirs_cn, ours_cn = controlnet_pair(SD1_UNET, 23, tmp_path, global_pool_conditions=True)
+    assert ours_cn.control_config.global_pool
+    pipe, ours = sd1_controlnet(clip_l, tokenizers, [theirs_cn])
+    args = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                controlnet_conditioning_scale=0.9)
+    theirs = pipe(PROMPT, image=hint(6), latents=noise(), output_type="pt", **args).images
+    mine = ours(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.5, latents=noise(), output="tensor",
+                controls=[Control(ours_cn, hint(6), weight=0.9)])
+    assert_close((mine + 1) / 2, theirs, "txt2img, global pooling")
+    unpooled = load_controlnet(tmp_path / "controlnet_23", global_pool=False)
+    plain = ours(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.5, latents=noise(), output="tensor",
+                 controls=[Control(unpooled, hint(6), weight=0.9)])
+    assert rel_err(mine, plain) > 10 * RTOL  # pooling changes the image: the check can fail

@@ -23,7 +23,7 @@ from model_checks import randomize_  # noqa: E402
 from oracles import diffusers_unet_kwargs  # noqa: E402
 
 from unfog import load_controlnet  # noqa: E402
-from unfog.checkpoint.controlnet import check_controlnet_family  # noqa: E402
+from unfog.checkpoint.controlnet import check_controlnet_family, save_controlnet  # noqa: E402
 from unfog.models.controlnet import ControlNet, ControlNetConfig  # noqa: E402
 from unfog.models.presets import SD2, SD15, SD15_INPAINT, SDXL_BASE, TINY  # noqa: E402
 from unfog.models.unet import UNet  # noqa: E402
@@ -133,12 +133,37 @@ def test_diffusers_folder_fp16_variant_and_a_lone_weights_file(tmp_path):
 def test_diffusers_folder_settings_unfog_lacks_are_refused(tmp_path):
     _diffusers_folder(tmp_path / "cn")
     config = json.loads((tmp_path / "cn/config.json").read_text())
-    (tmp_path / "cn/config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
-    with pytest.raises(ValueError, match=r"global_pool_conditions=True is not supported"):
+    (tmp_path / "cn/config.json").write_text(json.dumps({**config, "controlnet_conditioning_channel_order": "bgr"}))
+    with pytest.raises(ValueError, match=r"controlnet_conditioning_channel_order='bgr' is not supported"):
         load_controlnet(tmp_path / "cn")
     (tmp_path / "cn/config.json").write_text(json.dumps({**config, "_class_name": "ControlNetXSAdapter"}))
     with pytest.raises(ValueError, match=r"_class_name='ControlNetXSAdapter'; unfog reads ControlNetModel folders"):
         load_controlnet(tmp_path / "cn")
+
+
+def test_global_pooling_from_the_file_name_the_diffusers_config_or_the_caller(sd15, tmp_path):
+    """As sd-webui-controlnet decides for official SD 1.x files (their yaml is not read): "shuffle"
+    in the name; a diffusers folder says it in its config; unfog's own files in their metadata."""
+    shuffle, canny = tmp_path / "control_v11e_sd15_shuffle.safetensors", tmp_path / "control_v11p_sd15_canny.safetensors"
+    save_file(sd15, shuffle)
+    canny.symlink_to(shuffle)
+    assert load_controlnet(shuffle).control_config.global_pool
+    assert not load_controlnet(canny).control_config.global_pool
+    assert not load_controlnet(shuffle, global_pool=False).control_config.global_pool
+    assert load_controlnet(canny, global_pool=True).control_config.global_pool
+    _diffusers_folder(tmp_path / "shuffle_cn")  # a diffusers folder: its config decides, not its name
+    assert not load_controlnet(tmp_path / "shuffle_cn").control_config.global_pool
+    config = json.loads((tmp_path / "shuffle_cn/config.json").read_text())
+    (tmp_path / "shuffle_cn/config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    pooled = load_controlnet(tmp_path / "shuffle_cn")
+    assert pooled.control_config.global_pool
+    save_controlnet(pooled, tmp_path / "mine.safetensors")  # unfog's file records it
+    assert load_controlnet(tmp_path / "mine.safetensors").control_config.global_pool
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 3, NARROW.context_dim, generator=g)
+    with torch.no_grad():
+        out = pooled(x, torch.tensor([10.0, 600.0]), ctx, torch.rand(2, 3, 32, 32, generator=g))
+    assert all(r.shape[2:] == (1, 1) for r in out)
 
 
 def test_not_a_controlnet_truncated_and_wrong_shapes(sd15, tmp_path):

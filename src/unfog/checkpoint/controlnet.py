@@ -55,7 +55,6 @@ CONTROLLED = ("SD15", "SD2", "SDXL_BASE")
 DIFFUSERS_FIXED = {
     "conditioning_embedding_out_channels": [c for c, _ in HINT_CONVS[::2]],  # 16, 32, 96, 256
     "controlnet_conditioning_channel_order": "rgb",
-    "global_pool_conditions": False,
 }
 
 
@@ -87,23 +86,34 @@ def check_controlnet_family(controlnet: ControlNet, unet: UNet) -> None:
         )
 
 
-def load_controlnet(path: str | Path, base: UNet | None = None, dtype: torch.dtype = torch.float32) -> ControlNet:
+def load_controlnet(path: str | Path, base: UNet | None = None, dtype: torch.dtype = torch.float32,
+                    global_pool: bool | None = None) -> ControlNet:
     """The ControlNet in ``path``: an official single file (``control_model.`` prefix or none, a
-    ``difference`` file with ``base=`` the U-Net it was made against) or a diffusers folder."""
+    ``difference`` file with ``base=`` the U-Net it was made against) or a diffusers folder.
+
+    ``global_pool`` (``ControlNetConfig``): None reads it from a diffusers config's
+    ``global_pool_conditions`` or unfog's metadata; an official SD 1.x / 2.x file has no such
+    field (its yaml has), so, as sd-webui-controlnet decides, one whose file name has "shuffle"
+    in it (``control_v11e_sd15_shuffle``) is pooled."""
     path = Path(path)
     if path.is_dir():
-        return _load_diffusers(path, dtype)
+        return _load_diffusers(path, dtype, global_pool=global_pool)
     state_dict, metadata = load_state_dict(path)
     weights = _control_tensors(state_dict, path)
     if DIFFUSERS_SENTINEL in weights:
         if (path.parent / "config.json").is_file():
-            return _load_diffusers(path.parent, dtype, path)
+            return _load_diffusers(path.parent, dtype, path, global_pool)
         raise ValueError(f"{path.name} holds a ControlNet in diffusers naming without its config.json: load the "
                          "folder with config.json and this file")
     if metadata.get("format") == FORMAT:
-        config = ControlNetConfig(UNetConfig(**metadata["unet"]), hint_channels=int(metadata["hint_channels"]))
+        config = ControlNetConfig(UNetConfig(**metadata["unet"]), hint_channels=int(metadata["hint_channels"]),
+                                  global_pool=bool(metadata.get("global_pool", False)))
     else:
         config = _config_from_keys(weights, path)
+        sd_family = config.unet.num_classes != "sequential"  # SDXL files are never pooled by name (as A1111)
+        config = replace(config, global_pool="shuffle" in path.stem.lower() and sd_family)
+    if global_pool is not None:
+        config = replace(config, global_pool=global_pool)
     if DIFFERENCE in weights:
         weights = _add_base(weights, base, config.unet, path)
     elif base is not None:
@@ -126,7 +136,7 @@ def save_controlnet(controlnet: ControlNet, path: str | Path, metadata: Mapping[
     config = controlnet.control_config
     tensors = {CONTROL_PREFIX + k: v.detach().float() for k, v in controlnet.state_dict().items()}
     save_safetensors(path, tensors, {**dict(metadata), "format": FORMAT, "unet": asdict(config.unet),
-                                     "hint_channels": config.hint_channels})
+                                     "hint_channels": config.hint_channels, "global_pool": config.global_pool})
 
 
 def _control_tensors(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -200,7 +210,8 @@ def _add_base(
     return whole
 
 
-def _load_diffusers(folder: Path, dtype: torch.dtype, weights_path: Path | None = None) -> ControlNet:
+def _load_diffusers(folder: Path, dtype: torch.dtype, weights_path: Path | None = None,
+                    global_pool: bool | None = None) -> ControlNet:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a diffusers ControlNet folder")
@@ -213,7 +224,8 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, weights_path: Path | None 
             raise ValueError(f"{what}: {key}={c[key]!r} is not supported (unfog's ControlNet has {supported!r})")
     up = [UNET_BLOCKS.get(b, b) for b in reversed(c["down_block_types"])]  # a ControlNet has no decoder
     unet = unet_config_from_diffusers({**c, "up_block_types": up})
-    config = ControlNetConfig(unet, hint_channels=c.get("conditioning_channels", 3))
+    pooled = bool(c.get("global_pool_conditions", False)) if global_pool is None else global_pool
+    config = ControlNetConfig(unet, hint_channels=c.get("conditioning_channels", 3), global_pool=pooled)
     state_dict, _ = load_state_dict(weights_path or weights_file(folder))
     with torch.device("meta"):
         module = ControlNet(config)

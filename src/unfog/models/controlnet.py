@@ -34,10 +34,15 @@ HINT_DOWNSCALE = 8  # 2 ** (number of stride-2 convs): the hint is 8x the latent
 @dataclass(frozen=True)
 class ControlNetConfig:
     """unet: the config of the U-Net the ControlNet controls (its encoder is copied; the decoder
-    settings, ``out_channels``, are unused). hint_channels: channels of the hint image (3, RGB)."""
+    settings, ``out_channels``, are unused). hint_channels: channels of the hint image (3, RGB).
+    global_pool: each residual averaged over its height and width, (B, C, 1, 1), which the U-Net
+    adds everywhere (the v1.1 shuffle model: the official yaml's ``global_average_pooling``,
+    diffusers' ``global_pool_conditions``); pipelines give such a ControlNet the conditional half
+    of classifier-free guidance alone, as sd-webui-controlnet and diffusers do."""
 
     unet: UNetConfig
     hint_channels: int = 3
+    global_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.hint_channels < 1:
@@ -99,4 +104,6 @@ class ControlNet(UNetEncoder):
             residuals.append(zero_conv(h))
         h = self.run_block(self.middle_block, h, emb, context)
         residuals.append(self.middle_block_out(h))
+        if self.control_config.global_pool:
+            residuals = [r.mean(dim=(2, 3), keepdim=True) for r in residuals]  # (B, C, 1, 1)
         return residuals

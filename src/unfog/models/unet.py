@@ -446,6 +446,7 @@ class UNet(UNetEncoder):
 
 
 def _add_residual(h: torch.Tensor, residual: torch.Tensor, what: str) -> torch.Tensor:
-    if residual.shape != h.shape:
+    """h + residual; the residual shaped as h, or (B, C, 1, 1) (a globally pooled ControlNet's)."""
+    if residual.shape != h.shape and residual.shape != (*h.shape[:2], 1, 1):
         raise ValueError(f"{what} has shape {tuple(residual.shape)}, but the output it joins has {tuple(h.shape)}")
     return h + residual.to(h.dtype)

@@ -16,6 +16,8 @@ Definitions (docs/controlnet.md says why each is the one chosen):
       SDXL's 10 take the first 10 of those 13), both halves;
   "controlnet" ("ControlNet is more important", guess mode): the same scales, and the
       ControlNet runs on the conditional half only: the unconditional half gets no residuals.
+- A globally pooled ControlNet (the v1.1 shuffle model, ``ControlNetConfig.global_pool``) runs
+  on the conditional half only in every mode, as sd-webui-controlnet and diffusers run it.
 - Several units: their residuals are summed.
 """
 
@@ -171,7 +173,8 @@ class ControlRun:
             if not active[step]:
                 continue
             rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            if control.control_mode == "controlnet" and cond_mark is not None:
+            cond_only = control.control_mode == "controlnet" or control.model.control_config.global_pool
+            if cond_only and cond_mark is not None:
                 rows = cond_mark.to(x.device) > 0.5
             if not rows.any():
                 continue
