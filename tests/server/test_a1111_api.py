@@ -203,6 +203,17 @@ def test_progress_interrupt_and_skip(api):
     api.util_wait_for_ready(check_interval=0.1)
 
 
+def test_token_merging_ratio_override_is_recorded_and_drawn_as_the_cli(api, server, tmp_path):
+    r = api.txt2img(prompt="a red circle", seed=9, cfg_scale=2.0, override_settings={"token_merging_ratio": 0.5},
+                    **FAST)
+    assert "Token merging ratio: 0.5" in r.images[0].info["parameters"]
+    same = cli_image(tmp_path, "a red circle", 9, "--cfg-scale", "2", "--token-merging", "0.5")
+    assert np.array_equal(np.asarray(r.images[0].convert("RGB")), same)
+    bad = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "override_settings":
+                                                                {"token_merging_ratio": 1.5}})
+    assert bad.status_code == 422 and "token_merging_ratio must be a number in [0, 1)" in bad.json()["errors"]
+
+
 def test_options_and_models(api):
     titles = api.util_get_model_names()
     assert any(t.startswith("shapes.safetensors") for t in titles) and "sub/other.safetensors" in titles

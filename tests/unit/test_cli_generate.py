@@ -241,6 +241,18 @@ def test_deep_cache_runs_the_whole_unet_every_nth_step_and_is_recorded(models, w
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_token_merging_is_recorded_as_a1111_writes_it_and_changes_the_image(models, workdir):
+    out, plain = workdir / "merged.png", workdir / "plain.png"
+    assert cli("generate", "a red bicycle", "--model", models["sd1"], "--seed", 4, "--token-merging", 0.5,
+               "--output", out, *FAST) == 0
+    assert cli("generate", "a red bicycle", "--model", models["sd1"], "--seed", 4, "--output", plain, *FAST) == 0
+    assert params_of(out)["Token merging ratio"] == "0.5" and "Token merging ratio" not in params_of(plain)
+    assert not np.array_equal(pixels(out), pixels(plain))
+    again = workdir / "again.png"
+    assert cli("generate", "--from", out, "--model", models["sd1"], "--output", again) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
 def test_img2img_and_inpaint(models, workdir, capsys):
     init = random_png(workdir / "init.png", seed=1)
     mask = Image.new("L", (64, 64))
@@ -331,6 +343,7 @@ def error_cases(models, workdir):
         ((*gen, "--dtype", "fp64"), "argument --dtype: invalid choice: 'fp64'"),
         ((*gen, "--cfg-truncation", 1.5), "--cfg-truncation must be in [0, 1] (the fraction of the steps guided), "
          "got 1.5"),
+        ((*gen, "--token-merging", 1), "--token-merging must be in [0, 1) (the fraction of tokens merged), got 1.0"),
         ((*gen, "--deep-cache", 0), "--deep-cache must be >= 1 (1: off) and --deep-cache-branch >= 0, got 0 and 0"),
         ((*gen, "--steps", 0), "--steps must be >= 1, got 0"),
         ((*gen, "--seed", -2), "seed -2 is out of range; valid: -1 (a random one) or 0.."),

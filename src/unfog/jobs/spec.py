@@ -98,6 +98,8 @@ def check(job: Job) -> None:
         raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")
     if not 0 <= s.cfg_truncation <= 1:
         raise ValueError(f"--cfg-truncation must be in [0, 1] (the fraction of the steps guided), got {s.cfg_truncation}")
+    if not 0 <= s.token_merging < 1:
+        raise ValueError(f"--token-merging must be in [0, 1) (the fraction of tokens merged), got {s.token_merging}")
     if s.deep_cache < 1 or s.deep_cache_branch < 0:
         raise ValueError(f"--deep-cache must be >= 1 (1: off) and --deep-cache-branch >= 0, got {s.deep_cache} and "
                          f"{s.deep_cache_branch}")

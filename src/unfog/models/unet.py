@@ -33,6 +33,7 @@ from unfog.nn.attention import AttentionBlock, ContextTransform, CrossAttention,
 from unfog.nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample, zero_
 from unfog.nn.embeddings import timestep_embedding
 from unfog.nn.norm import normalization
+from unfog.nn.token_merging import MergingRun, TokenMerger
 
 NORM_GROUPS = 32  # every GroupNorm in the U-Net has 32 groups (LDM ``normalization``)
 
@@ -169,6 +170,7 @@ class UNetBlock(nn.Sequential):
         context: torch.Tensor | None,
         upsample_size: tuple[int, int] | None = None,
         checkpointing: bool = False,
+        merging: MergingRun | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -176,7 +178,7 @@ class UNetBlock(nn.Sequential):
             elif isinstance(layer, AttentionBlock):
                 x = checkpoint(layer, x, use_reentrant=False) if checkpointing else layer(x)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, checkpointing)
+                x = layer(x, context, checkpointing, merging)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
@@ -324,11 +326,13 @@ class UNetEncoder(nn.Module):
         emb: torch.Tensor,
         context: torch.Tensor | None,
         upsample_size: tuple[int, int] | None = None,
+        merging: MergingRun | None = None,
     ) -> torch.Tensor:
         """One block; its ResBlocks and transformer blocks are recomputed in the backward pass when
         gradient checkpointing is on and gradients are being taken (also in eval mode: a frozen
         U-Net under a trained adapter)."""
-        return block(h, emb, context, upsample_size, self.config.gradient_checkpointing and torch.is_grad_enabled())
+        checkpointing = self.config.gradient_checkpointing and torch.is_grad_enabled()
+        return block(h, emb, context, upsample_size, checkpointing, merging)
 
     def check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor | None) -> None:
         cfg = self.config
@@ -380,12 +384,14 @@ class UNet(UNetEncoder):
         y: torch.Tensor | None = None,
         control: Sequence[torch.Tensor] | None = None,
         cache: FeatureCache | None = None,
+        merger: TokenMerger | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W); timesteps: (B,) or a scalar; context: (B, M, context_dim) for
         cross-attention models; y: (B,) class ids or (B, adm_in_channels) vectors for
         class-conditional models. Returns (B, out_channels, H, W).
 
         cache: DeepCache's reuse of deep features between calls (``FeatureCache``).
+        merger: token merging in the self-attention (ToMe, ``nn.token_merging``).
 
         control: ControlNet residuals (``models.controlnet``), one per input block then one for
         the middle block (13 for SD 1.x / 2.x, 10 for SDXL), each shaped as the output it joins.
@@ -412,14 +418,15 @@ class UNet(UNetEncoder):
         if cache is not None and cache.branch >= n:
             raise ValueError(f"DeepCache branch must be < {n} (this U-Net's input blocks), got {cache.branch}")
         reuse = cache is not None and cache.reuse(x)
+        merging = None if merger is None else merger.start(*x.shape[2:])
         skips = []
         for block in self.input_blocks[: cache.branch + 1 if reuse else n]:
-            h = self.run_block(block, h, emb, context)
+            h = self.run_block(block, h, emb, context, merging=merging)
             skips.append(h)
         if control is not None:
             skips = [_add_residual(s, c, f"control[{i}]") for i, (s, c) in enumerate(zip(skips, control))]
         if not reuse:
-            h = self.run_block(self.middle_block, h, emb, context)  # (B, C_max, H/2^(L-1), W/2^(L-1))
+            h = self.run_block(self.middle_block, h, emb, context, merging=merging)  # (B, C_max, H/2^(L-1), W/2^(L-1))
             if control is not None:
                 h = _add_residual(h, control[-1], f"control[{n}] (the middle block's)")
         first = n - 1 - cache.branch if cache is not None else 0  # the output block the cache feeds
@@ -433,7 +440,7 @@ class UNet(UNetEncoder):
                     cache.features = h
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             size = tuple(skips[-1].shape[2:]) if skips else None  # where a closing Upsample must land
-            h = self.run_block(block, h, emb, context, size)
+            h = self.run_block(block, h, emb, context, size, merging)
         return self.out(h).to(x.dtype)  # (B, C_out, H, W)
 
     def set_context_transform(self, transform: ContextTransform | None) -> None:

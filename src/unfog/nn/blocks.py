@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unfog.nn.attention import CrossAttention, FeedForward
 from unfog.nn.norm import normalization
+from unfog.nn.token_merging import Merge, MergingRun
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -124,9 +125,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, N, dim); context: (B, M, context_dim)
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merge: Merge | None = None) -> torch.Tensor:
+        """x: (B, N, dim); context: (B, M, context_dim); ``merge``: the self-attention runs on the
+        merged tokens (ToMe, ``nn.token_merging``)."""
+        if merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            x = x + merge.unmerge(self.attn1(merge.merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -163,9 +168,11 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, checkpointing: bool = False,
+                merging: MergingRun | None = None) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, M, context_dim). ``checkpointing``: each transformer block
-        is recomputed in the backward pass instead of keeping its activations."""
+        is recomputed in the backward pass instead of keeping its activations. ``merging``: token
+        merging (ToMe) plans each block's merge from its input."""
         b, c, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -174,10 +181,11 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)  # (B, H*W, inner)
         for block in self.transformer_blocks:
+            merge = None if merging is None else merging.plan(h, height, width)
             if checkpointing:
-                h = checkpoint(block, h, context, use_reentrant=False)  # (B, H*W, inner)
+                h = checkpoint(block, h, context, merge, use_reentrant=False)  # (B, H*W, inner)
             else:
-                h = block(h, context)
+                h = block(h, context, merge)
         if self.use_linear:
             h = self.proj_out(h)  # (B, H*W, C)
         h = h.transpose(1, 2).reshape(b, -1, height, width)  # (B, C or inner, H, W)

@@ -33,6 +33,7 @@ from ..models.clip_text import CLIPTextEncoder
 from ..models.controlnet import HINT_DOWNSCALE
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import FeatureCache, UNet
+from ..nn.token_merging import TokenMerger, TokenMerging
 from ..models.vae import AutoencoderKL
 from . import inputs
 from .controlnet import Control, ControlRun, prepare_hint
@@ -309,7 +310,8 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, deep_cache: int = 1,
-                 deep_cache_branch: int = 0, seed: int = 0, width: int | None = None, height: int | None = None,
+                 deep_cache_branch: int = 0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
+                 seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
                  init_image=None, init_latents: Tensor | None = None, strength: float = 0.8, mask=None,
                  masked_content: str = "original",
@@ -339,6 +341,9 @@ class StableDiffusion:
             conditional pass alone from the sigma of step ceil(f * steps) on (1: every step guided).
         ``deep_cache=N``: DeepCache, the whole U-Net every N-th evaluation and its shallow blocks
             down to skip level ``deep_cache_branch`` in between (``models.unet.FeatureCache``).
+        ``token_merging=r``: ToMe for SD, a fraction r of the tokens merged before each self-attention
+            (``nn.token_merging``) of the levels at most ``token_merging_max_downsample`` times
+            smaller than the latents; top-left destinations, as A1111 applies it.
         hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
             with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
         SDXL (and ``size_conditioning`` models): size and crop conditioning (defaults (height, width),
@@ -380,6 +385,8 @@ class StableDiffusion:
         cond, uncond = self._conditioning(prompts, negative_prompt, clip_skip, batch_size, y)
         control = self._control_run(controls, width, height, sigmas, warn)
         cache = None if deep_cache == 1 else FeatureCache(deep_cache, deep_cache_branch)
+        merger = None if token_merging == 0 else TokenMerger(
+            TokenMerging(token_merging, token_merging_max_downsample, random=False))
         if control is not None:  # which rows of a CFG batch are conditional (for guess mode)
             cond["cond_mark"], uncond["cond_mark"] = torch.ones(n, device=self.device), torch.zeros(n, device=self.device)
 
@@ -390,7 +397,7 @@ class StableDiffusion:
             x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
                                            strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
-                              truncation_sigma(sigmas, cfg_truncation), cache)
+                              truncation_sigma(sigmas, cfg_truncation), cache, merger)
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
         x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
@@ -423,14 +430,15 @@ class StableDiffusion:
     # ---- pieces ------------------------------------------------------------------------------
     def _network(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
                  concat: Tensor | None = None, cond_mark: Tensor | None = None,
-                 control: ControlRun | None = None, cache: FeatureCache | None = None) -> Tensor:
+                 control: ControlRun | None = None, cache: FeatureCache | None = None,
+                 merger: TokenMerger | None = None) -> Tensor:
         """The U-Net on the VP-scaled latents; inpainting U-Nets also get [mask, masked latents].
         With ``control``, the ControlNets see the same latents (without the inpainting channels),
         timestep and conditioning, and their residuals go in with this call."""
         residuals = None if control is None else control.residuals(x, t, context, y, cond_mark)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)  # (B, 4 + 1 + 4, h, w)
-        return self.unet(x, t, context, y, control=residuals, cache=cache)
+        return self.unet(x, t, context, y, control=residuals, cache=cache, merger=merger)
 
     def _control_run(self, controls, width: int, height: int, sigmas: Tensor, warn) -> ControlRun | None:
         """The run's ControlNet units checked against this model, their hints at 8x the latent size
@@ -451,10 +459,11 @@ class StableDiffusion:
         return ControlRun(list(controls), hints, timesteps)
 
     def _guided(self, cond: dict, uncond: dict, scale: float, rescale: float, control: ControlRun | None = None,
-                cond_only_below: float = -1.0, cache: FeatureCache | None = None):
+                cond_only_below: float = -1.0, cache: FeatureCache | None = None,
+                merger: TokenMerger | None = None):
         """D(x, sigma) with classifier-free guidance (the conditional pass alone at sigma <=
         ``cond_only_below``); scale 1 is the conditional denoiser alone."""
-        network = partial(self._network, control=control, cache=cache)
+        network = partial(self._network, control=control, cache=cache, merger=merger)
         den = Denoiser(network, self.schedule, self.prediction)
         if scale == 1:
             return lambda x, sigma: den(x, sigma, **cond)

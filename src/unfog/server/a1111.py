@@ -170,6 +170,11 @@ def settings_of(req: Txt2ImgRequest, model: Path, overrides: dict[str, Any], img
     for name in ("steps", "cfg_scale", "width", "height"):
         if getattr(req, name) is not None:
             values[name] = getattr(req, name)
+    merging = overrides.get("token_merging_ratio_img2img" if img2img else "token_merging_ratio")
+    if merging is not None:
+        if isinstance(merging, bool) or not isinstance(merging, (int, float)) or not 0 <= merging < 1:
+            raise BadRequest(f"token_merging_ratio must be a number in [0, 1), got {merging!r}")
+        values["token_merging"] = float(merging)
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and not isinstance(clip_skip, int):
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer, got {clip_skip!r}")
