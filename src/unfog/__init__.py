@@ -33,6 +33,7 @@ def load(
     prediction: str | None = None,
     use_ema: bool = False,
     vae: str | Path | None = None,
+    compile: bool | str = False,
 ) -> StableDiffusion:
     """A Stable Diffusion pipeline (SD 1.x, 2.x, SDXL base or refiner) from an official single file
     (``.safetensors``, ``.ckpt``) or a diffusers folder, its family detected from the weights.
@@ -49,6 +50,9 @@ def load(
         (SD 2.x 512-base files need "eps"). use_ema: the U-Net's EMA weights of a file with both.
     vae: another VAE to encode and decode with (a VAE file, a checkpoint, a diffusers AutoencoderKL
         folder or an unfog autoencoder), as A1111's SD VAE setting; ``pipe.load_vae`` swaps it later.
+    compile: run the U-Net and VAE decoder through ``torch.compile`` (CUDA graphs on CUDA): True or
+        "auto" falls back to eager with a warning where compiling is not possible, "strict" raises
+        (``pipe.compile``; docs/generate.md).
 
     unfog's own pixel models are not accepted: a ValueError points to ``PixelDiffusion.load``.
     """
@@ -63,6 +67,8 @@ def load(
                                 prediction=prediction, use_ema=use_ema)
     if vae is not None:
         pipe.load_vae(vae)
+    if compile:
+        pipe.compile("auto" if compile is True else compile)
     return pipe
 
 

@@ -115,6 +115,12 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "deep_cache_branch": "deep_cache_branch", "token_merging": "token_merging"}
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="auto", default="off", choices=("off", "auto", "strict"),
+                   help="torch.compile the U-Net and VAE decoder (CUDA graphs on CUDA); --compile falls back to "
+                   "eager with a warning where it cannot compile, --compile strict stops instead (default off)")
+
+
 def _warn(message: str) -> None:
     print(f"unfog: warning: {message}", file=sys.stderr)
 
@@ -131,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings, source = resolve_settings(args.mode, given, args.from_png, _warn, model=model)
     job = Job(args.mode, settings, model, init=_path(args, "init"), mask=_path(args, "mask"),
               refiner=_path(args, "refiner"), family=args.family, prediction=args.prediction, dtype=args.dtype,
-              device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
+              compile=args.compile, device=args.device, batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
               source=source, lora_dirs=tuple(Path(d) for d in args.lora_dir),
               embedding_dirs=tuple(Path(d) for d in args.embeddings_dir),
               hypernetwork_dirs=tuple(Path(d) for d in args.hypernetwork_dir),
@@ -168,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     origins = tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip())
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
              if k not in ("func", "api_auth", "command")}
-    config = ServerConfig(library, dtype=args.dtype, device=args.device,
+    config = ServerConfig(library, dtype=args.dtype, device=args.device, compile=args.compile,
                           limits=Limits(args.max_size, args.max_steps, args.max_batch), auth=parse_auth(args.api_auth),
                           cors_origins=origins, cors_origin_regex=args.cors_allow_origins_regex,
                           outdir=Path(args.outdir), flags=flags)
@@ -392,6 +398,7 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    "(A1111's CLIP skip; default: the model family's, 1 for SD 1.x, 2 for SD 2.x / SDXL)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="model precision (default auto: bf16 on a "
                    "CPU where it is faster than fp32, fp16 on CUDA, else fp32)")
+    _add_compile_arg(p)
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--family", default=None, help="checkpoint family (SD15, SD2, SDXL_BASE, ...), only where the "
                    "weights cannot tell")
@@ -480,6 +487,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="the models' dtype (default auto: bf16 on a "
                    "CPU where it is faster than fp32, fp16 on CUDA, else fp32)")
+    _add_compile_arg(p)
     p.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-size", type=int, default=2048, help="largest width or height a request may ask (2048)")
     p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask (150)")

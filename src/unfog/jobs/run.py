@@ -63,6 +63,9 @@ def generate(job: Job, models: ModelCache | None = None, warn: Callable[[str], N
         mask = blur_mask(mask, job.settings.mask_blur)
     models = models or ModelCache()
     pipe, refiner = models.pipelines(job)
+    for p in (pipe, refiner):
+        if p is not None and p.compile_mode != job.compile:
+            p.compile(job.compile, warn)
     load = models.load_options(job)
     if (slow := slow_dtype_warning(load["dtype"], load["device"])) is not None:
         warn(slow)

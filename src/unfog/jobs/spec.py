@@ -20,6 +20,7 @@ from ..pipelines.images import open_image, read_parameters
 from ..pipelines.inputs import MASKED_CONTENT
 from ..pipelines.latent_model import recommended_settings
 from ..pipelines.outputs import Settings, check_seed, merge_settings, parse_parameters, settings_from_parameters
+from ..pipelines.compiled import COMPILE_MODES
 from ..pipelines.precision import DTYPE_NAMES
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -40,6 +41,7 @@ class Job:
     family: str | None = None
     prediction: str | None = None
     dtype: str = "auto"  # "auto" (pipelines.precision.auto_dtype), "fp32", "bf16" or "fp16"
+    compile: str = "off"  # torch.compile of the U-Net and VAE decoder: "off", "auto", "strict" (pipelines.compiled)
     device: str | None = None
     batch_size: int = 1
     output: str | None = None
@@ -93,6 +95,7 @@ def check(job: Job) -> None:
     if s.spacing is not None:
         check_choice("sigma spacing", s.spacing, SPACINGS)
     check_choice("dtype", job.dtype, DTYPE_NAMES)
+    check_choice("compile mode", job.compile, COMPILE_MODES)
     check_seed(s.seed, job.batch_size)
     if not math.isfinite(s.cfg_scale):
         raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")

@@ -33,9 +33,10 @@ from ..models.clip_text import CLIPTextEncoder
 from ..models.controlnet import HINT_DOWNSCALE
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import FeatureCache, UNet
-from ..nn.token_merging import TokenMerger, TokenMerging
 from ..models.vae import AutoencoderKL
+from ..nn.token_merging import TokenMerger, TokenMerging
 from . import inputs
+from .compiled import COMPILE_MODES, CompiledCall
 from .controlnet import Control, ControlRun, prepare_hint
 from .hypernetwork import AppliedHypernetwork, HypernetworkStack
 from .lora import AppliedLora, LoraStack, warn_on_stderr
@@ -100,6 +101,23 @@ class StableDiffusion:
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
+        self._unet_call: Callable | None = None  # compile(): the compiled U-Net and VAE decoder
+        self._decode_call: Callable | None = None
+        self.compile_mode = "off"
+
+    def compile(self, mode: str = "auto", warn: Callable[[str], None] | None = None) -> "StableDiffusion":
+        """Run the U-Net and the VAE decoder through ``torch.compile`` from now on (``pipelines.
+        compiled``): mode "auto" falls back to eager, saying why through ``warn``, where compiling
+        is not possible; "strict" raises; "off" undoes it. Returns the pipeline."""
+        check_choice("compile mode", mode, COMPILE_MODES)
+        self.compile_mode = mode
+        if mode == "off":
+            self._unet_call = self._decode_call = None
+            return self
+        warn = warn or warn_on_stderr
+        self._unet_call = CompiledCall(self.unet, "U-Net", self.device, mode, warn)
+        self._decode_call = CompiledCall(lambda z: self.vae.decode(z), "VAE decoder", self.device, mode, warn)
+        return self
 
     @classmethod
     def from_components(cls, c, tokenizer=None, vae_dtype: VAEDtype = "auto") -> "StableDiffusion":
@@ -411,7 +429,8 @@ class StableDiffusion:
         """(B, 3, H, W) float32 images in [-1, 1] on the CPU from the U-Net's latents (also the
         ``denoised`` of a sampler callback: a preview, or what an interrupted run has reached)."""
         vae_device = next(self.vae.parameters()).device
-        return self.vae.decode(latents.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
+        decode = self._decode_call or self.vae.decode
+        return decode(latents.to(vae_device) / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()
 
     def sigmas(self, steps: int, sampler: str = "euler", spacing: str | None = None, *, strength: float | None = None,
                denoising_start: float | None = None, denoising_end: float | None = None) -> Tensor:
@@ -438,7 +457,7 @@ class StableDiffusion:
         residuals = None if control is None else control.residuals(x, t, context, y, cond_mark)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)  # (B, 4 + 1 + 4, h, w)
-        return self.unet(x, t, context, y, control=residuals, cache=cache, merger=merger)
+        return (self._unet_call or self.unet)(x, t, context, y, control=residuals, cache=cache, merger=merger)
 
     def _control_run(self, controls, width: int, height: int, sigmas: Tensor, warn) -> ControlRun | None:
         """The run's ControlNet units checked against this model, their hints at 8x the latent size

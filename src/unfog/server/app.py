@@ -50,6 +50,7 @@ class ServerConfig:
     library: Library
     dtype: str = "auto"
     device: str | None = None
+    compile: str = "off"  # torch.compile of the U-Net and VAE decoder (pipelines.compiled)
     limits: Limits = Limits()
     auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; empty: no authentication
     cors_origins: tuple[str, ...] = ()
@@ -57,6 +58,11 @@ class ServerConfig:
     outdir: Path = Path("outputs")  # where save_images writes; no route writes anywhere else
     preview_every: int = 5
     flags: dict[str, Any] = field(default_factory=dict)  # the command line, for /cmd-flags
+
+    @property
+    def loading(self) -> dict[str, Any]:
+        """How every job loads its models (``Job``'s dtype, device and compile)."""
+        return dict(dtype=self.dtype, device=self.device, compile=self.compile)
 
 
 class PngInfoRequest(BaseModel):
@@ -103,7 +109,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     _add_list_routes(app, config, lib, cache)
     from .comfy import add_comfy_routes
 
-    add_comfy_routes(app, lib, cache, worker, config.outdir, config.dtype, config.device)
+    add_comfy_routes(app, lib, cache, worker, config.outdir, config.loading)
 
     _add_page_routes(app)
     return app
@@ -184,8 +190,7 @@ def _add_generation_routes(app: FastAPI, config: ServerConfig, lib: Library, cac
         controls = control_units(req)
         if controls and not lib.controlnet_dirs:
             raise BadRequest("this server has no ControlNet models: start it with --controlnet-dir")
-        return Job(mode, settings, model.path, init=init, mask=mask, dtype=config.dtype, device=config.device,
-                   batch_size=count, lora_dirs=lib.lora_dirs, embedding_dirs=lib.embedding_dirs,
+        return Job(mode, settings, model.path, init=init, mask=mask, **config.loading, batch_size=count, lora_dirs=lib.lora_dirs, embedding_dirs=lib.embedding_dirs,
                    hypernetwork_dirs=lib.hypernetwork_dirs, controls=controls,
                    controlnet_dirs=lib.controlnet_dirs, vae=None if vae is None else vae.path)
 
@@ -247,8 +252,7 @@ def _add_model_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: M
     async def set_options(values: dict[str, Any]):
         if "sd_model_checkpoint" in values:
             entry = lib.find_model(values["sd_model_checkpoint"], cache)
-            probe = Job("txt2img", settings_of(Txt2ImgRequest(), entry.path, {}, False), entry.path,
-                        dtype=config.dtype, device=config.device)
+            probe = Job("txt2img", settings_of(Txt2ImgRequest(), entry.path, {}, False), entry.path, **config.loading)
             await asyncio.wrap_future(worker.run_now(lambda: (cache.pipelines(probe), cache.model_id(entry.path))))
             current["model"] = entry
             options["sd_model_checkpoint"] = lib.title(entry, cache)

@@ -111,7 +111,7 @@ class Plan:
     sampler_node: str
 
 
-def plan(graph: dict, lib: Library, cache: ModelCache, input_dir: Path, dtype: str, device: str | None) -> Plan:
+def plan(graph: dict, lib: Library, cache: ModelCache, input_dir: Path, loading: dict[str, Any]) -> Plan:
     """The job a graph asks for (see the module docstring)."""
     if not isinstance(graph, dict) or not graph:
         raise GraphError("the prompt must be a non-empty graph: {node id: {class_type, inputs}}")
@@ -172,8 +172,8 @@ def plan(graph: dict, lib: Library, cache: ModelCache, input_dir: Path, dtype: s
         if not 0 < denoise <= 1:
             raise GraphError(f"node {k_id}: denoise must be in (0, 1], got {denoise}", k_id)
         settings["strength"] = denoise
-    job = Job("txt2img" if init is None else "img2img", Settings(**settings), model.path, init=init, dtype=dtype,
-              device=device, batch_size=batch)
+    job = Job("txt2img" if init is None else "img2img", Settings(**settings), model.path, init=init, **loading,
+              batch_size=batch)
     return Plan(job, save, _value(s_in, "filename_prefix", save, str, "ComfyUI"), k_id)
 
 
@@ -193,8 +193,8 @@ class ComfyState:
         del self.events[:-1000]
 
 
-def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Worker, outdir: Path, dtype: str,
-                     device: str | None) -> None:
+def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Worker, outdir: Path,
+                     loading: dict[str, Any]) -> None:
     """ComfyUI's routes, each also under /api (as ComfyUI serves them)."""
     state = ComfyState()
     out_dir, input_dir = outdir / "comfy", outdir / "comfy-input"
@@ -254,7 +254,7 @@ def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Work
             return error(400, GraphError("the body is not JSON"))
         graph = body.get("prompt") if isinstance(body, dict) else None
         try:
-            p = plan(graph, lib, cache, input_dir, dtype, device)
+            p = plan(graph, lib, cache, input_dir, loading)
         except GraphError as err:
             return error(400, err)
         prompt_id = str(uuid.uuid4())
