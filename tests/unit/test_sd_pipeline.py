@@ -262,3 +262,40 @@ def test_inpaint_denoiser_keeps_the_known_region_along_euler():
         assert torch.allclose(state[keep], (known + sigma * noise)[keep], atol=1e-5)
     assert torch.allclose(out[keep], known[keep], atol=1e-6)
     assert not torch.allclose(out[~keep], known[~keep], atol=1e-2)
+
+
+# --- RePaint (repaint=(jump_length, jump_n_sample)) -------------------------------------------------------
+
+
+def test_repaint_keeps_the_known_latents_and_its_jumps_change_the_rest(pipe):
+    """Outside the mask the final latents are the image's own (RePaint's last blend is at
+    alpha_bar = 1); inside, the jumps resample: a run without them differs."""
+    m = mask()
+    common = dict(init_image=image(), mask=m, strength=1.0, sampler="DDIM", encode="mean", steps=6)
+    out = run(pipe, **common, repaint=(2, 3))
+    known = pipe.vae.encode(image()).mode() * pipe.vae.config.scaling_factor
+    keep = 1 - torch.nn.functional.interpolate(m, size=out.shape[-2:], mode="nearest")
+    keep = (keep > 0.5).float()
+    assert torch.allclose(out * keep, known * keep, atol=1e-5)
+    plain = run(pipe, **common, repaint=(2, 1))
+    inside = 1 - keep
+    assert not torch.allclose(out * inside, plain * inside, atol=1e-3)
+    assert torch.equal(run(pipe, **common, repaint=(2, 3)), out)  # seeded: the same run twice
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sampler="Euler"), "not sampler 'euler': pass sampler='DDPM' or 'DDIM'"),
+    (dict(strength=0.5), "RePaint starts from noise: strength must be 1, got 0.5"),
+    (dict(mask=None), "RePaint inpaints with an ordinary 4-channel U-Net: give init_image and mask"),
+    (dict(repaint=(6, 2)), "jump length 6 must be below the 6 steps"),
+    (dict(repaint=(2,)), r"repaint must be \(jump_length, jump_n_sample\), two integers"),
+])
+def test_repaint_refuses_what_it_cannot_serve(pipe, kwargs, message):
+    args = dict(init_image=image(), mask=mask(), strength=1.0, sampler="DDPM", steps=6, repaint=(2, 2))
+    with pytest.raises(ValueError, match=message):
+        run(pipe, **{**args, **kwargs})
+
+
+def test_repaint_refuses_an_inpainting_unet(inpaint_pipe):
+    with pytest.raises(ValueError, match="this is a 9-channel inpainting U-Net"):
+        run(inpaint_pipe, init_image=image(), mask=mask(), strength=1.0, sampler="DDPM", steps=6, repaint=(2, 2))

@@ -28,6 +28,7 @@ from ..checkpoint.lora import read_lora
 from ..conditioning import SIZE_EMBED_DIM, EncoderFamily, embedding_words, encode_prompt
 from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteSchedule, InpaintDenoiser,
                          get_sigmas, resolve_sampler, truncation_sigma)
+from ..diffusion.repaint import check_repaint, sample_repaint
 from ..choices import check_choice
 from ..models.clip_text import CLIPTextEncoder
 from ..models.controlnet import HINT_DOWNSCALE
@@ -329,7 +330,7 @@ class StableDiffusion:
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, deep_cache: int = 1,
                  deep_cache_branch: int = 0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
-                 seed: int = 0, width: int | None = None, height: int | None = None,
+                 repaint: tuple[int, int] | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
                  init_image=None, init_latents: Tensor | None = None, strength: float = 0.8, mask=None,
                  masked_content: str = "original",
@@ -362,6 +363,9 @@ class StableDiffusion:
         ``token_merging=r``: ToMe for SD, a fraction r of the tokens merged before each self-attention
             (``nn.token_merging``) of the levels at most ``token_merging_max_downsample`` times
             smaller than the latents; top-left destinations, as A1111 applies it.
+        ``repaint=(j, r)``: inpainting by RePaint's resampling (``diffusion.repaint``) instead of the
+            per-step blend: jump length j, r jumps; with sampler "DDPM" (eta 1) or "DDIM" (eta 0), a
+            4-channel U-Net and strength 1; ``steps`` is the grid the jumps run on.
         hand-off: ``denoising_end=f`` stops where a fraction f of the timesteps is done (use it
             with ``output="latent"``); ``denoising_start=f`` with those ``latents`` goes on from there.
         SDXL (and ``size_conditioning`` models): size and crop conditioning (defaults (height, width),
@@ -373,6 +377,8 @@ class StableDiffusion:
         check_choice("encode mode", encode, get_args(EncodeMode))
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if repaint is not None:
+            self._check_repaint(repaint, choice.name, steps, init_image is not None and mask is not None, strength)
         if not 0 <= cfg_truncation <= 1:
             raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
         if batch_size < 1:
@@ -416,9 +422,15 @@ class StableDiffusion:
                                            strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
                               truncation_sigma(sigmas, cfg_truncation), cache, merger)
-        if blend is not None:
-            guided = InpaintDenoiser(guided, *blend)
-        x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
+        if repaint is not None:
+            small, known, noise = blend
+            x = sample_repaint(guided, noise, self.schedule, known, 1 - small, steps=steps, jump_length=repaint[0],
+                               jump_n_sample=repaint[1], eta=1.0 if choice.name == "ddpm" else 0.0, generator=g,
+                               callback=callback)
+        else:
+            if blend is not None:
+                guided = InpaintDenoiser(guided, *blend)
+            x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
         if output == "latent":
             return x
         images = self.decode(x)
@@ -556,6 +568,21 @@ class StableDiffusion:
             raise ValueError(f"latents must have shape {tuple(shape)} (batch, channels, height / f, width / f), "
                              f"got {tuple(latents.shape)}")
         return latents.to(self.device, torch.float32)
+
+    def _check_repaint(self, repaint, sampler: str, steps: int, inpainting: bool, strength: float) -> None:
+        """The runs RePaint can serve, each other a one-line ValueError."""
+        if not (isinstance(repaint, tuple) and len(repaint) == 2 and all(isinstance(v, int) for v in repaint)):
+            raise ValueError(f"repaint must be (jump_length, jump_n_sample), two integers, got {repaint!r}")
+        if not inpainting or self.inpainting_unet:
+            raise ValueError("RePaint inpaints with an ordinary 4-channel U-Net: give init_image and mask"
+                             + (" (this is a 9-channel inpainting U-Net, which sees the mask itself)"
+                                if self.inpainting_unet else ""))
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"RePaint runs on the DDPM (eta 1) or DDIM (eta 0) step, not sampler {sampler!r}: "
+                             "pass sampler='DDPM' or 'DDIM'")
+        if strength != 1:
+            raise ValueError(f"RePaint starts from noise: strength must be 1, got {strength}")
+        check_repaint(steps, *repaint, self.schedule.num_timesteps)
 
     def _check_mode(self, image, mask, latents, denoising_start) -> None:
         if mask is not None and image is None:
