@@ -29,6 +29,16 @@ def _parse_classes(text: str) -> list[int]:
     return out
 
 
+def repaint_pair(text: str) -> tuple[int, int]:
+    """ "10x10" -> (10, 10) for --repaint."""
+    from .pipelines.outputs import parse_repaint
+
+    try:
+        return parse_repaint(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def finite_float(text: str) -> float:
     """The argparse type of every float option: a finite number (nan and inf are refused)."""
     try:
@@ -112,7 +122,7 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "hires_scale": "hr_scale", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_steps",
                     "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt",
                     "cfg_truncation": "cfg_truncation", "deep_cache": "deep_cache",
-                    "deep_cache_branch": "deep_cache_branch", "token_merging": "token_merging"}
+                    "deep_cache_branch": "deep_cache_branch", "token_merging": "token_merging", "repaint": "repaint"}
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -464,6 +474,8 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                        "back (A1111's Inpaint area: Only masked)")
         p.add_argument("--mask-padding", type=int, default=None,
                        help="pixels around the masked area that --only-masked draws too (default 32)")
+        p.add_argument("--repaint", type=repaint_pair, default=None, metavar="JxR", help="RePaint's resampling: jump J steps back, R "
+                       "times, e.g. 10x10 (with --sampler DDPM or DDIM and --strength 1; default: the per-step blend)")
     if mode != "inpaint":
         p.add_argument("--refiner", default=None, help="SDXL refiner checkpoint to finish the base's images")
         p.add_argument("--refiner-start", type=finite_float, default=None,

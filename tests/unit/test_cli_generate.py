@@ -283,6 +283,29 @@ def test_img2img_and_inpaint(models, workdir, capsys):
     assert "Denoising strength" not in params_of(workdir / "t2i.png")
 
 
+def test_inpaint_with_repaint_is_recorded_and_redrawn(models, workdir, capsys):
+    init = random_png(workdir / "init.png", seed=1)
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 8, 48, 40))
+    mask.save(workdir / "mask.png")
+    out = workdir / "repaint.png"
+    args = ("--model", models["sd1"], "--init", init, "--mask", workdir / "mask.png")
+    assert cli("inpaint", "a door", *args, "--steps", 6, "--strength", 1, "--sampler", "DDIM", "--seed", 2,
+               "--repaint", "2x3", "--output", out) == 0
+    assert params_of(out)["RePaint"] == "2x3"
+    again = workdir / "again.png"
+    assert cli("inpaint", "--from", out, *args, "--output", again) == 0
+    assert again.read_bytes() == out.read_bytes()
+    capsys.readouterr()
+    assert cli("generate", "--from", out, "--model", models["sd1"], "--output", workdir / "t2i.png") == 0
+    assert "RePaint" not in params_of(workdir / "t2i.png")  # a txt2img redraw has no mask to repaint
+    capsys.readouterr()
+    assert cli("inpaint", "a door", *args, "--strength", 1, "--sampler", "Euler", "--repaint", "2x3") == 2
+    assert "pass sampler='DDPM' or 'DDIM'" in capsys.readouterr().err
+    assert cli("inpaint", "a door", *args, "--repaint", "3") == 2  # argparse's error
+    assert "--repaint must be JUMP_LENGTHxJUMPS, e.g. 10x10, got '3'" in capsys.readouterr().err
+
+
 def test_info(models, workdir, capsys):
     out = workdir / "x.png"
     assert cli("generate", "a boat", "--model", models["sd1"], "--seed", 1, "--output", out, *FAST) == 0

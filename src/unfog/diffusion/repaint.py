@@ -64,6 +64,12 @@ def repaint_timesteps(steps: int, jump_length: int, jump_n_sample: int, num_time
     return [k * stride for k in visited]
 
 
+def repaint_calls(steps: int, jump_length: int, jump_n_sample: int, num_timesteps: int = 1000) -> int:
+    """How many model calls (reverse steps) a RePaint run makes: the progress bar's total."""
+    visited = repaint_timesteps(steps, jump_length, jump_n_sample, num_timesteps)
+    return sum(1 for last, t in zip([visited[0] + 1, *visited], visited) if t < last)
+
+
 def check_repaint(steps: int, jump_length: int, jump_n_sample: int, num_timesteps: int = 1000) -> None:
     """One-line ValueErrors for settings that make no schedule."""
     if steps < 1:

@@ -78,7 +78,7 @@ def resolve_settings(mode: Mode, given: dict[str, object], from_png: str | Path 
         if mode != "txt2img":  # hires fix is txt2img's
             restored = {k: v for k, v in restored.items() if not k.startswith("hr") and k != "hires"}
         if mode != "inpaint":  # an inpainting PNG's mask settings mean nothing without a mask
-            for name in ("masked_content", "mask_blur", "only_masked", "mask_padding"):
+            for name in ("masked_content", "mask_blur", "only_masked", "mask_padding", "repaint"):
                 restored.pop(name, None)
     defaults = {"strength": DEFAULT_STRENGTH} if mode != "txt2img" else {}
     recommended = {} if model is None else recommended_settings(model)
@@ -101,6 +101,8 @@ def check(job: Job) -> None:
         raise ValueError(f"CFG scale must be a finite number, got {s.cfg_scale}")
     if not 0 <= s.cfg_truncation <= 1:
         raise ValueError(f"--cfg-truncation must be in [0, 1] (the fraction of the steps guided), got {s.cfg_truncation}")
+    if s.repaint is not None and job.mode != "inpaint":
+        raise ValueError("--repaint is an inpainting method: use unfog inpaint --init IMAGE --mask MASK")
     if not 0 <= s.token_merging < 1:
         raise ValueError(f"--token-merging must be in [0, 1) (the fraction of tokens merged), got {s.token_merging}")
     if s.deep_cache < 1 or s.deep_cache_branch < 0:

@@ -15,6 +15,7 @@ from typing import ContextManager, Protocol
 from PIL import Image
 
 from ..conditioning import READOUTS, used_embeddings
+from ..diffusion.repaint import repaint_calls
 from ..models.tokenizer import SubVocabTokenizer
 from ..prompt_parser import BREAK, parse_prompt_attention
 from . import hypernetwork
@@ -94,6 +95,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "DeepCache": s.deep_cache if s.deep_cache > 1 else None,
         "DeepCache branch": s.deep_cache_branch if s.deep_cache > 1 and s.deep_cache_branch else None,
         "Token merging ratio": s.token_merging or None,
+        "RePaint": s.repaint and f"{s.repaint[0]}x{s.repaint[1]}",
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
         "VAE hash": vae and vae.hash, "VAE": vae and pipe.vae_file.name,
         "Denoising strength": s.strength, "Clip skip": clip_skip,
@@ -149,9 +151,13 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
         inputs |= dict(init_image=init, mask=mask, strength=s.strength)
     if mask is not None:
         inputs["masked_content"] = s.masked_content or "original"
+        if s.repaint is not None:
+            inputs["repaint"] = tuple(s.repaint)
     end = None if refiner is None else s.refiner_start
     hires = s.hires_pass()
     steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
+    if "repaint" in inputs:  # the model calls of RePaint's schedule
+        steps = repaint_calls(s.steps, *s.repaint, pipe.schedule.num_timesteps)
     with progress(steps, desc) as bar:
         out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end, controls=controls, warn=warn,
                    output="pil" if refiner is None and hires is None else "latent", callback=bar.callback)

@@ -59,6 +59,8 @@ class Settings:
         its shallow blocks down to skip level deep_cache_branch in between (1: always the whole).
     token_merging: ToMe's ratio of tokens merged before the top level's self-attention (A1111's
         "Token merging ratio"; 0: off).
+    repaint: inpainting only, RePaint's (jump_length, jump_n_sample) (``diffusion.repaint``; None:
+        the per-step blend).
     """
 
     prompt: str = ""
@@ -90,6 +92,7 @@ class Settings:
     deep_cache: int = 1
     deep_cache_branch: int = 0
     token_merging: float = 0.0
+    repaint: tuple[int, int] | None = None
 
     def hires_pass(self):
         """The hires fix's second pass (``pipelines.hires.Hires``), or None without ``hires``;
@@ -225,6 +228,14 @@ def spacing_of(schedule: str) -> str | None:
     return by_name[key]
 
 
+def parse_repaint(text: str, what: str = "--repaint") -> tuple[int, int]:
+    """ "10x10" (jump length x jump count, as the PNG key "RePaint" writes it) -> (10, 10)."""
+    length, sep, count = text.strip().partition("x")
+    if not (sep and length.isdigit() and count.isdigit()):
+        raise ValueError(f"{what} must be JUMP_LENGTHxJUMPS, e.g. 10x10, got {text!r}")
+    return int(length), int(count)
+
+
 def settings_from_parameters(params: Mapping[str, str], source: str = "the parameters") -> dict[str, object]:
     """The ``Settings`` fields a parsed parameters text gives (``parse_parameters``), typed."""
     out: dict[str, object] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
@@ -256,6 +267,8 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
         out["hires"] = True
     if "Masked content" in params:
         out["masked_content"] = params["Masked content"]
+    if "RePaint" in params:
+        out["repaint"] = parse_repaint(params["RePaint"], f"{source}: 'RePaint'")
     if "Inpaint area" in params:
         out["only_masked"] = params["Inpaint area"].strip().lower() == "only masked"
     if "Schedule type" in params:
