@@ -125,6 +125,18 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "deep_cache_branch": "deep_cache_branch", "token_merging": "token_merging", "repaint": "repaint"}
 
 
+def _add_savings_args(p: argparse.ArgumentParser) -> None:
+    """The opt-in savings of U-Net work (docs/generate.md; their cost: docs/benchmarks.md)."""
+    p.add_argument("--cfg-truncation", type=finite_float, default=None, metavar="F", help="guide only the first "
+                   "fraction F of the steps; the rest run the conditional pass alone, 2x cheaper (default 1: all)")
+    p.add_argument("--deep-cache", type=int, default=None, metavar="N", help="DeepCache: the whole U-Net every N-th "
+                   "step, its outer blocks alone in between (default 1: always the whole)")
+    p.add_argument("--deep-cache-branch", type=int, default=None, metavar="B", help="DeepCache's skip level: the "
+                   "steps in between run the U-Net's first B+1 input blocks and last B+1 output blocks (default 0)")
+    p.add_argument("--token-merging", type=finite_float, default=None, metavar="R", help="ToMe: merge a fraction R "
+                   "of the tokens before the top level's self-attention (A1111's token merging ratio; default 0: off)")
+
+
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", nargs="?", const="auto", default="off", choices=("off", "auto", "strict"),
                    help="torch.compile the U-Net and VAE decoder (CUDA graphs on CUDA); --compile falls back to "
@@ -391,14 +403,7 @@ def _add_image_args(p: argparse.ArgumentParser, mode: str) -> None:
                    "sgm_uniform (default: the sampler name's, else the model's: leading for the built-in model)")
     p.add_argument("--cfg-scale", type=finite_float, default=None, help="classifier-free guidance scale (default: "
                    "%(model_default)s)").model_default = _ModelDefault("cfg_scale")
-    p.add_argument("--cfg-truncation", type=finite_float, default=None, metavar="F", help="guide only the first "
-                   "fraction F of the steps; the rest run the conditional pass alone, 2x cheaper (default 1: all)")
-    p.add_argument("--deep-cache", type=int, default=None, metavar="N", help="DeepCache: the whole U-Net every N-th "
-                   "step, its outer blocks alone in between (default 1: always the whole)")
-    p.add_argument("--deep-cache-branch", type=int, default=None, metavar="B", help="DeepCache's skip level: the "
-                   "steps in between run the U-Net's first B+1 input blocks and last B+1 output blocks (default 0)")
-    p.add_argument("--token-merging", type=finite_float, default=None, metavar="R", help="ToMe: merge a fraction R "
-                   "of the tokens before the top level's self-attention (A1111's token merging ratio; default 0: off)")
+    _add_savings_args(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default -1: a random one, recorded)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's "
                    "size, or the init image's)")

@@ -253,11 +253,16 @@ def test_token_merging_is_recorded_as_a1111_writes_it_and_changes_the_image(mode
     assert again.read_bytes() == out.read_bytes()
 
 
-def test_img2img_and_inpaint(models, workdir, capsys):
-    init = random_png(workdir / "init.png", seed=1)
+def init_and_mask(workdir: Path) -> Path:
+    """A random 64 x 64 init image, and mask.png beside it (a white rectangle to repaint)."""
     mask = Image.new("L", (64, 64))
     mask.paste(255, (16, 8, 48, 40))
     mask.save(workdir / "mask.png")
+    return random_png(workdir / "init.png", seed=1)
+
+
+def test_img2img_and_inpaint(models, workdir, capsys):
+    init = init_and_mask(workdir)
     first = workdir / "i2i.png"
     assert cli("img2img", "a watercolour", "--model", models["sd1"], "--init", init, "--steps", 4, "--seed", 9,
                "--output", first) == 0
@@ -284,10 +289,7 @@ def test_img2img_and_inpaint(models, workdir, capsys):
 
 
 def test_inpaint_with_repaint_is_recorded_and_redrawn(models, workdir, capsys):
-    init = random_png(workdir / "init.png", seed=1)
-    mask = Image.new("L", (64, 64))
-    mask.paste(255, (16, 8, 48, 40))
-    mask.save(workdir / "mask.png")
+    init = init_and_mask(workdir)
     out = workdir / "repaint.png"
     args = ("--model", models["sd1"], "--init", init, "--mask", workdir / "mask.png")
     assert cli("inpaint", "a door", *args, "--steps", 6, "--strength", 1, "--sampler", "DDIM", "--seed", 2,

@@ -422,19 +422,25 @@ class StableDiffusion:
                                            strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
                               truncation_sigma(sigmas, cfg_truncation), cache, merger)
-        if repaint is not None:
-            small, known, noise = blend
-            x = sample_repaint(guided, noise, self.schedule, known, 1 - small, steps=steps, jump_length=repaint[0],
-                               jump_n_sample=repaint[1], eta=1.0 if choice.name == "ddpm" else 0.0, generator=g,
-                               callback=callback)
-        else:
-            if blend is not None:
-                guided = InpaintDenoiser(guided, *blend)
-            x = choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
+        x = self._sample(choice, guided, x, sigmas, blend, repaint, steps, g, callback, sampler_options)
         if output == "latent":
             return x
         images = self.decode(x)
         return images if output == "tensor" else inputs.to_pil(images)
+
+    def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
+                callback, sampler_options: dict) -> Tensor:
+        """The sampler's run from x over sigmas; a 4-channel inpainting run (``blend``: the latent
+        mask, the known latents and the start noise) blends the known region at every step, or,
+        with ``repaint``, runs RePaint's resampling on the model's timestep grid instead."""
+        if repaint is not None:
+            small, known, noise = blend
+            return sample_repaint(guided, noise, self.schedule, known, 1 - small, steps=steps,
+                                  jump_length=repaint[0], jump_n_sample=repaint[1],
+                                  eta=1.0 if choice.name == "ddpm" else 0.0, generator=g, callback=callback)
+        if blend is not None:
+            guided = InpaintDenoiser(guided, *blend)
+        return choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
