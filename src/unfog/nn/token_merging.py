@@ -51,7 +51,6 @@ class TokenMerging:
             raise ValueError(f"token merging stride must be >= 1, got {self.stride}")
 
 
-
 class TokenMerger:
     """Token merging over one sampling run: its random destinations come from one generator,
     seeded by ``settings.seed``, drawn afresh for every block of every step (as ToMe for SD)."""
@@ -88,7 +87,7 @@ class Merge:
 
     def __init__(self, metric: Tensor, height: int, width: int, stride: tuple[int, int], r: int,
                  generator: torch.Generator | None):
-        b, n, _ = metric.shape
+        n = metric.shape[1]
         sx, sy = stride
         rows, cols = height // sy, width // sx  # cells; a remainder of the grid holds sources only
         if generator is None:
@@ -105,11 +104,11 @@ class Merge:
         with torch.no_grad():
             unit = metric / metric.norm(dim=-1, keepdim=True)
             similarity = unit[:, self.src] @ unit[:, self.dst].transpose(1, 2)  # (B, S, D) cosine
-            best, self.target = similarity.max(dim=-1)  # (B, S): each source's nearest destination
+            best, target = similarity.max(dim=-1)  # (B, S): each source's nearest destination
             order = best.argsort(dim=-1, descending=True)  # most similar first
-        self.r = min(r, len(self.src))
-        self.merged, self.kept = order[:, : self.r], order[:, self.r :]  # (B, r), (B, S - r): indices into src
-        self.merged_target = self.target.gather(1, self.merged)  # (B, r): their destinations
+        r = min(r, len(self.src))
+        self.merged, self.kept = order[:, :r], order[:, r:]  # (B, r), (B, S - r): indices into src
+        self.merged_target = target.gather(1, self.merged)  # (B, r): their destinations
 
     def merge(self, x: Tensor) -> Tensor:
         """(B, N, C) -> (B, N - r, C): the kept sources, then the destinations averaged with the

@@ -201,6 +201,6 @@ def slow_dtype_warning(dtype: torch.dtype, device: str | torch.device) -> str | 
     if dtype == torch.float16 and "amx_fp16" in cpu_flags():
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    have = ", ".join(f for f in (*BF16_FLAGS, "amx_fp16") if f in cpu_flags()) or "none of " + ", ".join(
-        (*BF16_FLAGS, "amx_fp16"))
-    return (f"{name} on this CPU ({have}) runs slower than fp32, up to 100x; use --dtype auto or fp32")
+    wanted, flags = (*BF16_FLAGS, "amx_fp16"), cpu_flags()
+    have = ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+    return f"{name} on this CPU ({have}) runs slower than fp32, up to 100x; use --dtype auto or fp32"

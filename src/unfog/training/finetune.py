@@ -187,13 +187,11 @@ class FineTuneTrainer(BaseTrainer):
             return super().make_batches()
         return BucketBatches(self.data.bucket_of, self.config.batch_size, self.config.seed)
 
-    def posteriors(self, idx: Tensor, seeds: Tensor | None, data: CaptionedImages | None = None,
-                   latents: list[Posterior] | None = None) -> tuple[Tensor, Tensor, Tensor, list[str], dict]:
-        """Items ``idx`` of ``data`` (the training data by default) with its latent cache
-        ``latents``: the VAE posterior's mean and std (b, C, h, w) float32, sizes (b, 6), captions
-        and the ``extra_inputs`` of the network (none from the latent cache)."""
-        if data is None:
-            data, latents = self.data, self.latents
+    def posteriors(self, idx: Tensor, seeds: Tensor | None, data: CaptionedImages,
+                   latents: list[Posterior] | None) -> tuple[Tensor, Tensor, Tensor, list[str], dict]:
+        """Items ``idx`` of ``data`` with its latent cache ``latents`` (or None): the VAE posterior's
+        mean and std (b, C, h, w) float32, sizes (b, 6), captions and the ``extra_inputs`` of the
+        network (none from the latent cache)."""
         if latents is not None:
             cached = [latents[int(i)] for i in idx]
             captions = [data.caption_of(int(i)) for i in idx]
