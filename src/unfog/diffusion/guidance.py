@@ -88,6 +88,17 @@ class CFGDenoiser:
         return c_skip * x + c_out * f
 
 
+def class_guidance(denoiser: DenoiserFn, labels: Tensor, null_class: int, scale: float) -> DenoiserFn:
+    """Classifier-free guidance of a class-conditional denoiser (keyword ``y``: labels (B,)) against
+    the null class, the label trained as "no class"; scale 1 is the conditional denoiser alone."""
+    if scale < 0:
+        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+    cond = {"y": labels}
+    if scale == 1:
+        return lambda x, sigma: denoiser(x, sigma, **cond)
+    return CFGDenoiser(denoiser, cond, {"y": torch.full_like(labels, null_class)}, scale)
+
+
 def truncation_sigma(sigmas: Tensor, fraction: float) -> float:
     """CFG truncation at ``fraction`` of a run over ``sigmas`` (steps + 1 values, the last 0): the
     sigma from which the conditional pass runs alone, that of step ceil(fraction * steps); -1

@@ -93,6 +93,24 @@ class CrossAttention(nn.Module):
         return self.to_out(_merge_heads(out))  # (B, N, query_dim)
 
 
+class FusedSelfAttention(nn.Module):
+    """ViT-style multi-head self-attention (timm's ``Attention``, as DiT uses it): one ``qkv``
+    Linear with bias (dim -> 3 dim, laid out ``[q; k; v]``, each split into heads in order), then
+    ``proj``. Scores are scaled by ``1 / sqrt(head_dim)``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"{dim} channels are not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, D) each
+        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))  # (B, N, dim)
+
+
 class GEGLU(nn.Module):
     """Gated GELU (Shazeer 2020): ``a * gelu(g)`` with ``[a, g] = proj(x)``."""
 

@@ -73,6 +73,17 @@ def check_image_size(width: int, height: int, multiple: int) -> None:
             raise ValueError(f"{name} {value} is not a multiple of {multiple}; nearest valid values: {nearest}")
 
 
+def class_labels(labels, num_classes: int) -> Tensor:
+    """Class labels (an int, a list or a tensor) -> (B,) int64, each checked to be in 0..num_classes - 1."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if not labels.numel():
+        raise ValueError(f"give at least one class label in 0..{num_classes - 1}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"class label {int(bad[0])} out of range; valid labels: 0..{num_classes - 1}")
+    return labels
+
+
 def batch_of(x: Tensor, n: int, what: str) -> Tensor:
     """x (1 or n, ...) -> (n, ...)."""
     if x.shape[0] == n:

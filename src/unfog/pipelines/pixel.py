@@ -17,8 +17,10 @@ from torch import Tensor
 
 from ..checkpoint import io
 from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
-from ..diffusion import CFGDenoiser, Denoiser, DiscreteSchedule, get_sigmas, resolve_sampler
+from ..diffusion import Denoiser, DiscreteSchedule, get_sigmas, resolve_sampler
+from ..diffusion.guidance import class_guidance
 from ..models.unet import UNet, UNetConfig
+from .inputs import class_labels
 
 FORMAT = "unfog.pixel.v1"
 # The sampling settings of a model file that recommends none (its "defaults" metadata overrides them).
@@ -129,20 +131,11 @@ class PixelDiffusion:
             return None, num_images
         if labels is None:
             raise ValueError(f"this model is class-conditional: give labels in 0..{self.info.num_classes - 1}")
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        bad = labels[(labels < 0) | (labels >= self.info.num_classes)]
-        if bad.numel():
-            raise ValueError(f"class label {int(bad[0])} out of range; valid labels: 0..{self.info.num_classes - 1}")
+        labels = class_labels(labels, self.info.num_classes)
         return labels, labels.numel()
 
     def _guided(self, labels: Tensor | None, cfg_scale: float, device):
         den = self.denoiser()
         if labels is None:
             return den
-        if cfg_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {cfg_scale}")
-        cond = {"y": labels.to(device)}
-        if cfg_scale == 1:
-            return lambda x, sigma: den(x, sigma, **cond)
-        uncond = {"y": torch.full_like(cond["y"], self.info.null_class)}
-        return CFGDenoiser(den, cond, uncond, cfg_scale)
+        return class_guidance(den, labels.to(device), self.info.null_class, cfg_scale)
