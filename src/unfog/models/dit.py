@@ -84,6 +84,19 @@ class DiTConfig:
         return self.input_size // self.patch_size
 
 
+# The official ImageNet models (facebookresearch/DiT): DiT-XL/2 on 256 px (32 x 32 latents) and 512 px.
+DIT_XL_2_256 = DiTConfig(input_size=32)
+DIT_XL_2_512 = DiTConfig(input_size=64)
+# Text-conditional DiT for the `shapes` latents (64 px images, 16 x 16 x 4 latents): 64 tokens of
+# width 256, 6 blocks with cross-attention on the text encoder's 128-wide tokens, no classes: 8.5M
+# parameters and 2.3 GFLOP per training sample, against the SHAPES U-Net's 6.7M and 2.0. The
+# trainer sets in_channels, input_size and context_dim from the autoencoder and the encoder.
+DIT_SHAPES = DiTConfig(input_size=16, patch_size=2, hidden_size=256, depth=6, num_heads=8, num_classes=0,
+                       null_class=False, learn_sigma=False, context_dim=128)
+DIT_TINY = DiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=0,
+                     null_class=False, learn_sigma=False, context_dim=32)
+
+
 def sincos_positions(dim: int, grid: int) -> Tensor:
     """MAE's fixed 2-D positional table, (grid^2, dim) float32, tokens in row-major order: the
     first dim/2 channels encode the column, the rest the row, each as ``[sin(p w), cos(p w)]``

@@ -1,4 +1,5 @@
-"""Named U-Net configurations: the official Stable Diffusion families and small ones of our own.
+"""Named backbone configurations: the official Stable Diffusion U-Nets, small U-Nets of our own,
+and the DiTs (``models/dit.py``: the official DiT-XL/2 sizes and ours).
 
 The official presets reproduce the tensor layout of the released checkpoints exactly (tested
 against ``shared/fixtures/checkpoint-layouts``). SD 2.x uses one network for its eps (512px)
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from unfog.models.dit import DIT_SHAPES, DIT_TINY, DIT_XL_2_256, DIT_XL_2_512, DiTConfig
 from unfog.models.unet import UNetConfig
 
 # Stable Diffusion 1.x (CompVis v1-inference.yaml): 8 heads, 1x1-conv projections, CLIP ViT-L/14.
@@ -107,7 +109,7 @@ SHAPES = UNetConfig(
     use_linear_projection=True,
 )
 
-PRESETS: dict[str, UNetConfig] = {
+PRESETS: dict[str, UNetConfig | DiTConfig] = {
     "SD15": SD15,
     "SD15_INPAINT": SD15_INPAINT,
     "SD2": SD2,
@@ -117,12 +119,17 @@ PRESETS: dict[str, UNetConfig] = {
     "TINY": TINY,
     "DIGITS": DIGITS,
     "SHAPES": SHAPES,
+    "DIT_XL_2_256": DIT_XL_2_256,
+    "DIT_XL_2_512": DIT_XL_2_512,
+    "DIT_SHAPES": DIT_SHAPES,
+    "DIT_TINY": DIT_TINY,
 }
 
 
-def get_preset(name: str) -> UNetConfig:
-    """The U-Net config named ``name`` (case-insensitive), e.g. ``get_preset("sdxl_base")``."""
+def get_preset(name: str) -> UNetConfig | DiTConfig:
+    """The backbone config named ``name`` (case-insensitive), e.g. ``get_preset("sdxl_base")``: a
+    U-Net's, or a DiT's for the names starting with ``DIT_``."""
     try:
         return PRESETS[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown U-Net preset {name!r}; valid names: {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(PRESETS)}") from None

@@ -1,7 +1,7 @@
 """unfog's own latent text-to-image models (``unfog train``, task "text2image"): one file.
 
 The file is one safetensors file holding the three trained networks under prefixes
-(``unet.``, ``vae.``, ``text_encoder.``) and the tokenizer's kept CLIP ids
+(``unet.`` or ``dit.``: the denoising network, ``models.backbone``; ``vae.``, ``text_encoder.``) and the tokenizer's kept CLIP ids
 (``tokenizer.kept_ids``, see ``SubVocabTokenizer``); the metadata holds each network's config,
 the noise schedule and prediction type, and the native image size. It loads as a
 ``StableDiffusion`` pipeline of the "sd1" family (one CLIP-style encoder whose last layer is
@@ -14,7 +14,7 @@ does not import the pipeline, so the two do not import each other.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import DiscreteSchedule
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
-from ..models.unet import UNet, UNetConfig
+from ..models.backbone import KINDS, Backbone, build, config_from_dict, kind_of
 from ..models.vae import AutoencoderKL, VAEConfig
 
 FORMAT = "unfog.text2image.v1"
@@ -59,14 +59,17 @@ def recommended_settings(path: str | Path) -> dict[str, Any]:
     return io.recommended_settings(path, FORMAT)
 
 
-def save_text2image(path: str | Path, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,
+def save_text2image(path: str | Path, unet: Backbone, vae: AutoencoderKL, text_encoder: CLIPTextEncoder,
                     tokenizer: SubVocabTokenizer, info: LatentModelInfo, extra: dict[str, Any] | None = None,
                     dtype: torch.dtype = torch.float32) -> None:
-    """Write the model file (atomically). ``dtype`` is the stored precision of the weights."""
+    """Write the model file (atomically). ``dtype`` is the stored precision of the weights.
+    ``unet``: the denoising network, a U-Net or a DiT (its part is named by its kind)."""
+    kind = kind_of(unet)
     tensors = {f"{name}.{k}": v.detach().to("cpu", dtype) for name, module in
-               (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)) for k, v in module.state_dict().items()}
+               ((kind, unet), ("vae", vae), ("text_encoder", text_encoder)) for k, v in module.state_dict().items()}
     tensors["tokenizer.kept_ids"] = torch.tensor(tokenizer.kept_ids, dtype=torch.int64)
-    meta = {"format": FORMAT, "unet": asdict(unet.config), "vae": asdict(vae.config),
+    config = asdict(replace(unet.config, gradient_checkpointing=False))
+    meta = {"format": FORMAT, kind: config, "vae": asdict(vae.config),
             "text_encoder": asdict(text_encoder.config), "info": asdict(info), **(extra or {})}
     save_safetensors(path, tensors, meta)
 
@@ -77,18 +80,21 @@ def _part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor
 
 
 def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(unet, vae, text_encoder, tokenizer, info, metadata) of a text-to-image model file."""
+    """(backbone, vae, text_encoder, tokenizer, info, metadata) of a text-to-image model file."""
     tensors, meta = load_safetensors(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an unfog text-to-image model (metadata format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
-    modules = {"unet": UNet(UNetConfig(**meta["unet"])), "vae": AutoencoderKL(VAEConfig(**meta["vae"])),
+    kind = next((k for k in KINDS if k in meta), None)
+    if kind is None:
+        raise ValueError(f"{path} has no denoising network (metadata key {' or '.join(map(repr, KINDS))})")
+    modules = {kind: build(config_from_dict(kind, meta[kind])), "vae": AutoencoderKL(VAEConfig(**meta["vae"])),
                "text_encoder": CLIPTextEncoder(CLIPTextConfig(**meta["text_encoder"]))}
     for name, module in modules.items():
         module.load_state_dict(_part(tensors, name), strict=True)
         module.to(dtype).eval()
     tokenizer = SubVocabTokenizer(CLIPTokenizer.from_bpe_file(), tensors["tokenizer.kept_ids"].tolist())
-    return modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, LatentModelInfo(**meta["info"]), meta
+    return modules[kind], modules["vae"], modules["text_encoder"], tokenizer, LatentModelInfo(**meta["info"]), meta
 
 
 def save_autoencoder(path: str | Path, vae: AutoencoderKL, extra: dict[str, Any] | None = None) -> None:

@@ -30,10 +30,11 @@ from ..diffusion import (PREDICTIONS, SPACINGS, CFGDenoiser, Denoiser, DiscreteS
                          get_sigmas, resolve_sampler, truncation_sigma)
 from ..diffusion.repaint import check_repaint, sample_repaint
 from ..choices import check_choice
+from ..models.backbone import Backbone, requires_unet
 from ..models.clip_text import CLIPTextEncoder
 from ..models.controlnet import HINT_DOWNSCALE
 from ..models.tokenizer import CLIPTokenizer
-from ..models.unet import FeatureCache, UNet
+from ..models.unet import FeatureCache
 from ..models.vae import AutoencoderKL
 from ..nn.token_merging import TokenMerger, TokenMerging
 from . import inputs
@@ -60,7 +61,9 @@ def sd_schedule() -> DiscreteSchedule:
 class StableDiffusion:
     """The models of one checkpoint and how to draw images from them; ``__call__`` does the work.
 
-    unet: 4 input channels, or 9 for inpainting models (latents, mask, masked-image latents).
+    unet: the denoising network (``models.backbone``): a U-Net with 4 input channels, or 9 for
+        inpainting models (latents, mask, masked-image latents); or a DiT (unfog's own DiT models,
+        without ControlNet, LoRA, hypernetworks, DeepCache or token merging, which are U-Net's).
     family: "sd1" | "sd2" | "sdxl" | "sdxl_refiner": how prompts are encoded (conditioning.py)
         and which text encoders are needed (SDXL: both; the refiner: ``text_encoder_2`` only).
     schedule, prediction, spacing, steps_offset: the model's scheduler config (SD's by default).
@@ -73,7 +76,7 @@ class StableDiffusion:
         Fourier features of original size, crop top-left, target size], as SDXL base builds it.
     """
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: EncoderFamily, *,
+    def __init__(self, unet: Backbone, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: EncoderFamily, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
                  steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None,
@@ -208,6 +211,7 @@ class StableDiffusion:
         As in A1111, an embedding already loaded under the same name (``load_embedding``) is kept and
         the bundled one skipped; one bundled by an earlier LoRA is replaced. Each is said through
         ``warn``, as are bundled embeddings for other text widths (skipped)."""
+        requires_unet(self.unet, "LoRA")
         if self._lora_stack is None:
             models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
             self._lora_stack = LoraStack(models, f"this {self.family} model")
@@ -286,6 +290,7 @@ class StableDiffusion:
     def load_hypernetwork(self, path: str | Path, weight: float = 1.0, name: str | None = None) -> AppliedHypernetwork:
         """Apply a hypernetwork file (A1111 ``.pt`` or unfog ``.safetensors``) with multiplier
         ``weight`` to every attention layer; several chain. A bad file changes nothing."""
+        requires_unet(self.unet, "A hypernetwork")
         return self._hypernetwork_stack.add(path, weight, name)
 
     def unload_hypernetworks(self) -> None:
@@ -383,6 +388,9 @@ class StableDiffusion:
             raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for used, what in ((controls, "ControlNet"), (deep_cache != 1, "DeepCache"), (token_merging, "Token merging")):
+            if used:
+                requires_unet(self.unet, what)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts) * batch_size
         check_choice("masked content", masked_content, inputs.MASKED_CONTENT)
@@ -475,7 +483,10 @@ class StableDiffusion:
         residuals = None if control is None else control.residuals(x, t, context, y, cond_mark)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)  # (B, 4 + 1 + 4, h, w)
-        return (self._unet_call or self.unet)(x, t, context, y, control=residuals, cache=cache, merger=merger)
+        network = self._unet_call or self.unet
+        if control is None and cache is None and merger is None:
+            return network(x, t, context, y)  # what every backbone takes (models.backbone)
+        return network(x, t, context, y, control=residuals, cache=cache, merger=merger)
 
     def _control_run(self, controls, width: int, height: int, sigmas: Tensor, warn) -> ControlRun | None:
         """The run's ControlNet units checked against this model, their hints at 8x the latent size

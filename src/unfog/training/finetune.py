@@ -34,6 +34,7 @@ from ..conditioning import encode_prompt, sdxl_vector_cond
 from ..diffusion.losses import diffusion_loss, draw_noise
 from ..diffusion.schedules import DiscreteSchedule
 from ..embedded import DEFAULT_TEXT_MODEL, default_model_path
+from ..models.backbone import requires_unet
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
@@ -71,6 +72,7 @@ class FineTuneTrainer(BaseTrainer):
         c, o = self.config, self.options
         self.base_path = Path(o.base_model) if o.base_model else default_model_path(DEFAULT_TEXT_MODEL)
         self.pipe = StableDiffusion.load(self.base_path, device=self.device)
+        requires_unet(self.pipe.unet, f"Task {c.task!r}")
         if self.pipe.family == "sdxl_refiner":
             raise ValueError(f"{self.base_path} is an SDXL refiner; task {c.task!r} trains on SD 1.x / 2.x / SDXL "
                              "base models and unfog text-to-image models")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.losses import diffusion_loss, draw_noise
+from ..models.backbone import requires_unet
 from ..models.presets import get_preset
 from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
@@ -21,6 +22,7 @@ from .data import LabelledImages, make_data
 def unet_config(config: TrainConfig, data: LabelledImages, channels: int) -> UNetConfig:
     """The preset with the config's overrides; class-conditional data adds one null class."""
     classes = None if data.num_classes is None else data.num_classes + 1
+    requires_unet(get_preset(config.model), "Task 'pixel'")
     base = replace(get_preset(config.model), in_channels=channels, out_channels=channels, num_classes=classes)
     return with_overrides(base, config.model_overrides, "model_overrides")
 

@@ -1,7 +1,8 @@
 """Stage 2 of a latent diffusion model (Rombach et al. 2022, sec. 3.3): a U-Net with
 cross-attention learns to denoise the latents of a trained, frozen autoencoder, conditioned on
 a CLIP-style text transformer that trains with it (the LDM paper's text-to-image model trained
-its BERT-like encoder jointly) or stays frozen.
+its BERT-like encoder jointly) or stays frozen. A ``model`` preset named ``DIT_*`` trains a DiT
+with cross-attention instead (``models.dit``; Peebles & Xie 2023), on the same loss and data.
 
 Each step: the global batch's captions are dropped to "" with probability ``cond_dropout``
 (so the same network is the unconditional model that classifier-free guidance needs), the
@@ -33,7 +34,8 @@ from ..diffusion.losses import diffusion_loss, draw_noise
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.presets import get_preset
 from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
-from ..models.unet import UNet, UNetConfig
+from ..models.backbone import NAMES, Backbone, BackboneConfig, build, for_latents, kind_of, requires_unet
+from ..models.unet import UNetConfig
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
@@ -69,7 +71,7 @@ class TextToImage(nn.Module):
     own ``conditioning.encode_prompt`` (family "sd1"), so training and inference read a prompt the
     same way (the same tokens, chunks of 75 and emphasis syntax)."""
 
-    def __init__(self, unet: UNet, text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer):
+    def __init__(self, unet: Backbone, text_encoder: CLIPTextEncoder, tokenizer: CLIPTokenizer):
         super().__init__()
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
 
@@ -96,19 +98,26 @@ class TextToImageTrainer(BaseTrainer):
         self.tokenizer = SubVocabTokenizer.from_texts(CLIPTokenizer.from_bpe_file(), [*texts, *GRID_PROMPTS])
         text_cfg = o.text_encoder_config(self.tokenizer.vocab_size, self.tokenizer.eos_id)
         latent = self.vae.config.latent_channels
-        unet_cfg = replace(get_preset(c.model), in_channels=latent, out_channels=latent, context_dim=text_cfg.width)
+        f = self.vae.config.downsample_factor
+        net_cfg = for_latents(get_preset(c.model), latent, text_cfg.width, c.image_size // f)
         if o.size_conditioning:
-            unet_cfg = replace(unet_cfg, num_classes="sequential", adm_in_channels=size_condition_width(text_cfg))
-        unet_cfg = with_overrides(unet_cfg, c.model_overrides, "model_overrides")
-        self._check_shapes(unet_cfg, text_cfg)
+            requires_unet(net_cfg, "size_conditioning")
+            net_cfg = replace(net_cfg, num_classes="sequential", adm_in_channels=size_condition_width(text_cfg))
+        net_cfg = with_overrides(net_cfg, c.model_overrides, "model_overrides")
+        self._check_shapes(net_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
-        self.net = TextToImage(UNet(unet_cfg), CLIPTextEncoder(text_cfg), self.tokenizer).to(self.device)
+        self.net = TextToImage(build(net_cfg), CLIPTextEncoder(text_cfg), self.tokenizer).to(self.device)
         self.net.text_encoder.requires_grad_(o.train_text_encoder)
         self.info = LatentModelInfo(c.image_size, c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr,
                                     prediction=c.prediction, size_conditioning=o.size_conditioning)
 
-    def _check_shapes(self, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig) -> None:
+    def _check_shapes(self, unet_cfg: BackboneConfig, text_cfg: CLIPTextConfig) -> None:
         o = self.options
+        if kind_of(unet_cfg) == "dit":
+            if o.buckets:
+                raise ValueError("a DiT's position table is fixed to one latent size: aspect buckets need a U-Net "
+                                 "(set text2image.buckets to false)")
+            return
         width = size_condition_width(text_cfg)
         if o.size_conditioning and (unet_cfg.num_classes != "sequential" or unet_cfg.adm_in_channels != width):
             raise ValueError("size_conditioning sets the U-Net's num_classes to 'sequential' and adm_in_channels to "
@@ -149,8 +158,13 @@ class TextToImageTrainer(BaseTrainer):
         architecture, vocabulary and autoencoder (the U-Net learnt that autoencoder's latents).
         Returns the differences of the model's settings (prediction, schedule...) for ``resumes.jsonl``."""
         unet, vae, text_encoder, tokenizer, info, _ = load_parts(path)
+        if kind_of(unet) != kind_of(self.net.unet):
+            raise ValueError(f"cannot start from {path}: its denoising network is a {NAMES[kind_of(unet)]}, this "
+                             f"config's a {NAMES[kind_of(self.net.unet)]} (model {self.config.model!r})")
+        architecture = lambda cfg: replace(cfg, gradient_checkpointing=False)  # noqa: E731  (how it trains)
         problems = [f"{name}: {', '.join(field_differences(asdict(theirs), asdict(ours)))}"
-                    for name, theirs, ours in (("U-Net", unet.config, self.net.unet.config),
+                    for name, theirs, ours in ((NAMES[kind_of(unet)], architecture(unet.config),
+                                                architecture(self.net.unet.config)),
                                                ("text encoder", text_encoder.config, self.net.text_encoder.config),
                                                ("autoencoder", vae.config, self.vae.config))
                     if theirs != ours]
