@@ -77,7 +77,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .pipelines.images import make_grid, save_png
     from .pipelines.outputs import StepProgress, check_seed, draw_seed
-    from .pipelines.pixel import PixelDiffusion
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -85,32 +84,55 @@ def cmd_sample(args: argparse.Namespace) -> None:
     check_seed(args.seed)
     args.seed = draw_seed(args.seed)
     model_path = Path(args.model) if args.model else default_model_path()
-    pipe = PixelDiffusion.load(model_path)
-    typed = {k: getattr(args, k) for k in pipe.defaults if getattr(args, k) is not None}
-    chosen = {**pipe.defaults, **typed}  # the options typed win over the model's recommended settings
+    draw, defaults, num_classes = _class_sampler(model_path, args.vae)
+    typed = {k: getattr(args, k) for k in defaults if getattr(args, k) is not None}
+    chosen = {**defaults, **typed}  # the options typed win over the model's recommended settings
     args.sampler, args.steps, args.cfg_scale = chosen["sampler"], chosen["steps"], chosen["cfg_scale"]
-    options = {} if args.eta is None else {"eta": args.eta}
-    if pipe.info.num_classes:
-        classes = args.classes if args.classes is not None else list(range(pipe.info.num_classes))
+    options = {"sampler": args.sampler, "steps": args.steps, "spacing": args.spacing, "seed": args.seed,
+               **({} if args.eta is None else {"eta": args.eta})}
+    if num_classes:
+        classes = args.classes if args.classes is not None else list(range(min(num_classes, 10)))
         labels = [c for c in classes for _ in range(args.per_class)]
         with StepProgress(args.steps, f"{len(labels)} images") as bar:
-            images = pipe.generate(labels, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                                   cfg_scale=args.cfg_scale, seed=args.seed, callback=bar.callback, **options)
+            images = draw(labels, cfg_scale=args.cfg_scale, callback=bar.callback, **options)
         # one column per class, one row per draw
         images = images.view(len(classes), args.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
         grid = make_grid(images, nrow=len(classes), scale=args.scale)
         what = f"classes {','.join(map(str, classes))} x {args.per_class}"
     else:
         with StepProgress(args.steps, f"{args.per_class} images") as bar:
-            images = pipe.generate(num_images=args.per_class, sampler=args.sampler, steps=args.steps,
-                                   spacing=args.spacing, seed=args.seed, callback=bar.callback, **options)
+            images = draw(None, num_images=args.per_class, callback=bar.callback, **options)
         grid = make_grid(images, nrow=min(8, args.per_class), scale=args.scale)
         what = f"{args.per_class} images"
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:10] if model_path.is_file() else "folder"
     params = (f"{what}\nSteps: {args.steps}, Sampler: {args.sampler}, Spacing: {args.spacing or 'default'}, "
-              f"CFG scale: {args.cfg_scale}, Seed: {args.seed}, Model: {model_path.name}, Model hash: {digest}")
+              f"CFG scale: {args.cfg_scale}, Seed: {args.seed}, Model: {model_path.name}, Model hash: {digest}"
+              + (f", VAE: {Path(args.vae).name}" if args.vae else ""))
     save_png(grid, out, params, overwrite=args.overwrite)
     print(f"wrote {out} ({what}, {args.sampler}, {args.steps} steps, seed {args.seed})")
+
+
+def _class_sampler(model_path: Path, vae: str | None):
+    """(draw(labels, **settings) -> images (B, C, H, W) in [-1, 1], the model's default settings,
+    its number of classes) for an unfog pixel model, or a DiT file with the VAE it decodes with."""
+    from .pipelines.pixel import PixelDiffusion, is_pixel_model
+
+    if not model_path.exists():
+        raise FileNotFoundError(f"model file not found: {model_path}")
+    if model_path.is_file() and is_pixel_model(model_path):
+        if vae is not None:
+            raise ValueError(f"{model_path} is a pixel-space model: it takes no --vae")
+        pipe = PixelDiffusion.load(model_path)
+        return (lambda labels, **kw: pipe.generate(labels, **kw)), pipe.defaults, pipe.info.num_classes
+    from .pipelines.dit import SAMPLING_DEFAULTS, ClassConditionalDiT
+
+    if vae is None:
+        raise ValueError(f"{model_path} is not an unfog pixel model; `unfog sample` reads it as a class-conditional "
+                         "DiT (facebookresearch/DiT or diffusers), which draws latents: give --vae, the VAE it was "
+                         "trained with (sd-vae-ft-ema or sd-vae-ft-mse for the official DiT models)")
+    pipe = ClassConditionalDiT.load(model_path, vae=vae)
+    return ((lambda labels, **kw: pipe(labels, output="tensor", **kw)), dict(SAMPLING_DEFAULTS),
+            pipe.dit.config.num_classes)
 
 
 # Options of the image commands that are generation settings (``pipelines.outputs.Settings``).
@@ -572,9 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unfog {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("sample", help="draw images from a pixel-space model (default: the built-in digits model)")
-    p.add_argument("--model", default=None, help="model file (.safetensors); default: the built-in digits model")
-    p.add_argument("--classes", type=_parse_classes, default=None, help="class ids, e.g. 0-9 or 3,5 (default: all)")
+    p = sub.add_parser("sample", help="draw class grids from a pixel-space model (default: the built-in digits "
+                       "model) or a class-conditional DiT (with --vae)")
+    p.add_argument("--model", default=None, help="model file: an unfog pixel model (.safetensors), or a DiT "
+                   "(facebookresearch/DiT .pt, a diffusers DiT transformer folder or file); default: the built-in "
+                   "digits model")
+    p.add_argument("--vae", default=None, help="a DiT's VAE (e.g. sd-vae-ft-ema: a VAE file, a diffusers "
+                   "AutoencoderKL folder or a checkpoint holding one)")
+    p.add_argument("--classes", type=_parse_classes, default=None, help="class ids, e.g. 0-9 or 3,5 (default: the "
+                   "first 10)")
     p.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid, >= 1 (default 4)")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
