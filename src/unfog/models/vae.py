@@ -49,6 +49,9 @@ class VAEConfig:
     scaling_factor: the constant that brings latents to roughly unit variance before
         diffusion; 0.18215 for SD 1.x / 2.x, 0.13025 for SDXL. It is not stored in the
         single-file checkpoints: it comes from the preset (or a diffusers ``config.json``).
+    identity: the identity as the first stage (``PIXEL_SPACE``): latents are the images (LDM's
+        f = 1, which the LDM paper calls a pixel-based diffusion model), so a latent model on it
+        is a pixel-space model (GLIDE / Imagen) with the whole latent pipeline and trainer.
     """
 
     in_channels: int = 3
@@ -59,9 +62,15 @@ class VAEConfig:
     num_res_blocks: int = 2
     dropout: float = 0.0
     scaling_factor: float = 0.18215
+    identity: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))  # lists (JSON) -> tuple
+        if self.identity and not (self.in_channels == self.out_channels == self.latent_channels
+                                  and self.channel_mult == (1,)):
+            raise ValueError("the identity first stage keeps the images: in_channels, out_channels and "
+                             "latent_channels must be equal and channel_mult (1,) (f = 1), got "
+                             f"{self.in_channels}, {self.out_channels}, {self.latent_channels}, {self.channel_mult}")
         for name in ("in_channels", "out_channels", "latent_channels", "base_channels", "num_res_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -96,7 +105,13 @@ SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 # For tests: two levels (f = 2), about 0.66M parameters.
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 
-VAE_PRESETS: dict[str, VAEConfig] = {"SD_VAE": SD_VAE, "SDXL_VAE": SDXL_VAE, "TINY_VAE": TINY_VAE}
+# Pixel space: the identity first stage on RGB images in [-1, 1], unscaled (GLIDE and Imagen
+# diffuse [-1, 1] images directly).
+PIXEL_SPACE = VAEConfig(latent_channels=3, base_channels=32, channel_mult=(1,), num_res_blocks=1, scaling_factor=1.0,
+                        identity=True)
+
+VAE_PRESETS: dict[str, VAEConfig] = {"SD_VAE": SD_VAE, "SDXL_VAE": SDXL_VAE, "TINY_VAE": TINY_VAE,
+                                     "PIXEL_SPACE": PIXEL_SPACE}
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -311,11 +326,30 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = config
         z = config.latent_channels
+        self.tiling = Tiling()
+        if config.identity:
+            self._build_identity()
+            return
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
-        self.tiling = Tiling()
+
+    def _build_identity(self) -> None:
+        """Encoder and decoder are identities; the 1 x 1 convs are fixed to mean = x, log-variance
+        at its floor (std 3e-7), and z -> z: every value is exact in every dtype, and nothing
+        trains (their parameters do not require gradients)."""
+        z = self.config.latent_channels
+        self.encoder, self.decoder = nn.Identity(), nn.Identity()
+        self.quant_conv = nn.Conv2d(z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+        with torch.no_grad():
+            eye = torch.eye(z)[:, :, None, None]
+            self.quant_conv.weight.copy_(torch.cat([eye, torch.zeros_like(eye)]))
+            self.quant_conv.bias.copy_(torch.cat([torch.zeros(z), torch.full((z,), LOGVAR_RANGE[0])]))
+            self.post_quant_conv.weight.copy_(eye)
+            self.post_quant_conv.bias.zero_()
+        self.requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:

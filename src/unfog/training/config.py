@@ -145,7 +145,9 @@ class Text2ImageOptions(TaskOptions):
     """Task "text2image": stage 2 of a latent model, a U-Net with cross-attention on a text
     encoder, trained on the latents of a trained autoencoder."""
 
-    vae_model: str | None = None  # the model.safetensors of an "autoencoder" run (required)
+    # the model.safetensors of an "autoencoder" run (required); "pixel": no autoencoder, the model
+    # diffuses the images themselves (the identity first stage, models.vae.PIXEL_SPACE)
+    vae_model: str | None = None
     # the text encoder: CLIPTextConfig fields to change from SMALL_TEXT_ENCODER; it trains with the
     # U-Net (as in LDM) unless train_text_encoder is false
     text_encoder: dict[str, Any] = field(default_factory=dict)
@@ -163,7 +165,7 @@ class Text2ImageOptions(TaskOptions):
         super().__post_init__()
         if self.vae_model is None:
             raise ValueError("task 'text2image' trains on the latents of an autoencoder: set text2image.vae_model "
-                             "to the model.safetensors of an 'autoencoder' run")
+                             "to the model.safetensors of an 'autoencoder' run (or to \"pixel\" for pixel space)")
         check_choice("text2image.model_dtype", self.model_dtype, ("fp32", "fp16", "bf16"))
         if self.bucket_step < 1:
             raise ValueError(f"text2image.bucket_step must be >= 1, got {self.bucket_step}")

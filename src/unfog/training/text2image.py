@@ -31,11 +31,12 @@ from torch import Tensor, nn
 from ..conditioning import SIZE_EMBED_DIM, encode_prompt, sdxl_vector_cond
 from ..datasets.shapes_text import caption_vocabulary
 from ..diffusion.losses import diffusion_loss, draw_noise
+from ..models.backbone import NAMES, Backbone, BackboneConfig, build, for_latents, kind_of, requires_unet
 from ..models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from ..models.presets import get_preset
 from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
-from ..models.backbone import NAMES, Backbone, BackboneConfig, build, for_latents, kind_of, requires_unet
 from ..models.unet import UNetConfig
+from ..models.vae import PIXEL_SPACE, AutoencoderKL
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
@@ -82,6 +83,9 @@ class TextToImage(nn.Module):
         return self.unet(x, t, c.context.to(x.dtype), y)  # context (B, 77 * chunks, width)
 
 
+PIXEL = "pixel"  # text2image.vae_model for a pixel-space model (no autoencoder)
+
+
 class TextToImageTrainer(BaseTrainer):
     options: Text2ImageOptions
 
@@ -90,7 +94,8 @@ class TextToImageTrainer(BaseTrainer):
         self.data = make_captioned_data(c.data, c.image_size, c.data_size, c.seed, c.center_crop,
                                         bucket_step=o.bucket_step if o.buckets else None, min_bucket=c.batch_size,
                                         shapes_config=c.shapes_config(), workers=c.data_workers)
-        self.vae = load_autoencoder(o.vae_model).to(self.device).requires_grad_(False)
+        vae = AutoencoderKL(PIXEL_SPACE) if o.vae_model == PIXEL else load_autoencoder(o.vae_model)
+        self.vae = vae.to(self.device).requires_grad_(False)
         # The vocabulary: every token the captions can hold (and the grid prompts'), in a fixed order.
         # For "shapes" that is its whole caption grammar, so a resumed run that draws other scenes
         # (shapes_options) keeps the vocabulary; for a folder, the tokens of its captions.
