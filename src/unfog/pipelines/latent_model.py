@@ -43,6 +43,7 @@ class LatentModelInfo:
     zero_terminal_snr: bool = False
     prediction: str = "eps"
     size_conditioning: bool = False  # the U-Net takes SDXL's y (pooled text output + sizes)
+    low_res: int | None = None  # a super-resolution model of images of this side (super_resolution.py)
 
     def make_schedule(self) -> DiscreteSchedule:
         return DiscreteSchedule.make(self.schedule, self.num_timesteps, self.beta_start, self.beta_end,

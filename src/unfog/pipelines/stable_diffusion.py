@@ -45,6 +45,7 @@ from .lora import AppliedLora, LoraStack, warn_on_stderr
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .vae_file import fit_vae, read_vae
 from .sdxl import vector_conditions
+from .super_resolution import AUGMENTATION_DIM, augment, augmentation_level, degrade
 from .windows import sigma_window
 
 Output = Literal["pil", "tensor", "latent"]
@@ -74,13 +75,15 @@ class StableDiffusion:
     size_conditioning: an "sd1" / "sd2" model whose U-Net also takes SDXL's vector ``y`` (unfog's
         own models trained with ``size_conditioning``): y = [the text encoder's pooled output,
         Fourier features of original size, crop top-left, target size], as SDXL base builds it.
+    low_res: a super-resolution model (``super_resolution.py``) of images of this side: its calls
+        take ``low_res_image`` and ``noise_augmentation``.
     """
 
     def __init__(self, unet: Backbone, vae: AutoencoderKL, tokenizer: CLIPTokenizer, family: EncoderFamily, *,
                  text_encoder: CLIPTextEncoder | None = None, text_encoder_2: CLIPTextEncoder | None = None,
                  schedule: DiscreteSchedule | None = None, prediction: str = "eps", spacing: str = "leading",
                  steps_offset: int = 1, vae_dtype: VAEDtype = "auto", native_size: int | None = None,
-                 size_conditioning: bool = False):
+                 size_conditioning: bool = False, low_res: int | None = None):
         check_choice("family", family, tuple(ENCODERS))
         vae = vae.to(resolve_vae_dtype(next(unet.parameters()).dtype, vae_dtype))
         self.unet, self.vae, self.tokenizer, self.family = unet.eval(), vae.eval(), tokenizer, family
@@ -90,7 +93,10 @@ class StableDiffusion:
         if missing:
             raise ValueError(f"family {family!r} needs {' and '.join(missing)}")
         latent = vae.config.latent_channels
-        if unet.config.in_channels not in (latent, 2 * latent + 1):
+        self.low_res = low_res
+        if low_res is not None:
+            self._check_super_resolution()
+        elif unet.config.in_channels not in (latent, 2 * latent + 1):
             raise ValueError(f"the U-Net takes {unet.config.in_channels} input channels; need {latent} "
                              f"(latents) or {2 * latent + 1} (inpainting: latents, mask, masked image)")
         self.schedule = schedule or sd_schedule()
@@ -149,7 +155,7 @@ class StableDiffusion:
         unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
         return cls(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
                    prediction=info.prediction, native_size=info.image_size,
-                   size_conditioning=info.size_conditioning).to(device)
+                   size_conditioning=info.size_conditioning, low_res=info.low_res).to(device)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -314,7 +320,7 @@ class StableDiffusion:
 
     @property
     def inpainting_unet(self) -> bool:
-        return self.unet.config.in_channels != self.vae.config.latent_channels
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
     @property
     def size_multiple(self) -> int:
@@ -335,7 +341,8 @@ class StableDiffusion:
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, deep_cache: int = 1,
                  deep_cache_branch: int = 0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
-                 repaint: tuple[int, int] | None = None, seed: int = 0, width: int | None = None, height: int | None = None,
+                 repaint: tuple[int, int] | None = None, low_res_image=None, noise_augmentation: float = 0.1,
+                 seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
                  init_image=None, init_latents: Tensor | None = None, strength: float = 0.8, mask=None,
                  masked_content: str = "original",
@@ -368,6 +375,9 @@ class StableDiffusion:
         ``token_merging=r``: ToMe for SD, a fraction r of the tokens merged before each self-attention
             (``nn.token_merging``) of the levels at most ``token_merging_max_downsample`` times
             smaller than the latents; top-left destinations, as A1111 applies it.
+        ``low_res_image``: what a super-resolution model (``low_res``) upsamples, (B or 1, 3, h, w) in
+            [-1, 1] or a PIL image, brought to its ``low_res`` side, noised to the fraction
+            ``noise_augmentation`` of the schedule (``super_resolution.py``); required by such a model.
         ``repaint=(j, r)``: inpainting by RePaint's resampling (``diffusion.repaint``) instead of the
             per-step blend: jump length j, r jumps; with sampler "DDPM" (eta 1) or "DDIM" (eta 0), a
             4-channel U-Net and strength 1; ``steps`` is the grid the jumps run on.
@@ -423,6 +433,8 @@ class StableDiffusion:
             cond["cond_mark"], uncond["cond_mark"] = torch.ones(n, device=self.device), torch.zeros(n, device=self.device)
 
         g = torch.Generator().manual_seed(seed)
+        if self.low_res is not None or low_res_image is not None:
+            self._super_resolution(cond, uncond, low_res_image, noise_augmentation, n, (height, width), g)
         if denoising_start is not None:
             x, concat, blend = self._latents(latents, latent_shape), {}, None
         else:
@@ -529,6 +541,31 @@ class StableDiffusion:
         device = self.device
         expand = lambda d: {k: v.repeat_interleave(per_prompt, 0).to(device) for k, v in d.items()}  # noqa: E731
         return expand(cond), expand(uncond)
+
+    def _check_super_resolution(self) -> None:
+        latent, cfg = self.vae.config.latent_channels, self.unet.config
+        if (cfg.in_channels != 2 * latent or cfg.num_classes != "sequential"
+                or cfg.adm_in_channels != AUGMENTATION_DIM):
+            raise ValueError(f"a super-resolution model needs a U-Net of {2 * latent} input channels (the image and the "
+                             f"low-resolution one) with y of {AUGMENTATION_DIM} (the noise level), got "
+                             f"{cfg.in_channels} channels, num_classes={cfg.num_classes!r}, "
+                             f"adm_in_channels={cfg.adm_in_channels}")
+
+    def _super_resolution(self, cond: dict, uncond: dict, image, level: float, n: int, size: tuple[int, int],
+                          g: torch.Generator) -> None:
+        """Add a super-resolution model's inputs to both passes of guidance (the low-resolution
+        image is no part of the prompt: the unconditional pass sees it too)."""
+        if self.low_res is None:
+            raise ValueError("low_res_image is for super-resolution models; this model draws from noise")
+        if image is None:
+            raise ValueError(f"this is a super-resolution model: give low_res_image, the {self.low_res} px image "
+                             "it upsamples")
+        s = augmentation_level(level, self.schedule)
+        low = inputs.batch_of(inputs.image_tensor(image), n, "low_res_image")
+        low = degrade(low, self.low_res, size)  # to its trained side, then up to the output size
+        z, y = augment(low, torch.full((n,), s), torch.randn(low.shape, generator=g), self.schedule)
+        for d in (cond, uncond):
+            d["concat"], d["y"] = z.to(self.device), y.to(self.device)
 
     def _check_size_conditioning(self) -> None:
         if self.family not in ("sd1", "sd2"):

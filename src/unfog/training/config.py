@@ -160,9 +160,20 @@ class Text2ImageOptions(TaskOptions):
     buckets: bool = False
     bucket_step: int = 64
     model_dtype: str = "fp32"  # precision of the weights in model.safetensors (the states keep fp32)
+    # a super-resolution model (pipelines/super_resolution.py): it draws image_size images given the
+    # image at this side, noised to a level drawn from the first augmentation_max of the timesteps
+    low_res: int | None = None
+    augmentation_max: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
+        if self.low_res is not None and self.vae_model != "pixel":
+            raise ValueError("text2image.low_res (a super-resolution model) works in pixel space: set "
+                             "text2image.vae_model to \"pixel\"")
+        if self.low_res is not None and self.low_res < 4:
+            raise ValueError(f"text2image.low_res must be >= 4 pixels, got {self.low_res}")
+        if not 0 < self.augmentation_max <= 1:
+            raise ValueError(f"text2image.augmentation_max must be in (0, 1], got {self.augmentation_max}")
         if self.vae_model is None:
             raise ValueError("task 'text2image' trains on the latents of an autoencoder: set text2image.vae_model "
                              "to the model.safetensors of an 'autoencoder' run (or to \"pixel\" for pixel space)")
@@ -178,6 +189,8 @@ class Text2ImageOptions(TaskOptions):
 
     def check(self, config: TrainConfig) -> None:
         _needs_rgb(config)
+        if self.low_res is not None and self.low_res >= config.image_size:
+            raise ValueError(f"text2image.low_res {self.low_res} must be below image_size {config.image_size}")
         if self.buckets and config.data in ("digits", "shapes"):
             raise ValueError(f"buckets need an image folder of images of many shapes, not {config.data!r}")
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conditioning import SIZE_EMBED_DIM, encode_prompt, sdxl_vector_cond
@@ -38,9 +39,10 @@ from ..models.tokenizer import CLIPTokenizer, SubVocabTokenizer
 from ..models.unet import UNetConfig
 from ..models.vae import PIXEL_SPACE, AutoencoderKL
 from ..pipelines.images import make_grid, save_png
-from ..pipelines.precision import DTYPES
 from ..pipelines.latent_model import LatentModelInfo, load_autoencoder, load_parts, save_text2image
+from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import StableDiffusion
+from ..pipelines.super_resolution import AUGMENTATION_DIM, augment, degrade
 from .base import BaseTrainer
 from .config import SMALL_TEXT_ENCODER, Text2ImageOptions, field_differences, with_overrides
 from .data import BucketBatches, EpochBatches, make_captioned_data
@@ -76,10 +78,15 @@ class TextToImage(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
 
-    def forward(self, x: Tensor, t: Tensor, captions: list[str], sizes: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, captions: list[str], sizes: Tensor | None = None,
+                low_res: Tensor | None = None, augmentation: Tensor | None = None) -> Tensor:
+        """``low_res`` / ``augmentation``: a super-resolution model's noised low-resolution input
+        (B, C, H, W) and the embedding of its noise level (B, 256), ``super_resolution.augment``."""
         c = encode_prompt("sd1", [self.text_encoder], self.tokenizer, captions, "", zero_empty_negative=True,
                           with_pooled=sizes is not None)
         y = None if sizes is None else size_condition(c.pooled, sizes)  # (B, P + 6 * 256)
+        if low_res is not None:
+            x, y = torch.cat([x, low_res.to(x.dtype)], dim=1), augmentation  # (B, 2C, H, W)
         return self.unet(x, t, c.context.to(x.dtype), y)  # context (B, 77 * chunks, width)
 
 
@@ -108,13 +115,18 @@ class TextToImageTrainer(BaseTrainer):
         if o.size_conditioning:
             requires_unet(net_cfg, "size_conditioning")
             net_cfg = replace(net_cfg, num_classes="sequential", adm_in_channels=size_condition_width(text_cfg))
+        if o.low_res is not None:  # the noisy image and the noised low-resolution one; y: the noise level
+            requires_unet(net_cfg, "A super-resolution model (text2image.low_res)")
+            net_cfg = replace(net_cfg, in_channels=2 * latent, num_classes="sequential",
+                              adm_in_channels=AUGMENTATION_DIM)
         net_cfg = with_overrides(net_cfg, c.model_overrides, "model_overrides")
         self._check_shapes(net_cfg, text_cfg)
         torch.manual_seed(c.seed)  # initial weights
         self.net = TextToImage(build(net_cfg), CLIPTextEncoder(text_cfg), self.tokenizer).to(self.device)
         self.net.text_encoder.requires_grad_(o.train_text_encoder)
         self.info = LatentModelInfo(c.image_size, c.schedule, c.num_timesteps, zero_terminal_snr=c.zero_terminal_snr,
-                                    prediction=c.prediction, size_conditioning=o.size_conditioning)
+                                    prediction=c.prediction, size_conditioning=o.size_conditioning,
+                                    low_res=o.low_res)
 
     def _check_shapes(self, unet_cfg: BackboneConfig, text_cfg: CLIPTextConfig) -> None:
         o = self.options
@@ -207,14 +219,28 @@ class TextToImageTrainer(BaseTrainer):
             z = self.vae.encode(batch.images.to(self.device))
             z = (z.mean + z.std * posterior_noise[mine].to(self.device)) * self.vae.config.scaling_factor
         sizes = {"sizes": batch.sizes.to(self.device)} if self.options.size_conditioning else {}  # (b, 6)
+        if self.options.low_res is not None:  # drawn after the rest: other runs keep their random streams
+            sizes.update(self._low_res_inputs(z, g, b, mine))
         return diffusion_loss(model, z, self.schedule, self.loss_config, t=t[mine], noise=noise[mine],
                               captions=captions, **sizes)
+
+    def _low_res_inputs(self, images: Tensor, g: torch.Generator, b: int, mine: slice) -> dict[str, Tensor]:
+        """A super-resolution model's inputs for its slice of the global batch: the images degraded
+        to ``low_res`` and noised to levels s ~ U{0 .. augmentation_max * T - 1}."""
+        o, shape = self.options, (b, *images.shape[1:])
+        top = max(1, int(o.augmentation_max * self.schedule.num_timesteps))
+        s = torch.randint(0, top, (b,), generator=g)
+        noise = torch.randn(shape, generator=g)
+        low, y = augment(degrade(images, o.low_res), s[mine].to(self.device), noise[mine].to(self.device),
+                         self.schedule)
+        return {"low_res": low, "augmentation": y}
 
     def ema_pipeline(self) -> StableDiffusion:
         net = self.ema.model
         return StableDiffusion(net.unet, self.vae, self.tokenizer, "sd1", text_encoder=net.text_encoder,
                                schedule=self.schedule, prediction=self.config.prediction,
-                               native_size=self.config.image_size, size_conditioning=self.options.size_conditioning)
+                               native_size=self.config.image_size, size_conditioning=self.options.size_conditioning,
+                               low_res=self.options.low_res)
 
     def save_model(self) -> None:
         net = self.ema.model
@@ -227,12 +253,28 @@ class TextToImageTrainer(BaseTrainer):
     def sample_grid(self) -> None:
         c = self.config
         pipe = self.ema_pipeline()
+        if self.options.low_res is not None:
+            return self._super_resolution_grid(pipe)
         images = pipe(list(GRID_PROMPTS), steps=c.sample_steps, sampler=c.sample_sampler, cfg_scale=c.sample_cfg_scale,
                       seed=0, batch_size=4, output="tensor")  # (8 * 4, 3, H, W), 4 seeds per prompt
         grid = make_grid(images.view(len(GRID_PROMPTS), 4, *images.shape[1:]).transpose(0, 1).flatten(0, 1),
                          nrow=len(GRID_PROMPTS), scale=2)
         save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png",
                  f"step {self.step}; columns: {' | '.join(GRID_PROMPTS[:-1])} | (empty); "
+                 f"sampler {c.sample_sampler}, {c.sample_steps} steps, cfg {c.sample_cfg_scale}", overwrite=True)
+
+
+    def _super_resolution_grid(self, pipe: StableDiffusion) -> None:
+        """Rows: the first 8 training images, bicubic from low_res, the model's upsampling of that."""
+        c, low_res = self.config, self.options.low_res
+        batch = self.data.batch(torch.arange(min(8, len(self.data))), None)
+        small = F.interpolate(batch.images, size=(low_res, low_res), mode="area")
+        drawn = pipe(batch.captions, low_res_image=small, steps=c.sample_steps, sampler=c.sample_sampler,
+                     cfg_scale=c.sample_cfg_scale, seed=0, output="tensor")
+        grid = make_grid(torch.cat([batch.images, degrade(small, low_res, batch.images.shape[-2:]), drawn]),
+                         nrow=len(drawn), scale=2)
+        save_png(grid, self.out / "samples" / f"step_{self.step:08d}.png",
+                 f"step {self.step}; rows: the image | bicubic from {low_res} px | this model from {low_res} px; "
                  f"sampler {c.sample_sampler}, {c.sample_steps} steps, cfg {c.sample_cfg_scale}", overwrite=True)
 
 
