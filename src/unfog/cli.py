@@ -535,6 +535,32 @@ def _add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_cascade(args: argparse.Namespace) -> None:
+    from .pipelines.cascade import StageSettings, save_cascade
+
+    settings = StageSettings(**{k: getattr(args, k) for k in ("sampler", "steps", "cfg_scale", "noise_augmentation")
+                                if getattr(args, k) is not None})
+    save_cascade(args.out, args.base, args.sr, settings, overwrite=args.overwrite)
+    print(f"wrote {args.out} (base {args.base}, then {args.sr}: {settings.sampler}, {settings.steps} steps, "
+          f"cfg {settings.cfg_scale}, noise augmentation {settings.noise_augmentation})")
+
+
+def _add_cascade_parser(sub) -> None:
+    """`unfog cascade BASE SR -o FILE`: one model file that draws through both stages."""
+    p = sub.add_parser("cascade", help="join a pixel-space base model and a super-resolution model into one cascade "
+                       "file (`unfog generate --model FILE` draws through both)")
+    p.add_argument("base", help="the base text-to-image model (task text2image, vae_model pixel)")
+    p.add_argument("sr", help="the super-resolution model (task text2image with low_res = the base's size)")
+    p.add_argument("-o", "--out", required=True, help="the cascade file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--sampler", default=None, help="the second stage's sampler (default dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=None, help="the second stage's steps (default 20)")
+    p.add_argument("--cfg-scale", type=finite_float, default=None, help="the second stage's guidance (default 2)")
+    p.add_argument("--noise-augmentation", type=finite_float, default=None, metavar="A",
+                   help="noise the first stage's image to this fraction of the schedule, in [0, 1) (default 0.1)")
+    p.set_defaults(func=cmd_cascade)
+
+
 def _add_preprocess_parser(sub) -> None:
     """`unfog preprocess NAME IMAGE -o HINT`: a ControlNet hint image."""
     p = sub.add_parser("preprocess", help="make a ControlNet hint image: canny, scribble, lineart_standard, shuffle, "
@@ -644,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     _add_preprocess_parser(sub)
+    _add_cascade_parser(sub)
     _add_lora_parser(sub)
 
     p = sub.add_parser("eval", help="evaluate a model over samplers, steps and guidance scales: FID, KID, CLIP "

@@ -101,6 +101,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Denoising strength": s.strength, "Clip skip": clip_skip,
         **_inpainting_values(s), **_hires_values(s),
         "Refiner": refiner and str(refiner), "Refiner switch at": refiner and s.refiner_start,
+        "Cascade": cascade_text(pipe),
         "Lora hashes": hashes_text(pipe.loras) or None,
         "TI hashes": ti_hashes_text(pipe, s) or None,
         "Hypernet hashes": hypernetwork.hashes_text(pipe.hypernetworks) or None,
@@ -108,6 +109,15 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "Version": f"{VERSION_TAG} {__version__}",
     }
     return format_parameters(s.prompt, s.negative_prompt, values)
+
+
+def cascade_text(pipe: StableDiffusion) -> str | None:
+    """A cascade's second stage, for the parameters (unfog's key; the file carries these settings)."""
+    if pipe.super_resolution is None:
+        return None
+    s, side = pipe.super_resolution_settings, pipe.super_resolution.default_size
+    return (f"{side}x{side} {sampler_name(s.sampler)} {s.steps} steps CFG {s.cfg_scale} "
+            f"noise augmentation {s.noise_augmentation}")
 
 
 def _inpainting_values(s: Settings) -> dict[str, object]:
@@ -155,9 +165,13 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
             inputs["repaint"] = tuple(s.repaint)
     end = None if refiner is None else s.refiner_start
     hires = s.hires_pass()
+    if pipe.super_resolution is not None and (hires is not None or refiner is not None):
+        raise ValueError("this cascade's second stage draws the large image: hires fix and a refiner do not apply")
     steps = len(pipe.sigmas(s.steps, s.sampler, spacing, strength=inputs.get("strength"), denoising_end=end)) - 1
     if "repaint" in inputs:  # the model calls of RePaint's schedule
         steps = repaint_calls(s.steps, *s.repaint, pipe.schedule.num_timesteps)
+    if pipe.super_resolution is not None:  # a cascade: the second stage reports on the same bar
+        steps += pipe.super_resolution_settings.steps
     with progress(steps, desc) as bar:
         out = pipe(s.prompt, s.negative_prompt, **common, **inputs, denoising_end=end, controls=controls, warn=warn,
                    output="pil" if refiner is None and hires is None else "latent", callback=bar.callback)

@@ -86,6 +86,12 @@ def load_parts(path: str | Path, dtype: torch.dtype = torch.float32):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an unfog text-to-image model (metadata format {meta.get('format')!r}, "
                          f"expected {FORMAT!r})")
+    return parts_from(tensors, meta, path, dtype)
+
+
+def parts_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path,
+               dtype: torch.dtype = torch.float32):
+    """``load_parts`` of a model file's tensors and metadata (also one stage of a cascade file)."""
     kind = next((k for k in KINDS if k in meta), None)
     if kind is None:
         raise ValueError(f"{path} has no denoising network (metadata key {' or '.join(map(repr, KINDS))})")

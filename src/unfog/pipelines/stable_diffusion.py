@@ -111,6 +111,8 @@ class StableDiffusion:
         self.size_conditioning = size_conditioning
         if size_conditioning:
             self._check_size_conditioning()
+        self.super_resolution: StableDiffusion | None = None  # a cascade's second stage (cascade.py)
+        self.super_resolution_settings = None
         self._unet_call: Callable | None = None  # compile(): the compiled U-Net and VAE decoder
         self._decode_call: Callable | None = None
         self.compile_mode = "off"
@@ -152,10 +154,15 @@ class StableDiffusion:
         pipeline on the file's schedule, prediction type and trained size."""
         from .latent_model import load_parts
 
-        unet, vae, text_encoder, tokenizer, info, _ = load_parts(path, dtype)
+        return cls.from_parts(load_parts(path, dtype)).to(device)
+
+    @classmethod
+    def from_parts(cls, parts) -> "StableDiffusion":
+        """From ``latent_model.load_parts``' (network, vae, text encoder, tokenizer, info, metadata)."""
+        unet, vae, text_encoder, tokenizer, info, _ = parts
         return cls(unet, vae, tokenizer, "sd1", text_encoder=text_encoder, schedule=info.make_schedule(),
                    prediction=info.prediction, native_size=info.image_size,
-                   size_conditioning=info.size_conditioning, low_res=info.low_res).to(device)
+                   size_conditioning=info.size_conditioning, low_res=info.low_res)
 
     @classmethod
     def load(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -170,12 +177,15 @@ class StableDiffusion:
         unfog's own pixel models (``unfog train``) are not Stable Diffusion checkpoints: a ValueError
         points to ``PixelDiffusion.load``."""
         from ..checkpoint import load_components
+        from .cascade import is_cascade, load_cascade
         from .latent_model import is_text2image_model
         from .pixel import is_pixel_model
 
         path = Path(path)
         if is_text2image_model(path):
             return cls.from_text2image(path, dtype, device)
+        if is_cascade(path):
+            return load_cascade(path, dtype, device)
         if is_pixel_model(path):
             raise ValueError(f"{path} is an unfog pixel model, not a Stable Diffusion checkpoint; load it with "
                              f"PixelDiffusion.load or `unfog sample --model {path}`")
@@ -193,7 +203,20 @@ class StableDiffusion:
                 module.to(device)
         self._hypernetwork_stack.to(device)
         use_device_layout(self.unet, self.vae, self._own_vae)
+        if self.super_resolution is not None:
+            self.super_resolution.to(device)
         return self
+
+    def attach_super_resolution(self, stage: "StableDiffusion | None", settings=None) -> None:
+        """Draw every image of this model on through ``stage``, a super-resolution model of this
+        model's size (``cascade.py``), with ``settings`` (``cascade.StageSettings``); None detaches."""
+        from .cascade import StageSettings
+
+        if stage is not None and stage.low_res != self.default_size:
+            raise ValueError(f"the second stage upsamples {stage.low_res} px images, this model draws "
+                             f"{self.default_size} px ones" if stage.low_res else
+                             "the second stage must be a super-resolution model (trained with text2image.low_res)")
+        self.super_resolution, self.super_resolution_settings = stage, settings or StageSettings()
 
     @property
     def device(self) -> torch.device:
@@ -446,7 +469,20 @@ class StableDiffusion:
         if output == "latent":
             return x
         images = self.decode(x)
+        if self.super_resolution is not None:
+            images = self._second_stage(prompts, negative_prompt, images, batch_size, seed, callback)
         return images if output == "tensor" else inputs.to_pil(images)
+
+    def _second_stage(self, prompts: list[str], negative_prompt, images: Tensor, batch_size: int, seed: int,
+                      callback) -> Tensor:
+        """A cascade's second stage: the same prompts and seed, its own settings, each image of the
+        first stage upsampled by the super-resolution model."""
+        s = self.super_resolution_settings
+        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        expand = lambda texts: [t for t in texts for _ in range(batch_size)]  # noqa: E731  prompt-major, as images
+        return self.super_resolution(expand(prompts), expand(negative), low_res_image=images, steps=s.steps,
+                                     sampler=s.sampler, cfg_scale=s.cfg_scale, noise_augmentation=s.noise_augmentation,
+                                     seed=seed, output="tensor", callback=callback)
 
     def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
                 callback, sampler_options: dict) -> Tensor:
