@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..checkpoint.io import load_safetensors, read_metadata, save_safetensors
 from ..diffusion import resolve_sampler
@@ -46,6 +47,18 @@ class StageSettings:
             raise ValueError(f"the second stage's guidance scale must be >= 0, got {self.cfg_scale}")
         if not 0 <= self.noise_augmentation < 1:
             raise ValueError(f"noise augmentation must be in [0, 1), got {self.noise_augmentation}")
+
+
+def second_stage(pipe, prompts: list[str], negative_prompt, images: Tensor, batch_size: int, seed: int,
+                 callback=None) -> Tensor:
+    """The second stage of ``pipe``'s cascade on the first stage's ``images`` (B, 3, h, w): the same
+    prompts (``batch_size`` images each, prompt-major) and seed, its own settings."""
+    s = pipe.super_resolution_settings
+    negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    expand = lambda texts: [t for t in texts for _ in range(batch_size)]  # noqa: E731
+    return pipe.super_resolution(expand(prompts), expand(negative), low_res_image=images, steps=s.steps,
+                                 sampler=s.sampler, cfg_scale=s.cfg_scale, noise_augmentation=s.noise_augmentation,
+                                 seed=seed, output="tensor", callback=callback)
 
 
 def is_cascade(path: str | Path) -> bool:

@@ -45,7 +45,7 @@ from .lora import AppliedLora, LoraStack, warn_on_stderr
 from .precision import VAEDtype, resolve_vae_dtype, use_device_layout
 from .vae_file import fit_vae, read_vae
 from .sdxl import vector_conditions
-from .super_resolution import AUGMENTATION_DIM, augment, augmentation_level, degrade
+from .super_resolution import augmentation_level, check_super_resolution_unet, condition
 from .windows import sigma_window
 
 Output = Literal["pil", "tensor", "latent"]
@@ -95,7 +95,8 @@ class StableDiffusion:
         latent = vae.config.latent_channels
         self.low_res = low_res
         if low_res is not None:
-            self._check_super_resolution()
+            requires_unet(unet, "A super-resolution model")
+            check_super_resolution_unet(unet.config, latent)
         elif unet.config.in_channels not in (latent, 2 * latent + 1):
             raise ValueError(f"the U-Net takes {unet.config.in_channels} input channels; need {latent} "
                              f"(latents) or {2 * latent + 1} (inpainting: latents, mask, masked image)")
@@ -470,19 +471,10 @@ class StableDiffusion:
             return x
         images = self.decode(x)
         if self.super_resolution is not None:
-            images = self._second_stage(prompts, negative_prompt, images, batch_size, seed, callback)
-        return images if output == "tensor" else inputs.to_pil(images)
+            from .cascade import second_stage
 
-    def _second_stage(self, prompts: list[str], negative_prompt, images: Tensor, batch_size: int, seed: int,
-                      callback) -> Tensor:
-        """A cascade's second stage: the same prompts and seed, its own settings, each image of the
-        first stage upsampled by the super-resolution model."""
-        s = self.super_resolution_settings
-        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        expand = lambda texts: [t for t in texts for _ in range(batch_size)]  # noqa: E731  prompt-major, as images
-        return self.super_resolution(expand(prompts), expand(negative), low_res_image=images, steps=s.steps,
-                                     sampler=s.sampler, cfg_scale=s.cfg_scale, noise_augmentation=s.noise_augmentation,
-                                     seed=seed, output="tensor", callback=callback)
+            images = second_stage(self, prompts, negative_prompt, images, batch_size, seed, callback)
+        return images if output == "tensor" else inputs.to_pil(images)
 
     def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
                 callback, sampler_options: dict) -> Tensor:
@@ -578,15 +570,6 @@ class StableDiffusion:
         expand = lambda d: {k: v.repeat_interleave(per_prompt, 0).to(device) for k, v in d.items()}  # noqa: E731
         return expand(cond), expand(uncond)
 
-    def _check_super_resolution(self) -> None:
-        latent, cfg = self.vae.config.latent_channels, self.unet.config
-        if (cfg.in_channels != 2 * latent or cfg.num_classes != "sequential"
-                or cfg.adm_in_channels != AUGMENTATION_DIM):
-            raise ValueError(f"a super-resolution model needs a U-Net of {2 * latent} input channels (the image and the "
-                             f"low-resolution one) with y of {AUGMENTATION_DIM} (the noise level), got "
-                             f"{cfg.in_channels} channels, num_classes={cfg.num_classes!r}, "
-                             f"adm_in_channels={cfg.adm_in_channels}")
-
     def _super_resolution(self, cond: dict, uncond: dict, image, level: float, n: int, size: tuple[int, int],
                           g: torch.Generator) -> None:
         """Add a super-resolution model's inputs to both passes of guidance (the low-resolution
@@ -596,10 +579,8 @@ class StableDiffusion:
         if image is None:
             raise ValueError(f"this is a super-resolution model: give low_res_image, the {self.low_res} px image "
                              "it upsamples")
-        s = augmentation_level(level, self.schedule)
         low = inputs.batch_of(inputs.image_tensor(image), n, "low_res_image")
-        low = degrade(low, self.low_res, size)  # to its trained side, then up to the output size
-        z, y = augment(low, torch.full((n,), s), torch.randn(low.shape, generator=g), self.schedule)
+        z, y = condition(low, self.low_res, size, augmentation_level(level, self.schedule), self.schedule, g)
         for d in (cond, uncond):
             d["concat"], d["y"] = z.to(self.device), y.to(self.device)
 

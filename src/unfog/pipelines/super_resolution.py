@@ -54,3 +54,22 @@ def augmentation_level(level: float, schedule: DiscreteSchedule) -> int:
 def augment(low: Tensor, s: Tensor, noise: Tensor, schedule: DiscreteSchedule) -> tuple[Tensor, Tensor]:
     """(z_s, y): the low-resolution input noised to integer levels s (B,), and the embedding of s."""
     return q_sample(low, s, noise, schedule), timestep_embedding(s.float(), AUGMENTATION_DIM).to(low.dtype)
+
+
+def condition(image: Tensor, low_res: int, size: tuple[int, int], s: int, schedule: DiscreteSchedule,
+              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """At sampling: (z_s, y) for images (B, C, h, w) to be upsampled to ``size`` at level s, the
+    augmentation noise drawn on the CPU from ``generator``."""
+    low = degrade(image, low_res, size)  # to the model's low_res side, then up to the output size
+    n = low.shape[0]
+    return augment(low, torch.full((n,), s), torch.randn(low.shape, generator=generator), schedule)
+
+
+def check_super_resolution_unet(cfg, latent: int) -> None:
+    """A super-resolution model's U-Net: 2C input channels (the image and the low-resolution one)
+    and the noise level as its vector y."""
+    if cfg.in_channels != 2 * latent or cfg.num_classes != "sequential" or cfg.adm_in_channels != AUGMENTATION_DIM:
+        raise ValueError(f"a super-resolution model needs a U-Net of {2 * latent} input channels (the image and the "
+                         f"low-resolution one) with y of {AUGMENTATION_DIM} (the noise level), got "
+                         f"{cfg.in_channels} channels, num_classes={cfg.num_classes!r}, "
+                         f"adm_in_channels={cfg.adm_in_channels}")
