@@ -128,3 +128,17 @@ def test_kinds():
     assert kind_of(SHAPES) == "unet" and kind_of(DIT_TINY) == "dit"
     with pytest.raises(TypeError, match="not a backbone"):
         kind_of(torch.nn.Linear(1, 1))
+
+
+def test_unfog_generate_draws_a_dit_model_and_refuses_other_sizes(dit_model, tmp_path, monkeypatch, capsys):
+    from unfog.cli import main
+    from unfog.pipelines.images import read_parameters
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", "--model", str(dit_model), "--steps", "2", "--output", "a.png"]) == 0
+    assert "Steps: 2" in read_parameters("a.png")
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--model", str(dit_model), "--steps", "2", "--width", "64",
+                 "--output", "b.png"]) == 2
+    err = capsys.readouterr().err
+    assert "this model's DiT draws 32x32 only" in err and err.count("\n") == 1

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..conditioning import READOUTS, used_embeddings
 from ..diffusion.repaint import repaint_calls
+from ..models.backbone import kind_of
 from ..models.tokenizer import SubVocabTokenizer
 from ..prompt_parser import BREAK, parse_prompt_attention
 from . import hypernetwork
@@ -67,6 +68,9 @@ def check_size(pipe: StableDiffusion, width: int, height: int, warn: Callable[[s
     check_image_size(width, height, pipe.size_multiple)  # a size that cannot be drawn is an error, not a warning
     side = pipe.default_size
     trained = f"{side}x{side}"
+    if kind_of(pipe.unet) == "dit" and (width, height) != (side, side):
+        raise ValueError(f"this model's DiT draws {trained} only (its position table is fixed to that size), "
+                         f"not {width}x{height}")
     if min(width, height) < side / 2:
         warn(f"this model was trained at {trained}; {width}x{height} is under half of that, so expect a poor image")
     ratio = width * height / side**2

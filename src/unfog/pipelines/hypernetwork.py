@@ -73,7 +73,8 @@ class HypernetworkStack:
             hn.to(device)
 
     def clear(self) -> None:
-        self.unet.set_context_transform(None)
+        if self._hypernetworks:  # none applied: nothing to take off (a DiT has no hook for them)
+            self.unet.set_context_transform(None)
         self._hypernetworks.clear()
         self.applied.clear()
 
