@@ -13,9 +13,6 @@ from unfog.checkpoint.io import read_metadata
 from unfog.cli import main
 from unfog.pipelines.cascade import StageSettings, save_cascade
 from unfog.pipelines.images import read_parameters
-from unfog.training import load_config, train
-
-from test_pixel_space import SR, T2I
 
 
 def cli(*args) -> int:
@@ -26,11 +23,8 @@ def cli(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cascade")
-    base = train(load_config(None, T2I + ["steps=2", f"out_dir={d / 'base'}"]), progress=False)
-    sr = train(load_config(None, SR + ["steps=2", "sample_every=1000", f"out_dir={d / 'sr'}"]), progress=False)
-    return d, base, sr
+def stages(pixel_base, pixel_sr, tmp_path_factory):
+    return tmp_path_factory.mktemp("cascade"), pixel_base, pixel_sr
 
 
 @torch.no_grad()

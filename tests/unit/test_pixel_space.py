@@ -9,11 +9,7 @@ import unfog
 from unfog.models.vae import PIXEL_SPACE, AutoencoderKL, VAEConfig
 from unfog.training import load_config, train
 
-T2I = ["task=text2image", "data=shapes", "image_size=16", "data_size=64", "batch_size=4", "precision=fp32",
-       "model=TINY", 'text_encoder={"width": 32, "layers": 2, "heads": 2}', "prediction=v",
-       "schedule=scaled_linear", "warmup_steps=1", "log_every=1", "sample_steps=2", "sample_every=1000",
-       "lr=0.001", "vae_model=pixel"]
-
+from pixel_models import SR
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_latents_are_the_images(dtype):
@@ -31,9 +27,8 @@ def test_identity_needs_matching_channels():
         VAEConfig(latent_channels=4, channel_mult=(1,), identity=True)
 
 
-def test_a_pixel_space_text2image_model(tmp_path):
-    path = train(load_config(None, T2I + ["steps=2", f"out_dir={tmp_path}"]), progress=False)
-    pipe = unfog.load(path)
+def test_a_pixel_space_text2image_model(pixel_base):
+    pipe = unfog.load(pixel_base)
     assert pipe.vae.config.identity and pipe.unet.config.in_channels == 3 and pipe.default_size == 16
     latents = pipe("a red circle", steps=2, seed=3, output="latent")
     images = pipe("a red circle", steps=2, seed=3, output="tensor")
@@ -42,9 +37,6 @@ def test_a_pixel_space_text2image_model(tmp_path):
 
 
 # ---- super-resolution (the cascade's second stage) ----------------------------------------------------
-
-SR = [a.replace("image_size=16", "image_size=32") for a in T2I] + ["low_res=16", "sample_every=2"]
-
 
 def test_degrade_and_augment():
     from unfog.diffusion.schedules import DiscreteSchedule
@@ -69,10 +61,9 @@ def test_degrade_and_augment():
         augmentation_level(1.0, schedule)
 
 
-def test_a_super_resolution_model_trains_draws_and_sees_its_input(tmp_path):
-    path = train(load_config(None, SR + ["steps=2", f"out_dir={tmp_path}"]), progress=False)
-    assert (tmp_path / "samples" / "step_00000002.png").is_file()  # rows: image, bicubic, the model's
-    pipe = unfog.load(path)
+def test_a_super_resolution_model_trains_draws_and_sees_its_input(pixel_sr):
+    assert (pixel_sr.parent / "samples" / "step_00000002.png").is_file()  # rows: image, bicubic, the model's
+    pipe = unfog.load(pixel_sr)
     assert pipe.low_res == 16 and pipe.unet.config.in_channels == 6 and pipe.default_size == 32
     low = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -84,13 +75,12 @@ def test_a_super_resolution_model_trains_draws_and_sees_its_input(tmp_path):
         pipe("a red circle", steps=1)
 
 
-def test_super_resolution_errors(tmp_path):
+def test_super_resolution_errors(tmp_path, pixel_base):
     with pytest.raises(ValueError, match="works in pixel space"):
         load_config(None, [a for a in SR if a != "vae_model=pixel"] + ["vae_model=x.safetensors"])
     with pytest.raises(ValueError, match="low_res 32 must be below image_size 32"):
         train(load_config(None, SR + ["low_res=32", f"out_dir={tmp_path}", "steps=1"]), progress=False)
     with pytest.raises(ValueError, match="A super-resolution model .* works on U-Net models"):
         train(load_config(None, SR + ["model=DIT_TINY", f"out_dir={tmp_path}", "steps=1"]), progress=False)
-    base = train(load_config(None, T2I + ["steps=1", f"out_dir={tmp_path / 'base'}"]), progress=False)
     with pytest.raises(ValueError, match="low_res_image is for super-resolution models"):
-        unfog.load(base)("a red circle", steps=1, low_res_image=torch.zeros(1, 3, 8, 8))
+        unfog.load(pixel_base)("a red circle", steps=1, low_res_image=torch.zeros(1, 3, 8, 8))
