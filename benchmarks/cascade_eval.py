@@ -1,0 +1,125 @@
+"""A pixel-space cascade against the shipped latent model, and its upsampler alone.
+
+Two parts, each printed as a markdown table:
+
+- ``upsampler``: ``--fid-images`` held-out 64 px `shapes` images are brought down to the
+  cascade's base size (area averaging) and back up, by bicubic interpolation and by the cascade's
+  super-resolution stage (with each scene's caption and the file's second-stage settings); FID of
+  each against other held-out 64 px images. The images are the same for both, so the difference
+  is the upsampler's alone.
+- ``whole``: ``--per-category`` prompts of each analyzer category drawn by the cascade and by the
+  latent model (``--latent``, default the embedded one) at their recommended settings, the same
+  seeds: adherence per category and FID.
+
+Every FID is in one feature space: the pooled posterior means of the shipped model's autoencoder
+(``metrics.shapes_eval.vae_features``), whatever model drew the images, so the two models'
+figures compare (the pixel models' own "autoencoder" is the identity and would give another).
+
+    python benchmarks/cascade_eval.py --cascade cascade.safetensors
+    python benchmarks/cascade_eval.py --cascade cascade.safetensors --parts upsampler --fid-images 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import unfog
+from unfog.checkpoint.io import read_metadata
+from unfog.datasets.shapes import ShapesDataset
+from unfog.datasets.shapes_text import CATEGORIES
+from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
+from unfog.metrics.fid import fid_from_features
+from unfog.metrics.shapes_analyzer import score_batch
+from unfog.metrics.shapes_eval import HELD_OUT_SEED, generate, prompt_set, vae_features
+from unfog.pipelines.latent_model import load_autoencoder, recommended_settings
+from unfog.pipelines.super_resolution import degrade
+from machine import cpu_flags
+
+
+def held_out(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    data = ShapesDataset(n, size=size, seed=seed)
+    items = [data[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+@torch.no_grad()
+def upsampler(cascade, features, reference: torch.Tensor, n: int, batch: int) -> list[tuple[str, float, float]]:
+    """(method, FID, seconds) for bicubic and the super-resolution stage on the same low images."""
+    images, captions = held_out(n, cascade.super_resolution.default_size, HELD_OUT_SEED + 2)
+    low = F.interpolate(images, size=(cascade.default_size,) * 2, mode="area")
+    size = tuple(images.shape[-2:])
+    rows = []
+    start = time.perf_counter()
+    bicubic = degrade(low, cascade.default_size, size)
+    rows.append(("bicubic", fid_from_features(features(bicubic), reference), time.perf_counter() - start))
+    s = cascade.super_resolution_settings
+    start = time.perf_counter()
+    drawn = torch.cat([cascade.super_resolution(captions[i:i + batch], low_res_image=low[i:i + batch], steps=s.steps,
+                                                sampler=s.sampler, cfg_scale=s.cfg_scale,
+                                                noise_augmentation=s.noise_augmentation, seed=i, output="tensor")
+                       for i in range(0, n, batch)])
+    rows.append(("diffusion upsampler", fid_from_features(features(drawn), reference), time.perf_counter() - start))
+    return rows
+
+
+@torch.no_grad()
+def whole(pipes: dict, features, reference: torch.Tensor, per_category: int) -> list[tuple[str, dict, float, float]]:
+    specs = prompt_set(per_category)
+    rows = []
+    for name, (pipe, settings) in pipes.items():
+        start = time.perf_counter()
+        images = generate(pipe, specs, **settings, progress=False)
+        rows.append((name, score_batch(images, specs), fid_from_features(features(images), reference),
+                     time.perf_counter() - start))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cascade", required=True, help="a cascade file (`unfog cascade`)")
+    p.add_argument("--latent", default=None, help="the latent model to compare with (default: the embedded one)")
+    p.add_argument("--parts", nargs="+", default=["upsampler", "whole"], choices=["upsampler", "whole"])
+    p.add_argument("--fid-images", type=int, default=500)
+    p.add_argument("--per-category", type=int, default=50)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    latent_path = args.latent or default_model_path(DEFAULT_TEXT_MODEL)
+    vae = load_autoencoder(default_model_path(DEFAULT_TEXT_MODEL))  # the one feature space of every FID
+    def features(images: torch.Tensor) -> torch.Tensor:  # at 64 px, the latent model's size
+        if images.shape[-1] != 64:
+            images = F.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False).clamp(-1, 1)
+        return vae_features(vae, images)
+
+    reference = features(held_out(args.fid_images, 64, HELD_OUT_SEED)[0])
+    floor = fid_from_features(features(held_out(args.fid_images, 64, HELD_OUT_SEED + 1)[0]), reference)
+    cascade = unfog.load(args.cascade, dtype="fp32")
+    if cascade.super_resolution is None:
+        raise SystemExit(f"{args.cascade} is not a cascade file (write one with `unfog cascade BASE SR -o FILE`)")
+    print(f"CPU: {cpu_flags()}; torch threads {torch.get_num_threads()}; FID over {args.fid_images} images, "
+          f"real-vs-real floor {floor:.2f}")
+    if "upsampler" in args.parts:
+        print(f"\n| {cascade.default_size} -> {cascade.super_resolution.default_size} px | FID | seconds |")
+        print("|---|---|---|")
+        for name, fid, seconds in upsampler(cascade, features, reference, args.fid_images, args.batch):
+            print(f"| {name} | {fid:.2f} | {seconds:.1f} |", flush=True)
+    if "whole" in args.parts:
+        latent = unfog.load(latent_path, dtype="fp32")
+        base_defaults = (read_metadata(args.cascade) or {})["base"].get("defaults")  # the first stage's own
+        pipes = {"cascade": (cascade, base_defaults or {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}),
+                 "latent model": (latent, recommended_settings(latent_path))}
+        print("\n| model | " + " | ".join(CATEGORIES) + " | overall | FID | seconds |")
+        print("|---" * (len(CATEGORIES) + 4) + "|")
+        for name, adherence, fid, seconds in whole(pipes, features, reference, args.per_category):
+            cells = " | ".join(f"{100 * adherence.get(c, float('nan')):.1f}" for c in (*CATEGORIES, "overall"))
+            print(f"| {name} | {cells} | {fid:.2f} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
