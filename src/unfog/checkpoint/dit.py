@@ -169,6 +169,5 @@ def load_dit(path: str | Path, *, num_heads: int | None = None, input_size: int 
 
 def save_dit(model: DiT, path: str | Path, extra: Mapping[str, Any] = ()) -> None:
     """The official names as safetensors, with the config as metadata (so any size reloads)."""
-    save_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                     {"format": FORMAT, "dit": asdict(replace(model.config, gradient_checkpointing=False)),
-                      **dict(extra)})
+    save_safetensors(path, model.state_dict(),
+                     {"format": FORMAT, "dit": asdict(replace(model.config, gradient_checkpointing=False)), **dict(extra)})

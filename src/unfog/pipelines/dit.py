@@ -65,10 +65,6 @@ class ClassConditionalDiT:
         """A DiT file (``checkpoint.dit.load_dit``) and a VAE file (any ``--vae`` unfog reads)."""
         return cls(load_dit(path, num_heads=num_heads, dtype=dtype), read_vae(vae, dtype))
 
-    @property
-    def image_size(self) -> int:
-        return self.dit.config.input_size * self.vae.config.downsample_factor
-
     def eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """The network's eps: the first C channels (a learned-sigma model adds C more)."""
         return self.dit(x, t, y=y)[:, : self.dit.config.in_channels].float()
@@ -102,6 +98,5 @@ class ClassConditionalDiT:
         x = choice.fn(den, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
         if output == "latent":
             return x
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).clamp(-1, 1).float().cpu()
+        images = self.vae.decode(x / self.vae.config.scaling_factor).clamp(-1, 1).float().cpu()  # in the VAE's dtype
         return images if output == "tensor" else inputs.to_pil(images)
