@@ -78,6 +78,8 @@ def test_a_super_resolution_model_trains_draws_and_sees_its_input(pixel_sr):
 def test_super_resolution_errors(tmp_path, pixel_base):
     with pytest.raises(ValueError, match="works in pixel space"):
         load_config(None, [a for a in SR if a != "vae_model=pixel"] + ["vae_model=x.safetensors"])
+    with pytest.raises(ValueError, match="low_res and size_conditioning both use the U-Net's vector y"):
+        load_config(None, SR + ["size_conditioning=true"])
     with pytest.raises(ValueError, match="low_res 32 must be below image_size 32"):
         train(load_config(None, SR + ["low_res=32", f"out_dir={tmp_path}", "steps=1"]), progress=False)
     with pytest.raises(ValueError, match="A super-resolution model .* works on U-Net models"):

@@ -170,6 +170,9 @@ class Text2ImageOptions(TaskOptions):
         if self.low_res is not None and self.vae_model != "pixel":
             raise ValueError("text2image.low_res (a super-resolution model) works in pixel space: set "
                              "text2image.vae_model to \"pixel\"")
+        if self.low_res is not None and self.size_conditioning:
+            raise ValueError("text2image.low_res and size_conditioning both use the U-Net's vector y (the noise "
+                             "level / the sizes): choose one")
         if self.low_res is not None and self.low_res < 4:
             raise ValueError(f"text2image.low_res must be >= 4 pixels, got {self.low_res}")
         if not 0 < self.augmentation_max <= 1:
