@@ -7,9 +7,9 @@ Two parts, each printed as a markdown table:
   super-resolution stage (with each scene's caption and the file's second-stage settings); FID of
   each against other held-out 64 px images. The images are the same for both, so the difference
   is the upsampler's alone.
-- ``whole``: ``--per-category`` prompts of each analyzer category drawn by the cascade and by the
-  latent model (``--latent``, default the embedded one) at their recommended settings, the same
-  seeds: adherence per category and FID.
+- ``whole``: ``--per-category`` prompts of each analyzer category drawn by the cascade, by its
+  base alone with bicubic upsampling, and by the latent models (``--latent``, default the embedded
+  one) at their recommended settings, the same seeds: adherence per category and FID.
 
 Every FID is in one feature space: the pooled posterior means of the shipped model's autoencoder
 (``metrics.shapes_eval.vae_features``), whatever model drew the images, so the two models'
@@ -66,6 +66,25 @@ def upsampler(cascade, features, reference: torch.Tensor, n: int, batch: int) ->
     return rows
 
 
+class BaseThenBicubic:
+    """The cascade's first stage alone, brought to the second stage's size by bicubic interpolation:
+    the same seeds give the same 32 px images the cascade upsamples, so beside the cascade's row it
+    shows what the diffusion upsampler changes in adherence and FID."""
+
+    def __init__(self, cascade):
+        self.cascade = cascade
+
+    def __call__(self, prompts, **options) -> torch.Tensor:
+        stage, settings = self.cascade.super_resolution, self.cascade.super_resolution_settings
+        self.cascade.attach_super_resolution(None)
+        try:
+            low = self.cascade(prompts, **options)
+        finally:
+            self.cascade.attach_super_resolution(stage, settings)
+        size = (stage.default_size,) * 2
+        return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 @torch.no_grad()
 def whole(pipes: dict, features, reference: torch.Tensor, per_category: int) -> list[tuple[str, dict, float, float]]:
     specs = prompt_set(per_category)
@@ -81,7 +100,8 @@ def whole(pipes: dict, features, reference: torch.Tensor, per_category: int) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cascade", required=True, help="a cascade file (`unfog cascade`)")
-    p.add_argument("--latent", default=None, help="the latent model to compare with (default: the embedded one)")
+    p.add_argument("--latent", nargs="+", default=None,
+                   help="the latent models to compare with (default: the embedded one)")
     p.add_argument("--parts", nargs="+", default=["upsampler", "whole"], choices=["upsampler", "whole"])
     p.add_argument("--fid-images", type=int, default=500)
     p.add_argument("--per-category", type=int, default=50)
@@ -90,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    latent_path = args.latent or default_model_path(DEFAULT_TEXT_MODEL)
+    latent_paths = args.latent or [default_model_path(DEFAULT_TEXT_MODEL)]
     vae = load_autoencoder(default_model_path(DEFAULT_TEXT_MODEL))  # the one feature space of every FID
     def features(images: torch.Tensor) -> torch.Tensor:  # at 64 px, the latent model's size
         if images.shape[-1] != 64:
@@ -110,10 +130,12 @@ def main() -> None:
         for name, fid, seconds in upsampler(cascade, features, reference, args.fid_images, args.batch):
             print(f"| {name} | {fid:.2f} | {seconds:.1f} |", flush=True)
     if "whole" in args.parts:
-        latent = unfog.load(latent_path, dtype="fp32")
         base_defaults = (read_metadata(args.cascade) or {})["base"].get("defaults")  # the first stage's own
-        pipes = {"cascade": (cascade, base_defaults or {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}),
-                 "latent model": (latent, recommended_settings(latent_path))}
+        base_settings = base_defaults or {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}
+        pipes = {"cascade": (cascade, base_settings),
+                 "cascade's base, bicubic up": (BaseThenBicubic(cascade), base_settings)}
+        for path in latent_paths:
+            pipes[f"latent model {path}"] = (unfog.load(path, dtype="fp32"), recommended_settings(path))
         print("\n| model | " + " | ".join(CATEGORIES) + " | overall | FID | seconds |")
         print("|---" * (len(CATEGORIES) + 4) + "|")
         for name, adherence, fid, seconds in whole(pipes, features, reference, args.per_category):

@@ -1,0 +1,223 @@
+"""A whole SD 1.5 txt2img: unfog's ``StableDiffusion`` against diffusers' ``StableDiffusionPipeline``.
+
+One image at 512 x 512, 20 steps of DPM++ 2M with Karras sigmas, classifier-free guidance 7.5, a
+prompt and a negative prompt: text encoding, the 20 CFG steps and the VAE decode, as each
+pipeline runs them (unfog on the CPU lays its U-Net and VAE out channels-last; diffusers keeps
+the contiguous layout).
+
+The weights: random, in the official layout, the same on both sides. Every tensor of unfog's U-Net
+(SD 1.5), VAE and CLIP ViT-L/14 text encoder is drawn from its own seeded generator (matrices
+N(0, 1/fan_in), norm scales 1 + 0.1 N(0, 1), biases 0.1 N(0, 1)); diffusers' models are given the
+very same tensors through diffusers' own ``convert_ldm_unet_checkpoint`` and
+``convert_ldm_vae_checkpoint`` and, for transformers' ``CLIPTextModel``, by the names alone (the
+converters only rename, so both sides start from one copy of the weights; unfog's channels-last
+layout then gives its convolutions a copy of their own). The tokenizers: unfog's own and
+transformers' ``CLIPTokenizer`` on a vocabulary written from OpenAI's BPE file
+(``tests/model_checks.write_tokenizer_folder``). Nothing is downloaded.
+
+Both sides start from the same latents (``latents=``) and get the same prompts and the same
+scheduler (SD's scaled_linear betas, leading spacing, steps offset 1, Karras sigmas); the script
+prints the relative difference of the two images (max |a - b| / max |b|), which is the two
+implementations' agreement, not a tolerance: diffusers' DPM-Solver++ and unfog's differ in their
+last step (docs/samplers.md).
+
+Time: the two sides alternate in ONE process (unfog, diffusers, diffusers, unfog, ...) after one
+short warm-up call each (2 steps), so drift of the machine falls on both alike; the figure is the
+median of ``--runs`` images per side. Memory: before each timed image the process's peak resident
+set (VmHWM) is reset (``/proc/self/clear_refs``); "working MB" is the peak during the image less
+the resident set just before it: the activations, workspace and copies the image needs on top of
+the weights already in memory. "weights MB" is the three models' parameters in the dtype.
+
+    python benchmarks/txt2img.py                          # fp32 and bf16, 2 images per side each
+    python benchmarks/txt2img.py --dtypes bf16 --runs 3
+    python benchmarks/txt2img.py --quick                  # tiny models, seconds: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "parity"))  # oracles: the diffusers configs of our models
+sys.path.insert(0, str(ROOT / "tests"))  # model_checks: the tokenizer folder
+
+from machine import cpu_flags  # noqa: E402
+from unfog.models.clip_text import CLIP_L, TINY_CLIP, CLIPTextConfig, CLIPTextEncoder  # noqa: E402
+from unfog.models.presets import SD15, TINY  # noqa: E402
+from unfog.models.tokenizer import CLIPTokenizer  # noqa: E402
+from unfog.models.unet import UNet, UNetConfig  # noqa: E402
+from unfog.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig  # noqa: E402
+from unfog.pipelines import StableDiffusion  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+NEGATIVE = "blurry, low quality, watermark"
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    timestep_spacing="leading", steps_offset=1)
+SIDES = ("unfog", "diffusers")
+
+
+@dataclass(frozen=True)
+class Setup:
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    size: int
+    steps: int
+
+
+FULL = Setup(SD15, SD_VAE, CLIP_L, 512, 20)
+QUICK = Setup(replace(TINY, context_dim=TINY_CLIP.width), replace(TINY_VAE, scaling_factor=0.18215), TINY_CLIP, 64, 4)
+
+
+def random_weights(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """``module``'s state dict (built on the meta device) with seeded random values, one generator
+    per tensor, so that no float32 copy of a bf16 model is ever made."""
+    weights = {}
+    for i, (name, value) in enumerate(module.state_dict().items()):
+        noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed + i))
+        if value.dim() > 1:
+            noise = noise / math.sqrt(math.prod(value.shape[1:]))
+        elif not value.is_floating_point():
+            weights[name] = torch.arange(value.numel()).reshape(value.shape)  # position ids
+            continue
+        else:
+            noise = 0.1 * noise + (1.0 if name.endswith("weight") else 0.0)
+        weights[name] = noise.to(dtype)
+    return weights
+
+
+def build_unfog(setup: Setup, dtype: torch.dtype) -> tuple[StableDiffusion, dict[str, dict]]:
+    states = {}
+    with torch.device("meta"):
+        unet, vae, text = UNet(setup.unet), AutoencoderKL(setup.vae), CLIPTextEncoder(setup.text)
+    for seed, (name, module) in enumerate((("unet", unet), ("vae", vae), ("text", text))):
+        states[name] = random_weights(module, dtype, seed * 100_000)
+        module.load_state_dict(states[name], strict=True, assign=True)
+    pipe = StableDiffusion(unet.eval(), vae.eval(), CLIPTokenizer.from_bpe_file(), "sd1", text_encoder=text.eval())
+    return pipe.to("cpu"), states  # .to: the CPU's memory layout, as unfog.load gives it
+
+
+def build_diffusers(setup: Setup, states: dict[str, dict], tmp: Path):
+    import transformers
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from model_checks import write_tokenizer_folder
+    from oracles import diffusers_twin, vae_diffusers_config
+
+    with torch.device("meta"):
+        unet = diffusers_twin(setup.unet, sample_size=setup.size // 8)
+        vae = DiffusersVAE(**vae_diffusers_config(setup.vae))
+        t = setup.text
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.width * 4, num_hidden_layers=t.layers,
+            num_attention_heads=t.heads, max_position_embeddings=t.max_positions, hidden_act=t.activation,
+            bos_token_id=49406, eos_token_id=2))  # eos 2: the argmax pooling of the official configs
+    ldm_unet = {f"model.diffusion_model.{k}": v for k, v in states["unet"].items()}
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ldm_unet, dict(unet.config)), strict=True, assign=True)
+    ldm_vae = {f"first_stage_model.{k}": v for k, v in states["vae"].items()}
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)), strict=True, assign=True)
+    prefix = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""  # transformers < 5.6
+    missing, unexpected = text.load_state_dict({prefix + k: v for k, v in states["text"].items()}, strict=False,
+                                               assign=True)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise SystemExit(f"transformers' CLIPTextModel does not take unfog's names: {missing=} {unexpected=}")
+    for name, buffer in list(text.named_buffers()):  # position ids: a buffer, still on the meta device
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            text.get_submodule(owner).register_buffer(leaf, torch.arange(t.max_positions)[None], persistent=False)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(tmp / "tokenizer"),
+                                                           model_max_length=77)
+    scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
+                                            **SD_SCHEDULER)
+    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def status_mb(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def draw(side: str, pipe, setup: Setup, steps: int, latents: torch.Tensor) -> torch.Tensor:
+    """One image in [-1, 1], (1, 3, size, size) float32."""
+    if side == "unfog":
+        return pipe(PROMPT, NEGATIVE, steps=steps, sampler="dpmpp_2m", spacing="karras", cfg_scale=7.5,
+                    latents=latents, output="tensor").float()
+    images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
+                  latents=latents, height=setup.size, width=setup.size, output_type="pt").images
+    return images.float() * 2 - 1
+
+
+def run(dtype_name: str, setup: Setup, runs: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    ours, states = build_unfog(setup, dtype)
+    weights_mb = sum(v.numel() * v.element_size() for s in states.values() for v in s.values()) / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = build_diffusers(setup, states, Path(tmp))
+    del states
+    pipes = {"unfog": ours, "diffusers": theirs}
+    latents = torch.randn(1, 4, setup.size // 8, setup.size // 8, generator=torch.Generator().manual_seed(0))
+    times = {s: [] for s in SIDES}
+    working = {s: [] for s in SIDES}
+    images = {}
+    with torch.inference_mode():
+        for side in SIDES:
+            draw(side, pipes[side], setup, 2, latents.to(dtype))  # warm-up: first-call allocations, kernels
+        order = [SIDES[(k + (k // 2)) % 2] for k in range(2 * runs)]  # u, d, d, u, u, d, ...
+        for side in order:
+            before = status_mb("VmRSS")
+            reset_peak()
+            start = time.perf_counter()
+            images[side] = draw(side, pipes[side], setup, setup.steps, latents.to(dtype))
+            times[side].append(time.perf_counter() - start)
+            working[side].append(status_mb("VmHWM") - before)
+            print(f"  {dtype_name} {side}: {times[side][-1]:.1f} s, working {working[side][-1]:.0f} MB", flush=True)
+    difference = ((images["unfog"] - images["diffusers"]).abs().max() / images["diffusers"].abs().max()).item()
+    return dict(times={s: statistics.median(v) for s, v in times.items()},
+                working={s: max(v) for s, v in working.items()}, weights_mb=weights_mb, difference=difference)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--runs", type=int, default=2, help="timed images per side and dtype (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
+    p.add_argument("--quick", action="store_true", help="tiny models at 64 px, 4 steps: checks the script")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error(f"--runs must be at least 1, got {args.runs}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = QUICK if args.quick else FULL
+    import diffusers
+    print(f"CPU: {cpu_flags()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"{torch.get_num_threads()} threads; {'tiny models' if args.quick else 'SD 1.5'} at {setup.size} px, "
+          f"{setup.steps} steps DPM++ 2M Karras, CFG 7.5, median of {args.runs} images per side", flush=True)
+    rows = {name: run(name, setup, args.runs) for name in args.dtypes}
+    print("\n| dtype | unfog s / image | diffusers s / image | time ratio | unfog working MB | "
+          "diffusers working MB | weights MB | image difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        t, w = r["times"], r["working"]
+        print(f"| {name} | {t['unfog']:.1f} | {t['diffusers']:.1f} | {t['unfog'] / t['diffusers']:.2f} | "
+              f"{w['unfog']:.0f} | {w['diffusers']:.0f} | {r['weights_mb']:.0f} | {r['difference']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
