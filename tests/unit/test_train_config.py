@@ -9,8 +9,8 @@ import torch
 
 from unfog.training import PixelTrainer, load_config, make_trainer, train
 from unfog.training.base import BaseTrainer
-from unfog.training.config import (SHARED_KEYS, TASKS, AutoencoderOptions, TaskOptions, Text2ImageOptions,
-                                   TrainConfig, config_differences, config_from_dict, get_task)
+from unfog.training.config import SHARED_KEYS, TASKS, TrainConfig, config_differences, config_from_dict, get_task
+from unfog.training.sections import AutoencoderOptions, TaskOptions, Text2ImageOptions
 from unfog.training.state import list_states, load_state, save_state
 
 # What the code before the sections wrote as "config" in states and "train_config" in model files

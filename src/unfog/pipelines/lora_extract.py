@@ -135,7 +135,7 @@ def extract_lora(base: Mapping[str, nn.Module | None], tuned: Mapping[str, nn.Mo
 
 def _architecture_differences(a, b) -> list[str]:
     """What differs between two pipelines' architectures ("family: sd1 -> sdxl", "unet.context_dim: …")."""
-    from ..training.config import field_differences
+    from ..training.typed import field_differences
 
     diffs = [] if a.family == b.family else [f"family: {a.family} -> {b.family}"]
     ignore = ("gradient_checkpointing", "dropout")

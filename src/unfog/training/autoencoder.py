@@ -30,7 +30,8 @@ from ..models.vae import AutoencoderKL, DiagonalGaussian
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.latent_model import load_autoencoder, save_autoencoder
 from .base import BaseTrainer
-from .config import AutoencoderOptions, field_differences
+from .sections import AutoencoderOptions
+from .typed import field_differences
 from .data import make_captioned_data
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]

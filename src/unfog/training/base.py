@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..diffusion import DiscreteSchedule
 from ..pipelines.precision import training_autocast
-from .config import TaskOptions, TrainConfig, get_task
+from .config import TrainConfig, get_task
+from .sections import TaskOptions
 from .data import BucketBatches, EpochBatches
 from .distributed import World, init_world, training_device
 from .ema import EMA

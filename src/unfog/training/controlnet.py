@@ -35,7 +35,7 @@ from ..models.controlnet import HINT_DOWNSCALE, ControlNet, ControlNetConfig
 from ..pipelines.controlnet import Control, prepare_hint
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.stable_diffusion import StableDiffusion
-from .config import ControlNetTrainingOptions
+from .sections import ControlNetTrainingOptions
 from .controlnet_data import make_controlnet_data
 from .data import CaptionedBatch, CaptionedImages
 from .finetune import FineTuneTrainer, frozen_forward

@@ -35,7 +35,7 @@ from ..checkpoint.hypernetwork import read_hypernetwork, save_hypernetwork
 from ..nn.attention import CrossAttention
 from ..nn.hypernetwork import Hypernetwork, HypernetworkTransform, initialize_
 from ..pipelines.stable_diffusion import StableDiffusion
-from .config import HypernetworkTrainingOptions
+from .sections import HypernetworkTrainingOptions
 from .finetune import FineTuneTrainer, frozen_forward
 from .state import is_state_file
 

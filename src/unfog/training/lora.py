@@ -44,7 +44,8 @@ from ..models.clip_text import CLIPAttention, CLIPMLP
 from ..nn.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from ..nn.lora import AdapterWeights, TrainableLayer, add_lora
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
-from .config import LoraOptions, field_differences
+from .sections import LoraOptions
+from .typed import field_differences
 from .data import CaptionedImages
 from .finetune import FineTuneTrainer, frozen_forward
 from .lora_data import cache_latents, make_lora_data, transform_captions

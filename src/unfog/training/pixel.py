@@ -15,7 +15,8 @@ from ..models.unet import UNet, UNetConfig
 from ..pipelines.images import make_grid, save_png
 from ..pipelines.pixel import PixelDiffusion, PixelModelInfo
 from .base import BaseTrainer
-from .config import TrainConfig, with_overrides
+from .config import TrainConfig
+from .typed import with_overrides
 from .data import LabelledImages, make_data
 
 

@@ -44,7 +44,8 @@ from ..pipelines.precision import DTYPES
 from ..pipelines.stable_diffusion import StableDiffusion
 from ..pipelines.super_resolution import AUGMENTATION_DIM, augment, degrade
 from .base import BaseTrainer
-from .config import SMALL_TEXT_ENCODER, Text2ImageOptions, field_differences, with_overrides
+from .sections import SMALL_TEXT_ENCODER, Text2ImageOptions
+from .typed import field_differences, with_overrides
 from .data import BucketBatches, EpochBatches, make_captioned_data
 
 GRID_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle and a purple square",

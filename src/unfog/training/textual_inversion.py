@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..checkpoint.embeddings import Embedding, read_embedding
 from ..checkpoint.io import atomic_write, save_safetensors
 from ..pipelines.stable_diffusion import ENCODERS, StableDiffusion
-from .config import TextualInversionOptions
+from .sections import TextualInversionOptions
 from .finetune import FineTuneTrainer, frozen_forward
 from .new_words import WordVectors, check_new_words, initial_vectors
 
