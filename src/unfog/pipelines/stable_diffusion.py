@@ -412,32 +412,13 @@ class StableDiffusion:
             the sampler (e.g. ``eta``).
         """
         choice = resolve_sampler(sampler)
-        check_choice("output", output, get_args(Output))
-        check_choice("encode mode", encode, get_args(EncodeMode))
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if repaint is not None:
-            self._check_repaint(repaint, choice.name, steps, init_image is not None and mask is not None, strength)
-        if not 0 <= cfg_truncation <= 1:
-            raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for used, what in ((controls, "ControlNet"), (deep_cache != 1, "DeepCache"), (token_merging, "Token merging")):
-            if used:
-                requires_unet(self.unet, what)
+        self._check_options(choice.name, steps=steps, output=output, encode=encode, strength=strength, repaint=repaint,
+                            inpainting=init_image is not None and mask is not None, cfg_truncation=cfg_truncation,
+                            batch_size=batch_size, savings=((controls, "ControlNet"), (deep_cache != 1, "DeepCache"),
+                                                            (token_merging, "Token merging")))
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts) * batch_size
-        check_choice("masked content", masked_content, inputs.MASKED_CONTENT)
-        image = None if init_image is None else inputs.image_tensor(init_image)
-        pixel_mask = None if mask is None else inputs.mask_tensor(mask)
-        self._check_mode(image, pixel_mask, latents, denoising_start)
-        if init_latents is not None and (image is not None or latents is not None):
-            raise ValueError("init_latents start img2img from latents: give them without init_image and latents")
-        if masked_content != "original" and pixel_mask is None:
-            raise ValueError(f"masked content {masked_content!r} needs a mask (inpainting)")
-        if masked_content == "fill":
-            inputs.check_mask_fits(pixel_mask, image)
-            image = inputs.fill_masked(image, inputs.batch_of(pixel_mask, image.shape[0], "mask"))
+        image, pixel_mask = self._init_images(init_image, mask, latents, init_latents, denoising_start, masked_content)
         height, width = self._size(height, width, image, latents if init_latents is None else init_latents)
         f = self.vae.config.downsample_factor
         latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
@@ -475,6 +456,40 @@ class StableDiffusion:
 
             images = second_stage(self, prompts, negative_prompt, images, batch_size, seed, callback)
         return images if output == "tensor" else inputs.to_pil(images)
+
+    def _check_options(self, sampler: str, *, steps: int, output: str, encode: str, strength: float, repaint,
+                       inpainting: bool, cfg_truncation: float, batch_size: int, savings) -> None:
+        """The call's options that need no input to check, each a one-line ValueError; ``savings``:
+        (used, name) of the options that need a U-Net (not a DiT)."""
+        check_choice("output", output, get_args(Output))
+        check_choice("encode mode", encode, get_args(EncodeMode))
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if repaint is not None:
+            self._check_repaint(repaint, sampler, steps, inpainting, strength)
+        if not 0 <= cfg_truncation <= 1:
+            raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for used, what in savings:
+            if used:
+                requires_unet(self.unet, what)
+
+    def _init_images(self, init_image, mask, latents, init_latents, denoising_start, masked_content: str):
+        """(image (B, 3, H, W) in [-1, 1] or None, mask (B, 1, H, W) or None), checked against the
+        other starts; with masked content "fill" the masked area is filled from its surroundings."""
+        check_choice("masked content", masked_content, inputs.MASKED_CONTENT)
+        image = None if init_image is None else inputs.image_tensor(init_image)
+        pixel_mask = None if mask is None else inputs.mask_tensor(mask)
+        self._check_mode(image, pixel_mask, latents, denoising_start)
+        if init_latents is not None and (image is not None or latents is not None):
+            raise ValueError("init_latents start img2img from latents: give them without init_image and latents")
+        if masked_content != "original" and pixel_mask is None:
+            raise ValueError(f"masked content {masked_content!r} needs a mask (inpainting)")
+        if masked_content == "fill":
+            inputs.check_mask_fits(pixel_mask, image)
+            image = inputs.fill_masked(image, inputs.batch_of(pixel_mask, image.shape[0], "mask"))
+        return image, pixel_mask
 
     def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
                 callback, sampler_options: dict) -> Tensor:
