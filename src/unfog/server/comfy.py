@@ -193,117 +193,149 @@ class ComfyState:
         del self.events[:-1000]
 
 
-def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Worker, outdir: Path,
-                     loading: dict[str, Any]) -> None:
-    """ComfyUI's routes, each also under /api (as ComfyUI serves them)."""
-    state = ComfyState()
-    out_dir, input_dir = outdir / "comfy", outdir / "comfy-input"
+def error_response(status: int, err: GraphError) -> JSONResponse:
+    """ComfyUI's answer to a graph it cannot run: the error, and the node's own when one is named."""
+    node_errors = {} if err.node is None else {err.node: {"errors": [{"type": err.kind, "message": str(err),
+                                                                      "details": "", "extra_info": {}}],
+                                                          "dependent_outputs": [], "class_type": None}}
+    details = "" if err.node is None else f"Node ID '#{err.node}'"
+    return JSONResponse(status_code=status, content={"error": {"type": err.kind, "message": str(err),
+                                                                "details": details, "extra_info": {}},
+                                                      "node_errors": node_errors})
 
-    def error(status: int, err: GraphError) -> JSONResponse:
-        node_errors = {} if err.node is None else {err.node: {"errors": [{"type": err.kind, "message": str(err),
-                                                                          "details": "", "extra_info": {}}],
-                                                              "dependent_outputs": [], "class_type": None}}
-        details = "" if err.node is None else f"Node ID '#{err.node}'"
-        return JSONResponse(status_code=status, content={"error": {"type": err.kind, "message": str(err),
-                                                                    "details": details, "extra_info": {}},
-                                                          "node_errors": node_errors})
 
-    async def run(prompt_id: str, number: int, graph: dict, p: Plan) -> None:
+def system_stats() -> dict[str, Any]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    return {"system": {"os": os.name, "ram_total": page * os.sysconf("SC_PHYS_PAGES"),
+                       "ram_free": page * os.sysconf("SC_AVPHYS_PAGES"), "comfyui_version": "unfog",
+                       "python_version": sys.version, "pytorch_version": torch.__version__,
+                       "embedded_python": False, "argv": ["unfog", "serve"]},
+            "devices": [{"name": platform.processor() or "cpu", "type": "cpu", "index": None, "vram_total": 0,
+                         "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}]}
+
+
+class ComfyRoutes:
+    """ComfyUI's routes over the server's library, model cache and worker; each route is a method."""
+
+    def __init__(self, lib: Library, cache: ModelCache, worker: Worker, outdir: Path, loading: dict[str, Any]):
+        self.lib, self.cache, self.worker, self.loading = lib, cache, worker, loading
+        self.state = ComfyState()
+        self.out_dir, self.input_dir = outdir / "comfy", outdir / "comfy-input"
+
+    def register(self, app: FastAPI) -> None:
+        """Every route, also under /api (as ComfyUI serves them)."""
+        for prefix in ("", "/api"):
+            app.post(prefix + "/prompt")(self.post_prompt)
+            app.get(prefix + "/history")(self.get_history)
+            app.get(prefix + "/history/{prompt_id}")(self.get_history_of)
+            app.get(prefix + "/view")(self.view)
+            app.get(prefix + "/object_info")(self.get_object_info)
+            app.get(prefix + "/object_info/{node}")(self.get_object_info_of)
+            app.get(prefix + "/queue")(self.get_queue)
+            app.post(prefix + "/interrupt")(self.post_interrupt)
+            app.get(prefix + "/system_stats")(system_stats)
+            app.websocket(prefix + "/ws")(self.ws)
+
+    async def post_prompt(self, request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(400, GraphError("the body is not JSON"))
+        graph = body.get("prompt") if isinstance(body, dict) else None
+        try:
+            p = plan(graph, self.lib, self.cache, self.input_dir, self.loading)
+        except GraphError as err:
+            return error_response(400, err)
+        state = self.state
+        prompt_id = str(uuid.uuid4())
+        state.counter += 1
+        state.queue.append((state.counter, prompt_id, graph))
+        state.emit("status", {"status": {"exec_info": {"queue_remaining": len(state.queue)}}})
+        asyncio.get_running_loop().create_task(self.run(prompt_id, state.counter, graph, p))
+        return {"prompt_id": prompt_id, "number": state.counter, "node_errors": {}}
+
+    async def run(self, prompt_id: str, number: int, graph: dict, p: Plan) -> None:
+        """One prompt on the worker, with ComfyUI's messages: start, progress, then the saved images
+        (or the error) in the history."""
+        state = self.state
         state.emit("execution_start", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)})
-        task = worker.submit(p.job)
+        task = self.worker.submit(p.job)
         state.emit("executing", {"node": p.sampler_node, "display_node": p.sampler_node, "prompt_id": prompt_id})
-        last = None
-        while not task.future.done():
-            with worker.lock:
-                step, total, running = worker.state.sampling_step, worker.state.sampling_steps, worker.state.job_images
-            if running and (step, total) != last and total:
-                state.emit("progress", {"value": step, "max": total, "prompt_id": prompt_id, "node": p.sampler_node})
-                last = (step, total)
-            await asyncio.sleep(0.05)
+        await self._report_progress(task, prompt_id, p.sampler_node)
         state.queue = [q for q in state.queue if q[1] != prompt_id]
+        entry = [number, prompt_id, graph, {}, [p.save_node]]
         try:
             drawn = task.future.result()
         except Exception as err:  # noqa: BLE001 - reported as ComfyUI reports a failed node
             state.emit("execution_error", {"prompt_id": prompt_id, "node_id": p.sampler_node,
                                            "exception_message": str(err), "exception_type": type(err).__name__})
-            state.history[prompt_id] = {"prompt": [number, prompt_id, graph, {}, [p.save_node]], "outputs": {},
+            state.history[prompt_id] = {"prompt": entry, "outputs": {},
                                         "status": {"status_str": "error", "completed": False,
                                                    "messages": [["execution_error", {"exception_message": str(err)}]]}}
             return
-        images = []
-        for d in drawn:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            n = 1 + max([int(f.stem.rsplit("_", 2)[-2]) for f in out_dir.glob(f"{p.prefix}_*_.png")
-                         if f.stem.rsplit("_", 2)[-2].isdigit()] or [0])
-            name = f"{p.prefix}_{n:05}_.png"
-            save_png(d.image, out_dir / name, d.parameters)
-            images.append({"filename": name, "subfolder": "", "type": "output"})
+        images = [self._save(d, p.prefix) for d in drawn]
         state.emit("executed", {"node": p.save_node, "display_node": p.save_node, "output": {"images": images},
                                 "prompt_id": prompt_id})
         state.emit("execution_success", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)})
         state.emit("executing", {"node": None, "display_node": None, "prompt_id": prompt_id})
         state.emit("status", {"status": {"exec_info": {"queue_remaining": len(state.queue)}}})
-        state.history[prompt_id] = {"prompt": [number, prompt_id, graph, {}, [p.save_node]],
-                                    "outputs": {p.save_node: {"images": images}},
+        state.history[prompt_id] = {"prompt": entry, "outputs": {p.save_node: {"images": images}},
                                     "status": {"status_str": "success", "completed": True, "messages": []}}
 
-    async def post_prompt(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, GraphError("the body is not JSON"))
-        graph = body.get("prompt") if isinstance(body, dict) else None
-        try:
-            p = plan(graph, lib, cache, input_dir, loading)
-        except GraphError as err:
-            return error(400, err)
-        prompt_id = str(uuid.uuid4())
-        state.counter += 1
-        state.queue.append((state.counter, prompt_id, graph))
-        state.emit("status", {"status": {"exec_info": {"queue_remaining": len(state.queue)}}})
-        asyncio.get_running_loop().create_task(run(prompt_id, state.counter, graph, p))
-        return {"prompt_id": prompt_id, "number": state.counter, "node_errors": {}}
+    async def _report_progress(self, task, prompt_id: str, node: str) -> None:
+        """A "progress" message at each new sampling step, until the task is done."""
+        last = None
+        while not task.future.done():
+            with self.worker.lock:
+                progress = self.worker.state
+                step, total, running = progress.sampling_step, progress.sampling_steps, progress.job_images
+            if running and (step, total) != last and total:
+                self.state.emit("progress", {"value": step, "max": total, "prompt_id": prompt_id, "node": node})
+                last = (step, total)
+            await asyncio.sleep(0.05)
 
-    def get_history(max_items: int | None = None):
-        items = list(state.history.items())
+    def _save(self, drawn, prefix: str) -> dict[str, str]:
+        """One image saved as ComfyUI's SaveImage names it (PREFIX_00001_.png, numbered on)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        n = 1 + max([int(f.stem.rsplit("_", 2)[-2]) for f in self.out_dir.glob(f"{prefix}_*_.png")
+                     if f.stem.rsplit("_", 2)[-2].isdigit()] or [0])
+        name = f"{prefix}_{n:05}_.png"
+        save_png(drawn.image, self.out_dir / name, drawn.parameters)
+        return {"filename": name, "subfolder": "", "type": "output"}
+
+    def get_history(self, max_items: int | None = None):
+        items = list(self.state.history.items())
         return dict(items[-max_items:] if max_items else items)
 
-    def get_history_of(prompt_id: str):
-        return {prompt_id: state.history[prompt_id]} if prompt_id in state.history else {}
+    def get_history_of(self, prompt_id: str):
+        return {prompt_id: self.state.history[prompt_id]} if prompt_id in self.state.history else {}
 
-    def view(filename: str, subfolder: str = "", type: str = "output"):
+    def view(self, filename: str, subfolder: str = "", type: str = "output"):
         if type != "output" or subfolder or not filename or "/" in filename or "\\" in filename or ".." in filename:
             return JSONResponse(status_code=400, content={"error": "filename must be a plain name of an output image"})
-        path = out_dir / filename
+        path = self.out_dir / filename
         if not path.is_file():
             return JSONResponse(status_code=404, content={"error": f"no output image {filename!r}"})
         return FileResponse(path, media_type="image/png")
 
-    def get_object_info():
-        return object_info(lib, cache)
+    def get_object_info(self):
+        return object_info(self.lib, self.cache)
 
-    def get_object_info_of(node: str):
-        info = object_info(lib, cache)
+    def get_object_info_of(self, node: str):
+        info = object_info(self.lib, self.cache)
         return {node: info[node]} if node in info else {}
 
-    def get_queue():
-        running = [[n, pid, g, {}, []] for n, pid, g in state.queue[:1]]
-        return {"queue_running": running, "queue_pending": [[n, pid, g, {}, []] for n, pid, g in state.queue[1:]]}
+    def get_queue(self):
+        queue = [[n, pid, g, {}, []] for n, pid, g in self.state.queue]
+        return {"queue_running": queue[:1], "queue_pending": queue[1:]}
 
-    def post_interrupt():
-        worker.interrupt()
+    def post_interrupt(self):
+        self.worker.interrupt()
         return {}
 
-    def system_stats():
-        page = os.sysconf("SC_PAGE_SIZE")
-        return {"system": {"os": os.name, "ram_total": page * os.sysconf("SC_PHYS_PAGES"),
-                           "ram_free": page * os.sysconf("SC_AVPHYS_PAGES"), "comfyui_version": "unfog",
-                           "python_version": sys.version, "pytorch_version": torch.__version__,
-                           "embedded_python": False, "argv": ["unfog", "serve"]},
-                "devices": [{"name": platform.processor() or "cpu", "type": "cpu", "index": None, "vram_total": 0,
-                             "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}]}
-
-    async def ws(socket: WebSocket, clientId: str | None = None):  # noqa: N803 - ComfyUI's query name
+    async def ws(self, socket: WebSocket, clientId: str | None = None):  # noqa: N803 - ComfyUI's query name
+        """The status message, then every message emitted from now on."""
+        state = self.state
         await socket.accept()
         sid = clientId or uuid.uuid4().hex
         cursor = state.sequence
@@ -319,14 +351,8 @@ def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Work
         except (WebSocketDisconnect, RuntimeError):
             return
 
-    for prefix in ("", "/api"):
-        app.post(prefix + "/prompt")(post_prompt)
-        app.get(prefix + "/history")(get_history)
-        app.get(prefix + "/history/{prompt_id}")(get_history_of)
-        app.get(prefix + "/view")(view)
-        app.get(prefix + "/object_info")(get_object_info)
-        app.get(prefix + "/object_info/{node}")(get_object_info_of)
-        app.get(prefix + "/queue")(get_queue)
-        app.post(prefix + "/interrupt")(post_interrupt)
-        app.get(prefix + "/system_stats")(system_stats)
-        app.websocket(prefix + "/ws")(ws)
+
+def add_comfy_routes(app: FastAPI, lib: Library, cache: ModelCache, worker: Worker, outdir: Path,
+                     loading: dict[str, Any]) -> None:
+    """ComfyUI's routes, each also under /api (as ComfyUI serves them)."""
+    ComfyRoutes(lib, cache, worker, outdir, loading).register(app)
