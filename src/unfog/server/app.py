@@ -29,7 +29,7 @@ from ..checkpoint.io import read_metadata
 from ..diffusion.registry import resolve_sampler, valid_names
 from ..jobs import Job, ModelCache
 from ..pipelines.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS, target_size
-from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, parse_parameters
+from ..pipelines.outputs import A1111_SAMPLERS, SCHEDULE_TYPES, OutputTarget, Settings, parse_parameters
 from .a1111 import (BadRequest, Img2ImgRequest, Txt2ImgRequest, control_units, decode_image, encode_png, info_json,
                     init_and_mask, inpainting_settings, request_echo, resize_init, settings_of)
 from .library import Library, NotFound
@@ -106,7 +106,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     _add_error_handlers(app)
     _add_generation_routes(app, config, lib, cache, worker, options, current)
     _add_model_routes(app, config, lib, cache, worker, options, current)
-    _add_list_routes(app, config, lib, cache)
+    _add_list_routes(app, lib)
+    _add_network_routes(app, lib, cache)
+    _add_info_routes(app, config)
     from .comfy import add_comfy_routes
 
     add_comfy_routes(app, lib, cache, worker, config.outdir, config.loading)
@@ -144,6 +146,43 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, err)
 
 
+def check_limits(settings: Settings, count: int, limits: Limits) -> None:
+    """A request over the server's limits (images, steps, sizes, hires size) is a 400 naming the
+    limit and its flag; an unknown sampler a 422, before anything is queued."""
+    if count > limits.max_batch:
+        raise BadRequest(f"batch_size x n_iter = {count} images; this server takes at most {limits.max_batch} "
+                         "(--max-batch)")
+    if settings.steps > limits.max_steps or settings.steps < 1:
+        raise BadRequest(f"steps must be in 1..{limits.max_steps} (--max-steps), got {settings.steps}")
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if value is not None and not 8 <= value <= limits.max_size:
+            raise BadRequest(f"{name} must be in 8..{limits.max_size} (--max-size), got {value}")
+    resolve_sampler(settings.sampler)
+    hires = settings.hires_pass()
+    if hires is not None:
+        size = target_size(settings.width or 512, settings.height or 512, hires, 1)
+        if max(size) > limits.max_size:
+            raise BadRequest(f"the hires size {size[0]}x{size[1]} is over this server's {limits.max_size} "
+                             "(--max-size)")
+
+
+def img2img_inputs(req: Img2ImgRequest, settings: Settings):
+    """(settings, init image, mask or None) of an img2img request: the init image (and mask) at the
+    request's size as its resize mode fits them, or, inpainting only the masked area, the whole
+    image with the area's settings."""
+    init, mask = init_and_mask(req)
+    width, height = settings.width or init.width, settings.height or init.height
+    if mask is not None and req.inpaint_full_res:  # only masked: the whole image stays, a region is drawn
+        settings = replace(settings, **inpainting_settings(req))
+    else:
+        init = resize_init(init, req.resize_mode, width, height)
+        mask = None if mask is None else mask.resize((width, height), Image.LANCZOS)
+        if mask is not None:
+            settings = replace(settings, **inpainting_settings(req))
+    return replace(settings, width=width, height=height), init, mask
+
+
 def _add_generation_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: ModelCache, worker: Worker,
                            options: dict, current: dict) -> None:
     """txt2img, img2img, and the queue's progress, interrupt and skip."""
@@ -155,37 +194,12 @@ def _add_generation_routes(app: FastAPI, config: ServerConfig, lib: Library, cac
         vae = lib.find_vae(overrides.get("sd_vae", options["sd_vae"]))
         overrides.setdefault("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
         settings = settings_of(req, model.path, overrides, img2img)
-        limits = config.limits
         count = req.batch_size * req.n_iter
-        if count > limits.max_batch:
-            raise BadRequest(f"batch_size x n_iter = {count} images; this server takes at most {limits.max_batch} "
-                             "(--max-batch)")
-        if settings.steps > limits.max_steps or settings.steps < 1:
-            raise BadRequest(f"steps must be in 1..{limits.max_steps} (--max-steps), got {settings.steps}")
-        for name in ("width", "height"):
-            value = getattr(settings, name)
-            if value is not None and not 8 <= value <= limits.max_size:
-                raise BadRequest(f"{name} must be in 8..{limits.max_size} (--max-size), got {value}")
-        resolve_sampler(settings.sampler)  # an unknown sampler is a 422 before queueing
-        hires = settings.hires_pass()
-        if hires is not None:
-            size = target_size(settings.width or 512, settings.height or 512, hires, 1)
-            if max(size) > limits.max_size:
-                raise BadRequest(f"the hires size {size[0]}x{size[1]} is over this server's {limits.max_size} "
-                                 "(--max-size)")
+        check_limits(settings, count, config.limits)
         init = mask = None
         mode = "txt2img"
         if img2img:
-            init, mask = init_and_mask(req)
-            width, height = settings.width or init.width, settings.height or init.height
-            if mask is not None and req.inpaint_full_res:  # only masked: the whole image stays, a region is drawn
-                settings = replace(settings, **inpainting_settings(req))
-            else:
-                init = resize_init(init, req.resize_mode, width, height)
-                mask = None if mask is None else mask.resize((width, height), Image.LANCZOS)
-                if mask is not None:
-                    settings = replace(settings, **inpainting_settings(req))
-            settings = replace(settings, width=width, height=height)
+            settings, init, mask = img2img_inputs(req, settings)
             mode = "inpaint" if mask is not None else "img2img"
         controls = control_units(req)
         if controls and not lib.controlnet_dirs:
@@ -289,8 +303,8 @@ def _add_model_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: M
         return None
 
 
-def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: ModelCache) -> None:
-    """The lists clients read (samplers, LoRAs, ...; empty for what unfog lacks), memory, png-info."""
+def _add_list_routes(app: FastAPI, lib: Library) -> None:
+    """The lists clients read (VAEs, samplers, schedulers, upscalers; empty for what unfog lacks)."""
     @app.get("/sdapi/v1/sd-vae")
     def sd_vae():
         return [{"model_name": e.name, "filename": str(e.path)} for e in lib.vaes()]
@@ -317,6 +331,22 @@ def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: Mo
         return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for name, label in rows]
 
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                for name in IMAGE_UPSCALERS]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_UPSCALERS]
+
+    for path in ("prompt-styles", "face-restorers", "realesrgan-models"):
+        app.get(f"/sdapi/v1/{path}")(lambda: [])  # things unfog does not have: empty lists, as the issue asks
+
+
+def _add_network_routes(app: FastAPI, lib: Library, cache: ModelCache) -> None:
+    """The extra networks of the library: LoRAs, hypernetworks, embeddings, and sd-webui-controlnet's
+    own routes, which its clients read before sending units."""
     @app.get("/sdapi/v1/loras")
     def loras():
         return [{"name": e.stem, "alias": e.stem, "path": str(e.path), "metadata": read_metadata(e.path) or {}}
@@ -345,19 +375,6 @@ def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: Mo
             (loaded if fits else skipped)[emb.name] = item
         return {"loaded": loaded, "skipped": skipped}
 
-    @app.get("/sdapi/v1/upscalers")
-    def upscalers():
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
-                for name in IMAGE_UPSCALERS]
-
-    @app.get("/sdapi/v1/latent-upscale-modes")
-    def latent_upscale_modes():
-        return [{"name": name} for name in LATENT_UPSCALERS]
-
-    for path in ("prompt-styles", "face-restorers", "realesrgan-models"):
-        app.get(f"/sdapi/v1/{path}")(lambda: [])  # things unfog does not have: empty lists, as the issue asks
-
-    # sd-webui-controlnet's own routes, which its clients read before sending units
     @app.get("/controlnet/version")
     def controlnet_version():
         return {"version": 2}
@@ -374,6 +391,9 @@ def _add_list_routes(app: FastAPI, config: ServerConfig, lib: Library, cache: Mo
 
         return {"module_list": ["none", *sorted(A1111_NAMES)]}
 
+
+def _add_info_routes(app: FastAPI, config: ServerConfig) -> None:
+    """What the server runs with (flags, memory, scripts) and what a PNG carries (png-info)."""
     @app.get("/sdapi/v1/scripts")
     def scripts():
         return {"txt2img": [], "img2img": []}
