@@ -86,7 +86,7 @@ def _add_feature_args(p: argparse.ArgumentParser, default: str | None, default_t
 
 
 def add_parsers(sub) -> None:
-    """eval, eval-stats."""
+    """Adds `unfog eval` and `eval-stats`."""
     p = sub.add_parser("eval", help="evaluate a model over samplers, steps and guidance scales: FID, KID, CLIP "
                        "score, prompt adherence; writes report.json, report.md and plots")
     _add_eval_args(p)

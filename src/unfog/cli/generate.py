@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 
 from ..embedded import DEFAULT_TEXT_MODEL, default_model_path
-from .options import DTYPE_CHOICES, ModelDefault, add_compile_arg, device_name, finite_float, optional_path, repaint_pair, warn
+from .options import (DTYPE_CHOICES, ModelDefault, add_compile_arg, device_name, finite_float, optional_path,
+                      repaint_pair, warn)
 
 
 # Options of the image commands that are generation settings (``pipelines.outputs.Settings``).
@@ -253,7 +254,7 @@ def _add_preprocess_parser(sub) -> None:
 
 
 def add_parsers(sub) -> None:
-    """generate, img2img, inpaint, info, samplers, preprocess."""
+    """Adds `unfog generate`, `img2img`, `inpaint`, `info`, `samplers` and `preprocess`."""
     p = sub.add_parser("generate", help="draw images from a prompt with a Stable Diffusion checkpoint (SD 1.x, "
                        "2.x, SDXL)")
     _add_image_args(p, "txt2img")

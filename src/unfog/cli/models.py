@@ -87,7 +87,7 @@ def _add_lora_parser(sub) -> None:
 
 
 def add_parsers(sub) -> None:
-    """train, cascade, lora."""
+    """Adds `unfog train`, `cascade` and `lora`."""
     p = sub.add_parser("train", help="train a model from a JSON config, e.g. configs/digits.json")
     p.add_argument("config", help="JSON config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=2000 lr=1e-4; a key of the "

@@ -100,7 +100,7 @@ def _class_sampler(model_path: Path, vae: str | None):
 
 
 def add_parsers(sub) -> None:
-    """sample."""
+    """Adds `unfog sample` to the subcommands."""
     p = sub.add_parser("sample", help="draw class grids from a pixel-space model (default: the built-in digits "
                        "model) or a class-conditional DiT (with --vae)")
     p.add_argument("--model", default=None, help="model file: an unfog pixel model (.safetensors), or a DiT "

@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub) -> None:
-    """serve."""
+    """Adds `unfog serve`: the HTTP server (server/)."""
     p = sub.add_parser("serve", help="an HTTP server speaking AUTOMATIC1111's API (/sdapi/v1), for its clients")
     p.add_argument("--model", default=None, help="the model loaded at start (default: the embedded shapes model)")
     for flag, what in (("--models-dir", "model files and diffusers folders"), ("--lora-dir", "LoRA files"),
