@@ -13,6 +13,7 @@ from unfog.checkpoint.io import read_metadata
 from unfog.cli import main
 from unfog.pipelines.cascade import StageSettings, save_cascade
 from unfog.pipelines.images import read_parameters
+from unfog.pipelines.latent_model import recommended_settings
 
 
 def cli(*args) -> int:
@@ -52,7 +53,12 @@ def test_unfog_cascade_and_generate(stages, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     assert Image.open("out.png").size == (32, 32)
-    assert "Cascade: 32x32 DPM++ 2M 2 steps CFG 2.0 noise augmentation 0.15" in read_parameters("out.png")
+    parameters = read_parameters("out.png")
+    assert "Cascade: 32x32 DPM++ 2M 2 steps CFG 2.0 noise augmentation 0.15" in parameters
+    # the first stage draws at the settings its model file recommends, as a single model file would
+    recommended = read_metadata(base)["defaults"]
+    assert recommended_settings("c.safetensors") == recommended
+    assert f"CFG scale: {recommended['cfg_scale']:g}," in parameters and "CFG scale: 7," not in parameters
     capsys.readouterr()
     assert cli("cascade", base, sr, "-o", "c.safetensors") == 2  # exists: nothing is overwritten
     assert "exists" in capsys.readouterr().err

@@ -56,7 +56,12 @@ def is_text2image_model(path: str | Path) -> bool:
 
 def recommended_settings(path: str | Path) -> dict[str, Any]:
     """The sampling settings a text-to-image model file recommends (its ``defaults`` metadata:
-    sampler, steps, cfg_scale), or {} for any other file."""
+    sampler, steps, cfg_scale); for a cascade of such models (``cascade.py``), its base stage's,
+    which the call's settings draw (the second stage keeps its own); {} for any other file."""
+    meta = read_metadata(path) or {}
+    base = meta.get("base")
+    if isinstance(base, dict) and base.get("format") == FORMAT:  # a cascade file holds each stage's metadata
+        return dict(base.get("defaults") or {})
     return io.recommended_settings(path, FORMAT)
 
 
