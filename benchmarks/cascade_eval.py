@@ -4,9 +4,10 @@ Two parts, each printed as a markdown table:
 
 - ``upsampler``: ``--fid-images`` held-out 64 px `shapes` images are brought down to the
   cascade's base size (area averaging) and back up, by bicubic interpolation and by the cascade's
-  super-resolution stage (with each scene's caption and the file's second-stage settings); FID of
-  each against other held-out 64 px images. The images are the same for both, so the difference
-  is the upsampler's alone.
+  super-resolution stage (with each scene's caption, at the file's second-stage settings or at
+  those ``--sr-settings`` name); FID of each against other held-out 64 px images, and what each
+  kept of the true images (``fidelity``: PSNR, sharpness against the truth's, colour error of the
+  low frequencies). The images are the same for all, so the differences are the upsamplers'.
 - ``whole``: ``--per-category`` prompts of each analyzer category drawn by the cascade, by its
   base alone with bicubic upsampling, and by the latent models (``--latent``, default the embedded
   one) at their recommended settings, the same seeds: adherence per category and FID.
@@ -17,12 +18,15 @@ figures compare (the pixel models' own "autoencoder" is the identity and would g
 
     python benchmarks/cascade_eval.py --cascade cascade.safetensors
     python benchmarks/cascade_eval.py --cascade cascade.safetensors --parts upsampler --fid-images 1000
+    python benchmarks/cascade_eval.py --cascade cascade.safetensors --parts upsampler --sr-settings "" cfg=1 aug=0
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -46,23 +50,54 @@ def held_out(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
 
 
+def fidelity(images: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """What an upsampler kept of the true 64 px images, from the pixels alone: PSNR (dB, images in
+    [-1, 1]); sharpness, the mean gradient magnitude (finite differences) against the truth's (1:
+    as sharp; below, blurred; above, noise or ringing); and the colour error of the low
+    frequencies, the mean absolute difference of 8 x 8-pixel area means, in 0-255 levels."""
+    mse = (images - truth).square().mean().item()
+    def gradient(x: torch.Tensor) -> float:
+        return ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()).item()
+    colour = (F.avg_pool2d(images, 8) - F.avg_pool2d(truth, 8)).abs().mean().item() * 127.5
+    return {"psnr": 10 * math.log10(4 / mse), "sharpness": gradient(images) / gradient(truth), "colour": colour}
+
+
+def sr_options(text: str) -> dict:
+    """ "cfg=2,aug=0.1" -> {"cfg_scale": 2.0, "noise_augmentation": 0.1}."""
+    names = {"cfg": "cfg_scale", "aug": "noise_augmentation", "steps": "steps"}
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in names:
+            raise argparse.ArgumentTypeError(f"unknown setting {key!r} in {text!r}; valid: {', '.join(names)}")
+        out[names[key]] = int(value) if key == "steps" else float(value)
+    return out
+
+
 @torch.no_grad()
-def upsampler(cascade, features, reference: torch.Tensor, n: int, batch: int) -> list[tuple[str, float, float]]:
-    """(method, FID, seconds) for bicubic and the super-resolution stage on the same low images."""
+def upsampler(cascade, features, reference: torch.Tensor, n: int, batch: int, variants: list[str]):
+    """(method, FID, fidelity, seconds) for bicubic and the super-resolution stage (at the file's
+    settings changed by each of ``variants``) on the same low-resolution images."""
     images, captions = held_out(n, cascade.super_resolution.default_size, HELD_OUT_SEED + 2)
     low = F.interpolate(images, size=(cascade.default_size,) * 2, mode="area")
     size = tuple(images.shape[-2:])
     rows = []
     start = time.perf_counter()
     bicubic = degrade(low, cascade.default_size, size)
-    rows.append(("bicubic", fid_from_features(features(bicubic), reference), time.perf_counter() - start))
-    s = cascade.super_resolution_settings
-    start = time.perf_counter()
-    drawn = torch.cat([cascade.super_resolution(captions[i:i + batch], low_res_image=low[i:i + batch], steps=s.steps,
-                                                sampler=s.sampler, cfg_scale=s.cfg_scale,
-                                                noise_augmentation=s.noise_augmentation, seed=i, output="tensor")
-                       for i in range(0, n, batch)])
-    rows.append(("diffusion upsampler", fid_from_features(features(drawn), reference), time.perf_counter() - start))
+    rows.append(("bicubic", fid_from_features(features(bicubic), reference), fidelity(bicubic, images),
+                 time.perf_counter() - start))
+    base = asdict(cascade.super_resolution_settings)
+    for variant in variants:
+        s = {**base, **sr_options(variant)}
+        start = time.perf_counter()
+        drawn = torch.cat([cascade.super_resolution(captions[i:i + batch], low_res_image=low[i:i + batch],
+                                                    steps=s["steps"], sampler=s["sampler"], cfg_scale=s["cfg_scale"],
+                                                    noise_augmentation=s["noise_augmentation"], seed=i,
+                                                    output="tensor")
+                           for i in range(0, n, batch)])
+        name = f"diffusion, {s['steps']} steps, CFG {s['cfg_scale']:g}, noise augmentation {s['noise_augmentation']:g}"
+        rows.append((name, fid_from_features(features(drawn), reference), fidelity(drawn, images),
+                     time.perf_counter() - start))
     return rows
 
 
@@ -104,6 +139,9 @@ def main() -> None:
                    help="the latent models to compare with (default: the embedded one)")
     p.add_argument("--parts", nargs="+", default=["upsampler", "whole"], choices=["upsampler", "whole"])
     p.add_argument("--fid-images", type=int, default=500)
+    p.add_argument("--sr-settings", nargs="+", default=[""], metavar="cfg=C,aug=A,steps=S",
+                   help="upsampler part: the second stage's settings to run, each the file's own with these changed "
+                   "(default: the file's alone)")
     p.add_argument("--per-category", type=int, default=50)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
@@ -125,10 +163,13 @@ def main() -> None:
     print(f"CPU: {cpu_flags()}; torch threads {torch.get_num_threads()}; FID over {args.fid_images} images, "
           f"real-vs-real floor {floor:.2f}")
     if "upsampler" in args.parts:
-        print(f"\n| {cascade.default_size} -> {cascade.super_resolution.default_size} px | FID | seconds |")
-        print("|---|---|---|")
-        for name, fid, seconds in upsampler(cascade, features, reference, args.fid_images, args.batch):
-            print(f"| {name} | {fid:.2f} | {seconds:.1f} |", flush=True)
+        print(f"\n| {cascade.default_size} -> {cascade.super_resolution.default_size} px | FID | PSNR dB | sharpness "
+              "| colour error | seconds |")
+        print("|---|---|---|---|---|---|")
+        for name, fid, f, seconds in upsampler(cascade, features, reference, args.fid_images, args.batch,
+                                               args.sr_settings):
+            print(f"| {name} | {fid:.2f} | {f['psnr']:.2f} | {f['sharpness']:.3f} | {f['colour']:.2f} | "
+                  f"{seconds:.1f} |", flush=True)
     if "whole" in args.parts:
         base_defaults = (read_metadata(args.cascade) or {})["base"].get("defaults")  # the first stage's own
         base_settings = base_defaults or {"sampler": "dpmpp_2m", "steps": 20, "cfg_scale": 2.0}
