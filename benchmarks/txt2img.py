@@ -88,9 +88,6 @@ def random_weights(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> di
         noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed + i))
         if value.dim() > 1:
             noise = noise / math.sqrt(math.prod(value.shape[1:]))
-        elif not value.is_floating_point():
-            weights[name] = torch.arange(value.numel()).reshape(value.shape)  # position ids
-            continue
         else:
             noise = 0.1 * noise + (1.0 if name.endswith("weight") else 0.0)
         weights[name] = noise.to(dtype)
