@@ -205,3 +205,9 @@ def test_a_state_saved_with_an_old_flat_config_resumes_and_starts_a_new_run(tmp_
 def test_make_trainer_builds_the_registered_trainer():
     trainer = make_trainer(load_config("configs/digits.json", TINY + ["steps=1"]))
     assert type(trainer) is TASKS["pixel"].load_trainer() and trainer.options == TASKS["pixel"].options()
+
+
+def test_each_section_names_its_own_task():
+    """A section's config key (``TaskOptions.section``) is the name it is registered under, so its
+    errors and the JSON key agree with the registry."""
+    assert {name: task.options.section for name, task in TASKS.items()} == {name: name for name in TASKS}
