@@ -47,7 +47,7 @@ def pipe():
 
 def test_img2img_from_latents_equals_img2img_from_the_image(pipe):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    latents = pipe._encode(inputs.image_tensor(image), torch.Generator(), "mean")
+    latents = pipe.encode(inputs.image_tensor(image))
     common = dict(steps=4, seed=2, strength=0.6, output="tensor")
     a = pipe("a red circle", init_image=image, encode="mean", **common)
     b = pipe("a red circle", init_latents=latents, **common)

@@ -14,6 +14,7 @@ from unfog.cli import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.pipelines import inputs
 from unfog.pipelines.inputs import fill_masked
 from unfog.pipelines.masking import blur_mask, crop_region, overlay, paste_back
+from unfog.pipelines.start import start_latents
 
 
 def _hole(h=16, w=16, box=(4, 3, 11, 9)) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_masked_content_start_latents(pipe):
     starts = {}
     for content in ("original", "latent nothing", "latent noise"):
         g = torch.Generator().manual_seed(5)
-        starts[content] = pipe._start(g, shape, sigma, image, mask, None, 0.6, "sample", content)[0]
+        starts[content] = start_latents(pipe, g, shape, sigma, image, mask, None, 0.6, "sample", content)[0]
     small = inputs.latent_mask(mask, (16, 16))
     orig, nothing, noise = starts["original"], starts["latent nothing"], starts["latent noise"]
     outside = small.expand_as(orig) == 0

@@ -2,14 +2,14 @@
 base-to-refiner hand-off, as one thin composition of the models and the diffusion core.
 
     prompt --encode_prompt--> context (+ SDXL's vector y)               conditioning.py
-    noise, or the VAE latents of init_image + noise --> x at sigmas[0]  (here)
+    noise, or the VAE latents of init_image + noise --> x at sigmas[0]  start.py
     Denoiser(U-Net) -> CFGDenoiser -> [InpaintDenoiser] -> sampler      diffusion/
     x / scaling_factor --VAE decode--> images in [-1, 1] --> PIL        inputs.py
 
 Latents are the VAE's times ``vae.config.scaling_factor``, in the samplers' variable
 x = x0 + sigma * eps. Random draws come from one CPU generator seeded with ``seed``, in
-diffusers' order (VAE sample of init_image, the noise, VAE sample of the masked image), so a
-seed gives diffusers' start exactly. Where diffusers' conventions differ, see docs/samplers.md.
+diffusers' order (start.py), so a seed gives diffusers' start exactly. Where diffusers'
+conventions differ, see docs/samplers.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import FeatureCache
 from ..models.vae import AutoencoderKL
 from ..nn.token_merging import TokenMerger, TokenMerging
-from . import inputs
+from . import inputs, start
 from .compiled import COMPILE_MODES, CompiledCall
 from .controlnet import Control, ControlRun, prepare_hint
 from .hypernetwork import AppliedHypernetwork, HypernetworkStack
@@ -418,8 +418,9 @@ class StableDiffusion:
                                                             (token_merging, "Token merging")))
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts) * batch_size
-        image, pixel_mask = self._init_images(init_image, mask, latents, init_latents, denoising_start, masked_content)
-        height, width = self._size(height, width, image, latents if init_latents is None else init_latents)
+        image, pixel_mask = start.checked_images(self, init_image, mask, latents, init_latents, denoising_start,
+                                                 masked_content)
+        height, width = start.output_size(self, height, width, image, latents if init_latents is None else init_latents)
         f = self.vae.config.downsample_factor
         latent_shape = (n, self.vae.config.latent_channels, height // f, width // f)
 
@@ -441,10 +442,10 @@ class StableDiffusion:
         if self.low_res is not None or low_res_image is not None:
             self._super_resolution(cond, uncond, low_res_image, noise_augmentation, n, (height, width), g)
         if denoising_start is not None:
-            x, concat, blend = self._latents(latents, latent_shape), {}, None
+            x, concat, blend = start.checked_latents(latents, latent_shape, self.device), {}, None
         else:
-            x, concat, blend = self._start(g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
-                                           strength, encode, masked_content, init_latents)
+            x, concat, blend = start.start_latents(self, g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
+                                                   strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
                               truncation_sigma(sigmas, cfg_truncation), cache, merger)
         x = self._sample(choice, guided, x, sigmas, blend, repaint, steps, g, callback, sampler_options)
@@ -475,22 +476,6 @@ class StableDiffusion:
             if used:
                 requires_unet(self.unet, what)
 
-    def _init_images(self, init_image, mask, latents, init_latents, denoising_start, masked_content: str):
-        """(image (B, 3, H, W) in [-1, 1] or None, mask (B, 1, H, W) or None), checked against the
-        other starts; with masked content "fill" the masked area is filled from its surroundings."""
-        check_choice("masked content", masked_content, inputs.MASKED_CONTENT)
-        image = None if init_image is None else inputs.image_tensor(init_image)
-        pixel_mask = None if mask is None else inputs.mask_tensor(mask)
-        self._check_mode(image, pixel_mask, latents, denoising_start)
-        if init_latents is not None and (image is not None or latents is not None):
-            raise ValueError("init_latents start img2img from latents: give them without init_image and latents")
-        if masked_content != "original" and pixel_mask is None:
-            raise ValueError(f"masked content {masked_content!r} needs a mask (inpainting)")
-        if masked_content == "fill":
-            inputs.check_mask_fits(pixel_mask, image)
-            image = inputs.fill_masked(image, inputs.batch_of(pixel_mask, image.shape[0], "mask"))
-        return image, pixel_mask
-
     def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
                 callback, sampler_options: dict) -> Tensor:
         """The sampler's run from x over sigmas; a 4-channel inpainting run (``blend``: the latent
@@ -504,6 +489,14 @@ class StableDiffusion:
         if blend is not None:
             guided = InpaintDenoiser(guided, *blend)
         return choice.fn(guided, x, sigmas, generator=g, callback=callback, **{**choice.options, **sampler_options})
+
+    @torch.no_grad()
+    def encode(self, image: Tensor, generator: torch.Generator | None = None, mode: EncodeMode = "mean") -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the U-Net's latents (scaled, float32, on its device):
+        the VAE posterior's mean, or with ``mode="sample"`` a sample drawn from ``generator``."""
+        posterior = self.vae.encode(image.to(next(self.vae.parameters()).device))
+        z = posterior.sample(generator) if mode == "sample" else posterior.mode()
+        return (z * self.vae.config.scaling_factor).to(self.device, torch.float32)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -611,50 +604,6 @@ class StableDiffusion:
                              f"{want} (pooled text output + 6 * {SIZE_EMBED_DIM}), got num_classes="
                              f"{cfg.num_classes!r}, adm_in_channels={cfg.adm_in_channels}")
 
-    def _start(self, g, shape, sigma0: float, image, mask, latents, strength: float, encode: str,
-               masked_content: str = "original", init_latents: Tensor | None = None):
-        """x at sigma0, the inpainting U-Net's extra input, and the 4-channel blend (or None).
-        Draws from g in diffusers' order: VAE sample of the image, noise, VAE sample of the masked image.
-        "latent noise" / "latent nothing" change where the masked area starts from, not the blend's
-        reference outside it (the same latents there)."""
-        n, (h, w) = shape[0], shape[2:]
-        if init_latents is not None:
-            x0 = inputs.batch_of(self._latents(init_latents, (init_latents.shape[0], *shape[1:])), n, "init_latents")
-            noise = torch.randn(shape, generator=g).to(self.device)
-            return x0 + sigma0 * noise, {}, None
-        from_noise = image is None or (mask is not None and strength == 1)  # txt2img, or inpainting at strength 1
-        needs_x0 = image is not None and not (from_noise and self.inpainting_unet)
-        x0 = inputs.batch_of(self._encode(image, g, encode), n, "init_image") if needs_x0 else None
-        if latents is None:
-            noise = torch.randn(shape, generator=g).to(self.device)  # (n, 4, h, w), drawn on the CPU
-        else:
-            noise = self._latents(latents, shape)
-        small = None if mask is None else inputs.batch_of(inputs.latent_mask(mask, (h, w)), n, "mask").to(self.device)
-        start = x0
-        if masked_content in ("latent noise", "latent nothing") and not from_noise:  # small: (n, 1, h, w)
-            start = x0 * (1 - small) + (noise * small if masked_content == "latent noise" else 0)
-        x = noise * math.sqrt(1 + sigma0**2) if from_noise else start + sigma0 * noise  # the VP prior, or x0 + sigma n
-        if mask is None:
-            return x, {}, None
-        if mask.shape[0] != image.shape[0]:
-            mask, image = inputs.batch_of(mask, n, "mask"), inputs.batch_of(image, n, "init_image")
-        if not self.inpainting_unet:
-            return x, {}, (small, x0, noise)
-        masked = inputs.batch_of(self._encode(image * (mask < 0.5), g, encode), n, "init_image")  # draw 3
-        return x, {"concat": torch.cat([small, masked], dim=1)}, None
-
-    def _encode(self, image: Tensor, g: torch.Generator, mode: str) -> Tensor:
-        """Images in [-1, 1] -> scaled latents: a posterior sample (drawn from g) or its mean."""
-        posterior = self.vae.encode(image.to(next(self.vae.parameters()).device))
-        z = posterior.sample(g) if mode == "sample" else posterior.mode()
-        return (z * self.vae.config.scaling_factor).to(self.device, torch.float32)
-
-    def _latents(self, latents: Tensor, shape) -> Tensor:
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents must have shape {tuple(shape)} (batch, channels, height / f, width / f), "
-                             f"got {tuple(latents.shape)}")
-        return latents.to(self.device, torch.float32)
-
     def _check_repaint(self, repaint, sampler: str, steps: int, inpainting: bool, strength: float) -> None:
         """The runs RePaint can serve, each other a one-line ValueError."""
         if not (isinstance(repaint, tuple) and len(repaint) == 2 and all(isinstance(v, int) for v in repaint)):
@@ -669,30 +618,3 @@ class StableDiffusion:
         if strength != 1:
             raise ValueError(f"RePaint starts from noise: strength must be 1, got {strength}")
         check_repaint(steps, *repaint, self.schedule.num_timesteps)
-
-    def _check_mode(self, image, mask, latents, denoising_start) -> None:
-        if mask is not None and image is None:
-            raise ValueError("a mask needs the init_image it applies to")
-        if mask is not None:
-            inputs.check_mask_fits(mask, image)
-        if self.inpainting_unet and mask is None:
-            raise ValueError("this is an inpainting U-Net (9 input channels): give init_image and mask")
-        if denoising_start is not None and (latents is None or image is not None):
-            raise ValueError("denoising_start goes on from the latents a run with denoising_end returned: "
-                             "pass them as latents=, without init_image")
-
-    def _size(self, height, width, image, latents) -> tuple[int, int]:
-        """(height, width) of the images: from init_image or latents when given, else the arguments."""
-        known = None
-        if image is not None:
-            known = tuple(image.shape[-2:])
-        elif latents is not None:
-            known = tuple(d * self.vae.config.downsample_factor for d in latents.shape[-2:])
-        if known is not None:
-            if (height or known[0], width or known[1]) != known:
-                raise ValueError(f"width x height {width}x{height} differs from the {known[1]}x{known[0]} of the "
-                                 "init_image / latents; leave width and height out")
-            height, width = known
-        height, width = height or self.default_size, width or self.default_size
-        inputs.check_image_size(width, height, self.size_multiple)
-        return height, width
