@@ -232,10 +232,21 @@ def test_deep_cache_runs_the_whole_unet_every_nth_step_and_is_recorded(models, w
     full.clear()
     pipe("a red bicycle", **common, deep_cache=3, cfg_truncation=0.5)  # steps 0-3 guided, 4-6 not: batch 1
     assert full == [2, 2, 1, 1]  # steps 0 and 3 by the interval, 4 for its new batch size, 6 by the interval
+    full.clear()
+    started = pipe("a red bicycle", **common, deep_cache=3, deep_cache_start=0.3)
+    assert full == [2, 2, 2, 2]  # steps 0-2 (ceil(0.3 * 7) = 3) in full, the interval from step 2: 5
+    assert not torch.equal(started, cached) and not torch.equal(started, plain)
+    full.clear()
+    assert torch.equal(pipe("a red bicycle", **common, deep_cache=3, deep_cache_start=0.99), plain)  # all 7 in full
+    assert len(full) == 7
+    with pytest.raises(ValueError, match=r"DeepCache start must be in \[0, 1\) \(the fraction of the steps run in "
+                       r"full first\), got 1"):
+        pipe("a red bicycle", **common, deep_cache=3, deep_cache_start=1)
     out = workdir / "cached.png"
     assert cli("generate", "a red bicycle", "--model", models["sd1"], "--seed", 4, "--deep-cache", 3,
-               "--deep-cache-branch", 1, "--output", out, *FAST) == 0
-    assert (params_of(out)["DeepCache"], params_of(out)["DeepCache branch"]) == ("3", "1")
+               "--deep-cache-branch", 1, "--deep-cache-start", 0.25, "--output", out, *FAST) == 0
+    assert (params_of(out)["DeepCache"], params_of(out)["DeepCache branch"], params_of(out)["DeepCache start"]) == \
+        ("3", "1", "0.25")
     again = workdir / "again.png"
     assert cli("generate", "--from", out, "--model", models["sd1"], "--output", again) == 0
     assert again.read_bytes() == out.read_bytes()
@@ -370,6 +381,8 @@ def error_cases(models, workdir):
          "got 1.5"),
         ((*gen, "--token-merging", 1), "--token-merging must be in [0, 1) (the fraction of tokens merged), got 1.0"),
         ((*gen, "--deep-cache", 0), "--deep-cache must be >= 1 (1: off) and --deep-cache-branch >= 0, got 0 and 0"),
+        ((*gen, "--deep-cache", 2, "--deep-cache-start", 1), "--deep-cache-start must be in [0, 1) (the fraction of "
+         "the steps run in full first), got 1.0"),
         ((*gen, "--steps", 0), "--steps must be >= 1, got 0"),
         ((*gen, "--seed", -2), "seed -2 is out of range; valid: -1 (a random one) or 0.."),
         (("generate", "a cat", "--model", pixel), "is an unfog pixel model"),

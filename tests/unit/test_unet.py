@@ -372,3 +372,19 @@ def test_feature_cache_runs_in_full_when_the_batch_changes_and_checks_its_settin
         FeatureCache(0)
     with pytest.raises(ValueError, match="DeepCache branch must be >= 0"):
         FeatureCache(2, -1)
+
+
+def test_feature_cache_runs_every_call_above_its_start_in_full_and_counts_the_interval_from_the_last():
+    unet = randomize_(UNet(TINY)).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    full = []
+    unet.middle_block.register_forward_pre_hook(lambda module, args: full.append(1))
+    cache = FeatureCache(3, full_above=600.0)
+    with torch.no_grad():
+        for t in (999.0, 800.0, 601.0, 600.0, 500.0, 400.0, 300.0, 200.0, 100.0, 0.0):
+            before = len(full)
+            unet(x, torch.full((2,), t), ctx, cache=cache)
+            full[before:] = [t] if len(full) > before else []
+    assert full == [999.0, 800.0, 601.0, 400.0, 100.0]  # above 600: all; then every 3rd from 601's call
+    with torch.no_grad():
+        assert cache.reuse(x, torch.tensor([0.0, 700.0])) is False  # a row above the start: in full

@@ -21,7 +21,8 @@ SETTINGS_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "hires_scale": "hr_scale", "hires_upscaler": "hr_upscaler", "hires_steps": "hr_steps",
                     "hires_sampler": "hr_sampler", "hires_prompt": "hr_prompt", "hires_negative": "hr_negative_prompt",
                     "cfg_truncation": "cfg_truncation", "deep_cache": "deep_cache",
-                    "deep_cache_branch": "deep_cache_branch", "token_merging": "token_merging", "repaint": "repaint"}
+                    "deep_cache_branch": "deep_cache_branch", "deep_cache_start": "deep_cache_start",
+                    "token_merging": "token_merging", "repaint": "repaint"}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -63,6 +64,8 @@ def _add_savings_args(p: argparse.ArgumentParser) -> None:
                    "step, its outer blocks alone in between (default 1: always the whole)")
     p.add_argument("--deep-cache-branch", type=int, default=None, metavar="B", help="DeepCache's skip level: the "
                    "steps in between run the U-Net's first B+1 input blocks and last B+1 output blocks (default 0)")
+    p.add_argument("--deep-cache-start", type=finite_float, default=None, metavar="F", help="DeepCache: run the "
+                   "first fraction F of the steps in full, where the layout is decided (default 0)")
     p.add_argument("--token-merging", type=finite_float, default=None, metavar="R", help="ToMe: merge a fraction R "
                    "of the tokens before the top level's self-attention (A1111's token merging ratio; default 0: off)")
 

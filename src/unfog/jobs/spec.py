@@ -108,6 +108,9 @@ def check(job: Job) -> None:
     if s.deep_cache < 1 or s.deep_cache_branch < 0:
         raise ValueError(f"--deep-cache must be >= 1 (1: off) and --deep-cache-branch >= 0, got {s.deep_cache} and "
                          f"{s.deep_cache_branch}")
+    if not 0 <= s.deep_cache_start < 1:
+        raise ValueError(f"--deep-cache-start must be in [0, 1) (the fraction of the steps run in full first), got "
+                         f"{s.deep_cache_start}")
     for name, value in (("steps", s.steps), ("batch size", job.batch_size), ("clip skip", s.clip_skip),
                         ("width", s.width), ("height", s.height)):
         if value is not None and value < 1:

@@ -270,19 +270,26 @@ class FeatureCache:
     there up, reusing the deep features the last full call handed to that output block (before
     its skip concatenation). Interval 1 is the plain U-Net. One cache serves one sampling run;
     a call whose batch or size differs from the cached features' (e.g. CFG truncation halving
-    the batch) runs in full and caches anew."""
+    the batch) runs in full and caches anew.
 
-    def __init__(self, interval: int, branch: int = 0):
+    ``full_above``: calls at a timestep above it all run in full (the first steps, which decide
+    the layout); the interval counts from the last of them, so the next ``interval - 1`` calls
+    reuse its features. None: the interval counts from the first call."""
+
+    def __init__(self, interval: int, branch: int = 0, full_above: float | None = None):
         if interval < 1:
             raise ValueError(f"DeepCache interval must be >= 1 (1: every step in full), got {interval}")
         if branch < 0:
             raise ValueError(f"DeepCache branch must be >= 0, got {branch}")
-        self.interval, self.branch = interval, branch
+        self.interval, self.branch, self.full_above = interval, branch, full_above
         self.calls = 0
         self.features: torch.Tensor | None = None
 
-    def reuse(self, x: torch.Tensor) -> bool:
+    def reuse(self, x: torch.Tensor, timesteps: torch.Tensor | float | None = None) -> bool:
         """Whether this call (the next one counted) may run the shallow part alone."""
+        if self.full_above is not None and float(torch.as_tensor(timesteps).max()) > self.full_above:
+            self.calls = 1  # a full call: the interval counts on from here
+            return False
         self.calls += 1
         full = (self.calls - 1) % self.interval == 0
         return not full and self.features is not None and self.features.shape[0] == x.shape[0]
@@ -417,7 +424,7 @@ class UNet(UNetEncoder):
         n = len(self.input_blocks)
         if cache is not None and cache.branch >= n:
             raise ValueError(f"DeepCache branch must be < {n} (this U-Net's input blocks), got {cache.branch}")
-        reuse = cache is not None and cache.reuse(x)
+        reuse = cache is not None and cache.reuse(x, timesteps)
         merging = None if merger is None else merger.start(*x.shape[2:])
         skips = []
         for block in self.input_blocks[: cache.branch + 1 if reuse else n]:

@@ -98,6 +98,7 @@ def parameters(pipe: StableDiffusion, s: Settings, model: ModelId, refiner: Mode
         "CFG truncation": s.cfg_truncation if s.cfg_truncation < 1 else None,
         "DeepCache": s.deep_cache if s.deep_cache > 1 else None,
         "DeepCache branch": s.deep_cache_branch if s.deep_cache > 1 and s.deep_cache_branch else None,
+        "DeepCache start": s.deep_cache_start if s.deep_cache > 1 and s.deep_cache_start else None,
         "Token merging ratio": s.token_merging or None,
         "RePaint": s.repaint and f"{s.repaint[0]}x{s.repaint[1]}",
         "Seed": s.seed, "Size": f"{s.width}x{s.height}", "Model hash": model.hash, "Model": model.name,
@@ -192,7 +193,7 @@ def draw(pipe: StableDiffusion, refiner: StableDiffusion | None, s: Settings, in
 def savings(s: Settings) -> dict[str, object]:
     """The pipeline's opt-in savings of U-Net work that ``s`` asks for (every pass)."""
     return dict(cfg_truncation=s.cfg_truncation, deep_cache=s.deep_cache, deep_cache_branch=s.deep_cache_branch,
-                token_merging=s.token_merging)
+                deep_cache_start=s.deep_cache_start, token_merging=s.token_merging)
 
 
 def ti_hashes_text(pipe: StableDiffusion, s: Settings) -> str:

@@ -57,6 +57,8 @@ class Settings:
         conditional pass alone (1: every step guided).
     deep_cache, deep_cache_branch: DeepCache, the whole U-Net every deep_cache-th evaluation and
         its shallow blocks down to skip level deep_cache_branch in between (1: always the whole).
+    deep_cache_start: the fraction of the steps that DeepCache runs in full before it starts
+        caching (0: caching from the first step).
     token_merging: ToMe's ratio of tokens merged before the top level's self-attention (A1111's
         "Token merging ratio"; 0: off).
     repaint: inpainting only, RePaint's (jump_length, jump_n_sample) (``diffusion.repaint``; None:
@@ -91,6 +93,7 @@ class Settings:
     cfg_truncation: float = 1.0
     deep_cache: int = 1
     deep_cache_branch: int = 0
+    deep_cache_start: float = 0.0
     token_merging: float = 0.0
     repaint: tuple[int, int] | None = None
 
@@ -245,6 +248,7 @@ def settings_from_parameters(params: Mapping[str, str], source: str = "the param
                "Hires upscale": ("hr_scale", float), "Hires steps": ("hr_steps", int),
                "Refiner switch at": ("refiner_start", float), "CFG truncation": ("cfg_truncation", float),
                "DeepCache": ("deep_cache", int), "DeepCache branch": ("deep_cache_branch", int),
+               "DeepCache start": ("deep_cache_start", float),
                "Token merging ratio": ("token_merging", float)}
     for key, (name, kind) in numbers.items():
         if key in params:

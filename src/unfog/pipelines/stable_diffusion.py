@@ -364,7 +364,7 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, deep_cache: int = 1,
-                 deep_cache_branch: int = 0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
+                 deep_cache_branch: int = 0, deep_cache_start: float = 0.0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
                  repaint: tuple[int, int] | None = None, low_res_image=None, noise_augmentation: float = 0.1,
                  seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
@@ -395,7 +395,9 @@ class StableDiffusion:
         ``cfg_truncation=f``: classifier-free guidance for the first fraction f of the steps, the
             conditional pass alone from the sigma of step ceil(f * steps) on (1: every step guided).
         ``deep_cache=N``: DeepCache, the whole U-Net every N-th evaluation and its shallow blocks
-            down to skip level ``deep_cache_branch`` in between (``models.unet.FeatureCache``).
+            down to skip level ``deep_cache_branch`` in between (``models.unet.FeatureCache``);
+            the first fraction ``deep_cache_start`` of the steps all run in full (the layout is
+            decided there), and the interval counts from the last of them.
         ``token_merging=r``: ToMe for SD, a fraction r of the tokens merged before each self-attention
             (``nn.token_merging``) of the levels at most ``token_merging_max_downsample`` times
             smaller than the latents; top-left destinations, as A1111 applies it.
@@ -414,6 +416,7 @@ class StableDiffusion:
         choice = resolve_sampler(sampler)
         self._check_options(choice.name, steps=steps, output=output, encode=encode, strength=strength, repaint=repaint,
                             inpainting=init_image is not None and mask is not None, cfg_truncation=cfg_truncation,
+                            deep_cache_start=deep_cache_start,
                             batch_size=batch_size, savings=((controls, "ControlNet"), (deep_cache != 1, "DeepCache"),
                                                             (token_merging, "Token merging")))
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -432,7 +435,7 @@ class StableDiffusion:
                  negative_aesthetic_score=negative_aesthetic_score)
         cond, uncond = self._conditioning(prompts, negative_prompt, clip_skip, batch_size, y)
         control = self._control_run(controls, width, height, sigmas, warn)
-        cache = None if deep_cache == 1 else FeatureCache(deep_cache, deep_cache_branch)
+        cache = None if deep_cache == 1 else self._feature_cache(deep_cache, deep_cache_branch, deep_cache_start, sigmas)
         merger = None if token_merging == 0 else TokenMerger(
             TokenMerging(token_merging, token_merging_max_downsample, random=False))
         if control is not None:  # which rows of a CFG batch are conditional (for guess mode)
@@ -459,6 +462,7 @@ class StableDiffusion:
         return images if output == "tensor" else inputs.to_pil(images)
 
     def _check_options(self, sampler: str, *, steps: int, output: str, encode: str, strength: float, repaint,
+                       deep_cache_start: float,
                        inpainting: bool, cfg_truncation: float, batch_size: int, savings) -> None:
         """The call's options that need no input to check, each a one-line ValueError; ``savings``:
         (used, name) of the options that need a U-Net (not a DiT)."""
@@ -470,11 +474,23 @@ class StableDiffusion:
             self._check_repaint(repaint, sampler, steps, inpainting, strength)
         if not 0 <= cfg_truncation <= 1:
             raise ValueError(f"CFG truncation must be in [0, 1] (the fraction of the steps guided), got {cfg_truncation}")
+        if not 0 <= deep_cache_start < 1:
+            raise ValueError(f"DeepCache start must be in [0, 1) (the fraction of the steps run in full first), got "
+                             f"{deep_cache_start}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for used, what in savings:
             if used:
                 requires_unet(self.unet, what)
+
+    def _feature_cache(self, interval: int, branch: int, fraction: float, sigmas: Tensor) -> FeatureCache:
+        """DeepCache for a run over ``sigmas``: the calls of the first ceil(fraction * steps) steps
+        (those at a timestep above the next step's) run in full."""
+        first = math.ceil(fraction * (len(sigmas) - 1) - 1e-9)  # 0.3 * 20 = 6.000000000000001 is step 6
+        if first == 0:
+            return FeatureCache(interval, branch)
+        t = Denoiser(self._network, self.schedule, self.prediction).timestep(sigmas[first : first + 1])
+        return FeatureCache(interval, branch, full_above=float(t[0]))
 
     def _sample(self, choice, guided, x: Tensor, sigmas: Tensor, blend, repaint, steps: int, g: torch.Generator,
                 callback, sampler_options: dict) -> Tensor:
