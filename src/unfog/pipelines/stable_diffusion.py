@@ -416,9 +416,9 @@ class StableDiffusion:
         choice = resolve_sampler(sampler)
         self._check_options(choice.name, steps=steps, output=output, encode=encode, strength=strength, repaint=repaint,
                             inpainting=init_image is not None and mask is not None, cfg_truncation=cfg_truncation,
-                            deep_cache_start=deep_cache_start,
-                            batch_size=batch_size, savings=((controls, "ControlNet"), (deep_cache != 1, "DeepCache"),
-                                                            (token_merging, "Token merging")))
+                            deep_cache_start=deep_cache_start, batch_size=batch_size,
+                            savings=((controls, "ControlNet"), (deep_cache != 1, "DeepCache"),
+                                     (token_merging, "Token merging")))
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n = len(prompts) * batch_size
         image, pixel_mask = start.checked_images(self, init_image, mask, latents, init_latents, denoising_start,
@@ -462,8 +462,8 @@ class StableDiffusion:
         return images if output == "tensor" else inputs.to_pil(images)
 
     def _check_options(self, sampler: str, *, steps: int, output: str, encode: str, strength: float, repaint,
-                       deep_cache_start: float,
-                       inpainting: bool, cfg_truncation: float, batch_size: int, savings) -> None:
+                       inpainting: bool, cfg_truncation: float, deep_cache_start: float, batch_size: int,
+                       savings) -> None:
         """The call's options that need no input to check, each a one-line ValueError; ``savings``:
         (used, name) of the options that need a U-Net (not a DiT)."""
         check_choice("output", output, get_args(Output))
