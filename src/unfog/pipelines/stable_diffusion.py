@@ -364,7 +364,8 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 20,
                  sampler: str = "euler", spacing: str | None = None, cfg_scale: float = 7.0,
                  guidance_rescale: float = 0.0, cfg_truncation: float = 1.0, deep_cache: int = 1,
-                 deep_cache_branch: int = 0, deep_cache_start: float = 0.0, token_merging: float = 0.0, token_merging_max_downsample: int = 1,
+                 deep_cache_branch: int = 0, deep_cache_start: float = 0.0, token_merging: float = 0.0,
+                 token_merging_max_downsample: int = 1,
                  repaint: tuple[int, int] | None = None, low_res_image=None, noise_augmentation: float = 0.1,
                  seed: int = 0, width: int | None = None, height: int | None = None,
                  batch_size: int = 1, clip_skip: int | None = None, latents: Tensor | None = None,
@@ -435,7 +436,8 @@ class StableDiffusion:
                  negative_aesthetic_score=negative_aesthetic_score)
         cond, uncond = self._conditioning(prompts, negative_prompt, clip_skip, batch_size, y)
         control = self._control_run(controls, width, height, sigmas, warn)
-        cache = None if deep_cache == 1 else self._feature_cache(deep_cache, deep_cache_branch, deep_cache_start, sigmas)
+        cache = (None if deep_cache == 1 else
+                 self._feature_cache(deep_cache, deep_cache_branch, deep_cache_start, sigmas))
         merger = None if token_merging == 0 else TokenMerger(
             TokenMerging(token_merging, token_merging_max_downsample, random=False))
         if control is not None:  # which rows of a CFG batch are conditional (for guess mode)
@@ -447,8 +449,8 @@ class StableDiffusion:
         if denoising_start is not None:
             x, concat, blend = start.checked_latents(latents, latent_shape, self.device), {}, None
         else:
-            x, concat, blend = start.start_latents(self, g, latent_shape, float(sigmas[0]), image, pixel_mask, latents,
-                                                   strength, encode, masked_content, init_latents)
+            x, concat, blend = start.start_latents(self, g, latent_shape, float(sigmas[0]), image, pixel_mask,
+                                                   latents, strength, encode, masked_content, init_latents)
         guided = self._guided({**cond, **concat}, {**uncond, **concat}, cfg_scale, guidance_rescale, control,
                               truncation_sigma(sigmas, cfg_truncation), cache, merger)
         x = self._sample(choice, guided, x, sigmas, blend, repaint, steps, g, callback, sampler_options)
