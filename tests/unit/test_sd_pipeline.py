@@ -16,6 +16,7 @@ from PIL import Image
 
 from unfog.diffusion import Denoiser, InpaintDenoiser, get_sigmas, sample
 from unfog.models.clip_text import TINY_CLIP, CLIPTextEncoder
+from unfog.nn.attention import CrossAttention
 from unfog.models.presets import TINY
 from unfog.models.tokenizer import CLIPTokenizer
 from unfog.models.unet import UNet
@@ -226,6 +227,20 @@ def test_from_components(pipe):
     built = StableDiffusion.from_components(components)
     assert built.family == "sd1" and built.spacing == "leading" and built.steps_offset == 1
     assert torch.equal(built.schedule.alphas_cumprod, sd_schedule().alphas_cumprod)
+
+
+def test_fused_qkv_is_off_by_default_and_draws_the_same_image(tokenizer):
+    pipe = make_pipe(tokenizer)
+    layers = [m for m in pipe.unet.modules() if isinstance(m, CrossAttention)]
+    assert layers and pipe.fused_qkv is False and not any(m.fuse_projections for m in layers)
+    separate = run(pipe, seed=4)
+    # the same sums; bit-equal on the AVX-512 CPU, but a GEMM's blocking may depend on its width
+    torch.testing.assert_close(run(pipe.fuse_qkv(), seed=4), separate, rtol=1e-5, atol=1e-5)
+    assert pipe.fused_qkv is True and all(m.fuse_projections and m._fused is not None for m in layers)
+    pipe.to("cpu")
+    assert all(m.fuse_projections for m in layers)
+    pipe.fuse_qkv(False)
+    assert not any(m.fuse_projections or m._fused is not None for m in layers)
 
 
 # --- pieces -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ validation, and numerical parity with diffusers' UNet2DConditionModel on the sam
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import replace
@@ -16,7 +17,7 @@ import unfog.models.unet as unet_module
 import unfog.nn.blocks as blocks_module
 from unfog.models.presets import DIGITS, PRESETS, SD15, TINY, get_preset
 from unfog.models.unet import FeatureCache, UNet
-from unfog.nn.attention import AttentionBlock
+from unfog.nn.attention import AttentionBlock, CrossAttention, fuse_projections
 from unfog.nn.blocks import BasicTransformerBlock, ResBlock
 from unfog.nn.embeddings import timestep_embedding
 
@@ -388,3 +389,101 @@ def test_feature_cache_runs_every_call_above_its_start_in_full_and_counts_the_in
     assert full == [999.0, 800.0, 601.0, 400.0, 100.0]  # above 600: all; then every 3rd from 601's call
     with torch.no_grad():
         assert cache.reuse(x, torch.tensor([0.0, 700.0])) is False  # a row above the start: in full
+
+
+# ---------------------------------------------------------------- fused projections
+
+
+def _attention(context_dim=None, seed=0):
+    torch.manual_seed(seed)
+    return CrossAttention(12, context_dim, heads=3, head_dim=4).eval()
+
+
+@pytest.mark.parametrize("context_dim", [None, 7], ids=["self", "cross"])
+def test_fused_projections_equal_the_separate_ones_with_fewer_matmuls(monkeypatch, context_dim):
+    attn = _attention(context_dim)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 12, generator=g)
+    ctx = None if context_dim is None else torch.randn(2, 5, context_dim, generator=g)
+    with torch.no_grad():
+        separate = attn(x, ctx)
+        assert fuse_projections(attn) == 1
+        calls = []
+        linear = F.linear
+        monkeypatch.setattr(F, "linear", lambda inp, w, b=None: calls.append(tuple(w.shape)) or linear(inp, w, b))
+        fused = attn(x, ctx)
+    # self: one (36, 12) matmul for q, k, v; cross: q alone, one (24, 7) for k and v; then to_out
+    assert calls == ([(36, 12), (12, 12)] if context_dim is None else [(12, 12), (24, 7), (12, 12)])
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_weight_follows_every_change_of_the_weights():
+    attn = _attention()
+    fuse_projections(attn)
+    x = torch.randn(1, 4, 12)
+
+    def check():  # the fused layer against an unfused copy; the fused layer keeps its cache
+        reference = copy.deepcopy(attn)
+        fuse_projections(reference, False)
+        with torch.no_grad():
+            fused, separate = attn(x), reference(x)
+        torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        attn.to_k.weight.add_(1.0)  # in place: a merged LoRA
+    check()
+    attn.to_v.weight = torch.nn.Parameter(torch.randn(12, 12))  # replaced: a loaded state dict with assign
+    check()
+    attn.double()  # moved
+    x = x.double()
+    check()
+    attn.load_state_dict(_attention(seed=5).double().state_dict())  # copied in place
+    check()
+
+
+def test_fused_projections_step_aside_for_gradients_wrappers_and_context_transforms():
+    from unfog.nn.lora import add_lora
+
+    attn = _attention()
+    fuse_projections(attn)
+    x = torch.randn(1, 4, 12, requires_grad=True)
+    attn(x).sum().backward()  # gradients: the separate path, so every projection gets its own
+    assert all(m.weight.grad is not None for m in (attn.to_q, attn.to_k, attn.to_v))
+
+    attn.context_transform = lambda c: (2 * c, -c)
+    with torch.no_grad():
+        transformed = attn(x)
+        fuse_projections(attn, False)
+        assert torch.equal(transformed, attn(x))
+    attn.context_transform = None
+
+    fuse_projections(attn)
+    add_lora(attn, ["to_q", "to_v"], rank=2, alpha=2.0)
+    torch.nn.init.normal_(attn.to_v.lora_up.weight)  # a trained adapter: its output is not zero
+    with torch.no_grad():
+        wrapped = attn(x)
+        fuse_projections(attn, False)
+        assert torch.equal(wrapped, attn(x))
+    assert attn._fused is None
+
+
+@pytest.mark.parametrize("cfg", [SD1_LIKE, SD2_LIKE], ids=["sd1-like", "sd2-like"])
+def test_fused_unet_matches_diffusers_with_fused_projections(cfg):
+    """diffusers' ``fuse_qkv_projections`` is the oracle: both U-Nets fused, on the same weights;
+    and ours fused equals ours unfused."""
+    ours = randomize_(UNet(cfg)).eval()
+    twin = diffusers_twin(cfg)
+    load_into_diffusers(ours, twin)
+    twin.fuse_qkv_projections()
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, cfg.context_dim, generator=g)
+    t = torch.tensor([17.0, 803.0])
+    with torch.no_grad():
+        separate = ours(x, t, ctx)
+        assert fuse_projections(ours) > 0
+        fused = ours(x, t, ctx)
+        expected = twin(x, t, encoder_hidden_states=ctx).sample
+    assert all(m._fused is not None for m in ours.modules() if isinstance(m, CrossAttention))
+    assert rel_err(fused, expected) < 1e-4
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)

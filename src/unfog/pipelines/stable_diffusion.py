@@ -36,6 +36,7 @@ from ..models.controlnet import HINT_DOWNSCALE
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import FeatureCache
 from ..models.vae import AutoencoderKL
+from ..nn.attention import fuse_projections
 from ..nn.token_merging import TokenMerger, TokenMerging
 from . import inputs, start
 from .compiled import COMPILE_MODES, CompiledCall
@@ -117,6 +118,7 @@ class StableDiffusion:
         self._unet_call: Callable | None = None  # compile(): the compiled U-Net and VAE decoder
         self._decode_call: Callable | None = None
         self.compile_mode = "off"
+        self.fused_qkv = False  # fuse_qkv()
 
     def compile(self, mode: str = "auto", warn: Callable[[str], None] | None = None) -> "StableDiffusion":
         """Run the U-Net and the VAE decoder through ``torch.compile`` from now on (``pipelines.
@@ -206,6 +208,16 @@ class StableDiffusion:
         use_device_layout(self.unet, self.vae, self._own_vae)
         if self.super_resolution is not None:
             self.super_resolution.to(device)
+        return self
+
+    def fuse_qkv(self, enabled: bool = True) -> "StableDiffusion":
+        """Compute the U-Net's attention projections that read one input as one matmul: q, k and v
+        of self-attention, k and v of cross-attention (``nn.attention.fuse_projections``: exact,
+        one kernel launch instead of three or two, for a copy of those weights: 107 MiB for SD 1.5
+        in 16 bits, 1.2 GiB for SDXL). Off by default: on the CPU it measured no faster
+        (docs/benchmarks.md, "Fused QKV"); on CUDA it is not measured yet. Returns the pipeline."""
+        self.fused_qkv = enabled
+        fuse_projections(self.unet, enabled)
         return self
 
     def attach_super_resolution(self, stage: "StableDiffusion | None", settings=None) -> None:
