@@ -28,9 +28,17 @@ set (VmHWM) is reset (``/proc/self/clear_refs``); "working MB" is the peak durin
 the resident set just before it: the activations, workspace and copies the image needs on top of
 the weights already in memory. "weights MB" is the three models' parameters in the dtype.
 
+On a GPU (``--device cuda``) each image is timed between two ``torch.cuda.synchronize()`` and
+"working MB" is the peak of PyTorch's CUDA allocator during the image less what it held before.
+``--compile`` compiles both sides alike: unfog's ``pipe.compile("strict")`` and, on diffusers'
+side, ``torch.compile`` of its U-Net and VAE decoder with the same mode (CUDA graphs on CUDA);
+the warm-up then also compiles. ``--fuse-qkv``: unfog's ``pipe.fuse_qkv()`` and diffusers'
+``fuse_qkv_projections()``. ``--batch N``: N images per prompt in one call (throughput in images/s).
+
     python benchmarks/txt2img.py                          # fp32 and bf16, 2 images per side each
     python benchmarks/txt2img.py --dtypes bf16 --runs 3
     python benchmarks/txt2img.py --quick                  # tiny models, seconds: checks the script
+    python benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --compile --batch 8
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from unfog.models.unet import UNet, UNetConfig  # noqa: E402
 from unfog.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig  # noqa: E402
 from unfog.pipelines import StableDiffusion  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 NEGATIVE = "blurry, low quality, watermark"
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -94,7 +102,7 @@ def random_weights(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> di
     return weights
 
 
-def build_unfog(setup: Setup, dtype: torch.dtype) -> tuple[StableDiffusion, dict[str, dict]]:
+def build_unfog(setup: Setup, dtype: torch.dtype, device: str = "cpu") -> tuple[StableDiffusion, dict[str, dict]]:
     states = {}
     with torch.device("meta"):
         unet, vae, text = UNet(setup.unet), AutoencoderKL(setup.vae), CLIPTextEncoder(setup.text)
@@ -102,7 +110,7 @@ def build_unfog(setup: Setup, dtype: torch.dtype) -> tuple[StableDiffusion, dict
         states[name] = random_weights(module, dtype, seed * 100_000)
         module.load_state_dict(states[name], strict=True, assign=True)
     pipe = StableDiffusion(unet.eval(), vae.eval(), CLIPTokenizer.from_bpe_file(), "sd1", text_encoder=text.eval())
-    return pipe.to("cpu"), states  # .to: the CPU's memory layout, as unfog.load gives it
+    return pipe.to(device), states  # .to: the device's memory layout, as unfog.load gives it
 
 
 def build_diffusers(setup: Setup, states: dict[str, dict], tmp: Path):
@@ -152,39 +160,80 @@ def reset_peak() -> None:
 
 
 def draw(side: str, pipe, setup: Setup, steps: int, latents: torch.Tensor) -> torch.Tensor:
-    """One image in [-1, 1], (1, 3, size, size) float32."""
+    """The images of ``latents`` (B, 4, h, w), B per prompt, in [-1, 1]: (B, 3, size, size) float32."""
     if side == "unfog":
         return pipe(PROMPT, NEGATIVE, steps=steps, sampler="dpmpp_2m", spacing="karras", cfg_scale=7.5,
-                    latents=latents, output="tensor").float()
+                    latents=latents, batch_size=len(latents), output="tensor").float()
     images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-                  latents=latents, height=setup.size, width=setup.size, output_type="pt").images
+                  latents=latents, num_images_per_prompt=len(latents), height=setup.size, width=setup.size,
+                  output_type="pt").images
     return images.float() * 2 - 1
 
 
-def run(dtype_name: str, setup: Setup, runs: int) -> dict:
+def speed_up(side: str, pipe, compile: bool, fuse_qkv: bool) -> None:
+    """``--compile`` and ``--fuse-qkv`` on one side, each side by its own means."""
+    if fuse_qkv:
+        pipe.fuse_qkv() if side == "unfog" else pipe.fuse_qkv_projections()
+    if compile and side == "unfog":
+        pipe.compile("strict")
+    elif compile:
+        options = {"mode": "reduce-overhead"} if pipe.device.type == "cuda" else {}  # as unfog's compile
+        pipe.unet = torch.compile(pipe.unet, dynamic=False, **options)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, dynamic=False, **options)
+
+
+class Meter:
+    """Time and working memory of one image: the CPU's peak resident set, or CUDA's allocator."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __enter__(self) -> "Meter":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.before = status_mb("VmRSS")
+            reset_peak()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else status_mb("VmHWM")
+        self.working_mb = peak - self.before
+
+
+def run(dtype_name: str, setup: Setup, runs: int, device: str = "cpu", batch: int = 1, compile: bool = False,
+        fuse_qkv: bool = False) -> dict:
     dtype = DTYPES[dtype_name]
-    ours, states = build_unfog(setup, dtype)
+    ours, states = build_unfog(setup, dtype, device)
     weights_mb = sum(v.numel() * v.element_size() for s in states.values() for v in s.values()) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
-        theirs = build_diffusers(setup, states, Path(tmp))
+        theirs = build_diffusers(setup, states, Path(tmp)).to(device)
     del states
     pipes = {"unfog": ours, "diffusers": theirs}
-    latents = torch.randn(1, 4, setup.size // 8, setup.size // 8, generator=torch.Generator().manual_seed(0))
+    for side in SIDES:
+        speed_up(side, pipes[side], compile, fuse_qkv)
+    latents = torch.randn(batch, 4, setup.size // 8, setup.size // 8, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device, dtype)
     times = {s: [] for s in SIDES}
     working = {s: [] for s in SIDES}
     images = {}
     with torch.inference_mode():
-        for side in SIDES:
-            draw(side, pipes[side], setup, 2, latents.to(dtype))  # warm-up: first-call allocations, kernels
+        for side in SIDES:  # warm-up: first-call allocations, kernels; compiled, the compilation and graphs
+            for _ in range(2 if compile else 1):
+                draw(side, pipes[side], setup, 2, latents)
         order = [SIDES[(k + (k // 2)) % 2] for k in range(2 * runs)]  # u, d, d, u, u, d, ...
         for side in order:
-            before = status_mb("VmRSS")
-            reset_peak()
-            start = time.perf_counter()
-            images[side] = draw(side, pipes[side], setup, setup.steps, latents.to(dtype))
-            times[side].append(time.perf_counter() - start)
-            working[side].append(status_mb("VmHWM") - before)
-            print(f"  {dtype_name} {side}: {times[side][-1]:.1f} s, working {working[side][-1]:.0f} MB", flush=True)
+            with Meter(device) as meter:
+                images[side] = draw(side, pipes[side], setup, setup.steps, latents)
+            times[side].append(meter.seconds)
+            working[side].append(meter.working_mb)
+            print(f"  {dtype_name} {side}: {times[side][-1]:.2f} s, working {working[side][-1]:.0f} MB", flush=True)
     difference = ((images["unfog"] - images["diffusers"]).abs().max() / images["diffusers"].abs().max()).item()
     return dict(times={s: statistics.median(v) for s, v in times.items()},
                 working={s: max(v) for s, v in working.items()}, weights_mb=weights_mb, difference=difference)
@@ -196,23 +245,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=2, help="timed images per side and dtype (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     p.add_argument("--quick", action="store_true", help="tiny models at 64 px, 4 steps: checks the script")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--compile", action="store_true", help="both sides through torch.compile")
+    p.add_argument("--fuse-qkv", action="store_true", help="both sides with fused attention projections")
     args = p.parse_args(argv)
-    if args.runs < 1:
-        p.error(f"--runs must be at least 1, got {args.runs}")
+    if args.runs < 1 or args.batch < 1:
+        p.error(f"--runs and --batch must be at least 1, got {args.runs} and {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
     import diffusers
-    print(f"CPU: {cpu_flags()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"{torch.get_num_threads()} threads; {'tiny models' if args.quick else 'SD 1.5'} at {setup.size} px, "
-          f"{setup.steps} steps DPM++ 2M Karras, CFG 7.5, median of {args.runs} images per side", flush=True)
-    rows = {name: run(name, setup, args.runs) for name in args.dtypes}
-    print("\n| dtype | unfog s / image | diffusers s / image | time ratio | unfog working MB | "
-          "diffusers working MB | weights MB | image difference |")
-    print("|---|---|---|---|---|---|---|---|")
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"CPU: {cpu_flags()}, {torch.get_num_threads()} threads")
+    extras = ", ".join(name for name, on in (("compiled", args.compile), ("fused QKV", args.fuse_qkv)) if on)
+    print(f"{where}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
+          f"{'tiny models' if args.quick else 'SD 1.5'} at {setup.size} px, {setup.steps} steps DPM++ 2M Karras, "
+          f"CFG 7.5, batch {args.batch}{', ' + extras if extras else ''}; median of {args.runs} calls per side",
+          flush=True)
+    rows = {name: run(name, setup, args.runs, args.device, args.batch, args.compile, args.fuse_qkv)
+            for name in args.dtypes}
+    print("\n| dtype | unfog s / call | diffusers s / call | time ratio | unfog it/s | unfog images/s | "
+          "diffusers images/s | unfog working MB | diffusers working MB | weights MB | image difference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         t, w = r["times"], r["working"]
-        print(f"| {name} | {t['unfog']:.1f} | {t['diffusers']:.1f} | {t['unfog'] / t['diffusers']:.2f} | "
+        print(f"| {name} | {t['unfog']:.2f} | {t['diffusers']:.2f} | {t['unfog'] / t['diffusers']:.2f} | "
+              f"{setup.steps / t['unfog']:.1f} | {args.batch / t['unfog']:.2f} | {args.batch / t['diffusers']:.2f} | "
               f"{w['unfog']:.0f} | {w['diffusers']:.0f} | {r['weights_mb']:.0f} | {r['difference']:.1e} |")
 
 

@@ -189,20 +189,20 @@ def build_control(side: str, cfg: UNetConfig, dtype: torch.dtype,
     return model.eval()
 
 
-def inputs(side: str, model: Model, size: int, dtype: torch.dtype):
-    """One CFG step's inputs (batch 2), the same on both sides; returns the step, a call
-    ``step(unet)`` or, controlled, ``step(unet, controlnet)``."""
+def inputs(side: str, model: Model, size: int, dtype: torch.dtype, device: str = "cpu"):
+    """One CFG step's inputs (batch 2), the same on both sides, drawn on the CPU and moved to
+    ``device``; returns the step, a call ``step(unet)`` or, controlled, ``step(unet, controlnet)``."""
     cfg, g = model.config, torch.Generator().manual_seed(1234)
-    x = torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(dtype)  # (2, 4, h, w)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)  # (uncond, cond) contexts
+    x = torch.randn(2, cfg.in_channels, size // 8, size // 8, generator=g).to(device, dtype)  # (2, 4, h, w)
+    t = torch.tensor([500.0, 500.0], device=device)
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(device, dtype)  # (uncond, cond) contexts
     y = cond = None
     if model.pooled is not None:
         pooled = torch.randn(2, model.pooled, generator=g)
-        y = sdxl_vector_cond(pooled, (size, size), (0, 0), (size, size)).to(dtype)  # (2, adm_in_channels)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)  # original, crop, target
-        cond = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
-    hint = torch.rand(1, 3, size, size, generator=g).to(dtype).repeat(2, 1, 1, 1)  # one hint for both rows
+        y = sdxl_vector_cond(pooled, (size, size), (0, 0), (size, size)).to(device, dtype)  # (2, adm_in_channels)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32, device=device)
+        cond = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}  # time_ids: original, crop, target
+    hint = torch.rand(1, 3, size, size, generator=g).to(device, dtype).repeat(2, 1, 1, 1)  # one hint for both rows
 
     if side == "unfog":
         def step(unet, controlnet=None):

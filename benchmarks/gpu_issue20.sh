@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 20's GPU figures in one call of the device tool, each unfog beside diffusers in one process:
+#   run(command="bash benchmarks/gpu_issue20.sh", carry=[".whl"], timeout_s=600)
+# .whl holds the wheels the device image lacks (diffusers 0.42.1 and importlib_metadata), made here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# Parts (all by default; name some to run fewer): fused, eager, compiled, batch. Each is capped by
+# `timeout` so that the whole stays inside one 10-minute call; every table goes to stdout and $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+parts=${*:-fused eager compiled batch}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step() {  # name, seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo; echo "## $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" | grep -v '^  '
+}
+for part in $parts; do
+    case $part in
+        fused) step fused_qkv 150 python3 benchmarks/fused_qkv.py --device cuda --dtypes fp16 --models sd15 sdxl --runs 20 ;;
+        eager) step txt2img_eager 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5
+               step txt2img_eager_fused 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --fuse-qkv ;;
+        compiled) step txt2img_compiled 240 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --compile ;;
+        batch) step txt2img_batch8 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 3 --batch 8 ;;
+        *) echo "unknown part $part: fused, eager, compiled or batch"; exit 2 ;;
+    esac
+done
