@@ -4,14 +4,20 @@
 # .whl holds the wheels the device image lacks (diffusers 0.42.1 and importlib_metadata), made here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
-# Parts (all by default; name some to run fewer): fused, eager, compiled, batch. Each is capped by
-# `timeout` so that the whole stays inside one 10-minute call; every table goes to stdout and $OUT.
+# Parts, in the order given (default: eager compiled sdxl fused batch; about 11 minutes in all, so
+# one 10-minute call takes the first three or four and a second call the rest):
+#   eager     SD 1.5 txt2img, 512 px, 20 steps, fp16: eager, then eager with fused QKV
+#   compiled  the same through torch.compile (CUDA graphs) on both sides
+#   sdxl      SDXL base txt2img, 1024 px, 30 steps, fp16, eager
+#   fused     the U-Net CFG step, fused QKV against separate projections, SD 1.5 and SDXL
+#   batch     SD 1.5 txt2img, batch 8: throughput in images/s
+# Each part is capped by `timeout`; every table goes to stdout and $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-parts=${*:-fused eager compiled batch}
+parts=${*:-eager compiled sdxl fused batch}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
@@ -23,7 +29,8 @@ for part in $parts; do
         eager) step txt2img_eager 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5
                step txt2img_eager_fused 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --fuse-qkv ;;
         compiled) step txt2img_compiled 240 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --compile ;;
+        sdxl) step txt2img_sdxl 200 python3 benchmarks/txt2img.py --model sdxl --device cuda --dtypes fp16 --runs 3 ;;
         batch) step txt2img_batch8 90 python3 benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 3 --batch 8 ;;
-        *) echo "unknown part $part: fused, eager, compiled or batch"; exit 2 ;;
+        *) echo "unknown part $part: eager, compiled, sdxl, fused or batch"; exit 2 ;;
     esac
 done

@@ -67,7 +67,7 @@ def sd15_deviation(settings: dict[str, dict], quick: bool, threads: int) -> None
     dtype = auto_dtype("cpu")
     pipe, states = txt2img.build_unfog(setup, dtype)
     del states
-    latents = torch.randn(1, 4, setup.size // 8, setup.size // 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 4, setup.latent_side, setup.latent_side, generator=torch.Generator().manual_seed(0))
     common = dict(steps=setup.steps, sampler="dpmpp_2m", spacing="karras", cfg_scale=7.5, latents=latents.to(dtype),
                   output="tensor")
     print(f"{'tiny models, 64 px' if quick else 'SD 1.5, random weights, 512 px'}, {setup.steps} steps of DPM++ 2M "

@@ -3,10 +3,11 @@
 One image at 512 x 512, 20 steps of DPM++ 2M with Karras sigmas, classifier-free guidance 7.5, a
 prompt and a negative prompt: text encoding, the 20 CFG steps and the VAE decode, as each
 pipeline runs them (unfog on the CPU lays its U-Net and VAE out channels-last; diffusers keeps
-the contiguous layout).
+the contiguous layout). ``--model sdxl``: SDXL base at 1024 x 1024, 30 steps, its two text
+encoders (CLIP ViT-L and OpenCLIP ViT-bigG, random too) against ``StableDiffusionXLPipeline``.
 
 The weights: random, in the official layout, the same on both sides. Every tensor of unfog's U-Net
-(SD 1.5), VAE and CLIP ViT-L/14 text encoder is drawn from its own seeded generator (matrices
+(SD 1.5), VAE and CLIP ViT-L/14 text encoder (SDXL: and ViT-bigG) is drawn from its own seeded generator (matrices
 N(0, 1/fan_in), norm scales 1 + 0.1 N(0, 1), biases 0.1 N(0, 1)); diffusers' models are given the
 very same tensors through diffusers' own ``convert_ldm_unet_checkpoint`` and
 ``convert_ldm_vae_checkpoint`` and, for transformers' ``CLIPTextModel``, by the names alone (the
@@ -39,6 +40,7 @@ the warm-up then also compiles. ``--fuse-qkv``: unfog's ``pipe.fuse_qkv()`` and 
     python benchmarks/txt2img.py --dtypes bf16 --runs 3
     python benchmarks/txt2img.py --quick                  # tiny models, seconds: checks the script
     python benchmarks/txt2img.py --device cuda --dtypes fp16 --runs 5 --compile --batch 8
+    python benchmarks/txt2img.py --model sdxl --device cuda --dtypes fp16 --runs 3
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ sys.path.insert(0, str(ROOT / "tests" / "parity"))  # oracles: the diffusers con
 sys.path.insert(0, str(ROOT / "tests"))  # model_checks: the tokenizer folder
 
 from machine import cpu_flags  # noqa: E402
-from unfog.models.clip_text import CLIP_L, TINY_CLIP, CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from unfog.models.presets import SD15, TINY  # noqa: E402
+from unfog.models.clip_text import CLIP_L, OPENCLIP_BIGG, TINY_CLIP, CLIPTextConfig, CLIPTextEncoder  # noqa: E402
+from unfog.models.presets import SD15, SDXL_BASE, TINY  # noqa: E402
 from unfog.models.tokenizer import CLIPTokenizer  # noqa: E402
 from unfog.models.unet import UNet, UNetConfig  # noqa: E402
-from unfog.models.vae import SD_VAE, TINY_VAE, AutoencoderKL, VAEConfig  # noqa: E402
+from unfog.models.vae import SD_VAE, SDXL_VAE, TINY_VAE, AutoencoderKL, VAEConfig  # noqa: E402
 from unfog.pipelines import StableDiffusion  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,10 +84,30 @@ class Setup:
     text: CLIPTextConfig
     size: int
     steps: int
+    text_2: CLIPTextConfig | None = None  # SDXL: OpenCLIP ViT-bigG, with its projection (pooled embedding)
+
+    @property
+    def family(self) -> str:
+        return "sd1" if self.text_2 is None else "sdxl"
+
+    @property
+    def latent_side(self) -> int:
+        return self.size // 2 ** (len(self.vae.channel_mult) - 1)  # the VAE's factor: 8, or 2 for --quick's
 
 
-FULL = Setup(SD15, SD_VAE, CLIP_L, 512, 20)
-QUICK = Setup(replace(TINY, context_dim=TINY_CLIP.width), replace(TINY_VAE, scaling_factor=0.18215), TINY_CLIP, 64, 4)
+_TINY_G = replace(TINY_CLIP, width=48, activation="gelu", projection_dim=48)
+SETUPS = {
+    "sd15": Setup(SD15, SD_VAE, CLIP_L, 512, 20),
+    "sdxl": Setup(SDXL_BASE, SDXL_VAE, CLIP_L, 1024, 30, OPENCLIP_BIGG),
+}
+QUICK_SETUPS = {  # --quick: the same pipelines on tiny models
+    "sd15": Setup(replace(TINY, context_dim=TINY_CLIP.width), replace(TINY_VAE, scaling_factor=0.18215), TINY_CLIP,
+                  64, 4),
+    "sdxl": Setup(replace(TINY, context_dim=TINY_CLIP.width + _TINY_G.width, use_linear_projection=True,
+                          num_classes="sequential", adm_in_channels=_TINY_G.width + 6 * 256),
+                  replace(TINY_VAE, scaling_factor=0.13025), TINY_CLIP, 64, 4, _TINY_G),
+}
+FULL, QUICK = SETUPS["sd15"], QUICK_SETUPS["sd15"]
 
 
 def random_weights(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -105,50 +127,72 @@ def random_weights(module: torch.nn.Module, dtype: torch.dtype, seed: int) -> di
 def build_unfog(setup: Setup, dtype: torch.dtype, device: str = "cpu") -> tuple[StableDiffusion, dict[str, dict]]:
     states = {}
     with torch.device("meta"):
-        unet, vae, text = UNet(setup.unet), AutoencoderKL(setup.vae), CLIPTextEncoder(setup.text)
-    for seed, (name, module) in enumerate((("unet", unet), ("vae", vae), ("text", text))):
+        modules = {"unet": UNet(setup.unet), "vae": AutoencoderKL(setup.vae), "text": CLIPTextEncoder(setup.text)}
+        if setup.text_2 is not None:
+            modules["text_2"] = CLIPTextEncoder(setup.text_2)
+    for seed, (name, module) in enumerate(modules.items()):
         states[name] = random_weights(module, dtype, seed * 100_000)
         module.load_state_dict(states[name], strict=True, assign=True)
-    pipe = StableDiffusion(unet.eval(), vae.eval(), CLIPTokenizer.from_bpe_file(), "sd1", text_encoder=text.eval())
+    pipe = StableDiffusion(modules["unet"].eval(), modules["vae"].eval(), CLIPTokenizer.from_bpe_file(), setup.family,
+                           text_encoder=modules["text"].eval(),
+                           text_encoder_2=modules["text_2"].eval() if "text_2" in modules else None)
     return pipe.to(device), states  # .to: the device's memory layout, as unfog.load gives it
+
+
+def text_model(config: CLIPTextConfig, state: dict[str, torch.Tensor]):
+    """transformers' CLIPTextModel (CLIPTextModelWithProjection with a projection) holding ``state``,
+    unfog's weights, by their names alone."""
+    import transformers
+
+    cls = transformers.CLIPTextModel if config.projection_dim is None else transformers.CLIPTextModelWithProjection
+    with torch.device("meta"):
+        text = cls(transformers.CLIPTextConfig(
+            vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=config.width * 4,
+            num_hidden_layers=config.layers, num_attention_heads=config.heads,
+            max_position_embeddings=config.max_positions, hidden_act=config.activation,
+            projection_dim=config.projection_dim or 512,
+            bos_token_id=49406, eos_token_id=2))  # eos 2: the argmax pooling of the official configs
+    prefix = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""  # transformers < 5.6
+    missing, unexpected = text.load_state_dict({(k if k.startswith("text_projection") else prefix + k): v
+                                                for k, v in state.items()}, strict=False, assign=True)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise SystemExit(f"transformers' {cls.__name__} does not take unfog's names: {missing=} {unexpected=}")
+    for name, buffer in list(text.named_buffers()):  # position ids: a buffer, still on the meta device
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            text.get_submodule(owner).register_buffer(leaf, torch.arange(config.max_positions)[None],
+                                                      persistent=False)
+    return text.eval()
 
 
 def build_diffusers(setup: Setup, states: dict[str, dict], tmp: Path):
     import transformers
     from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from model_checks import write_tokenizer_folder
     from oracles import diffusers_twin, vae_diffusers_config
+    from unet_step import sdxl_extra
 
     with torch.device("meta"):
-        unet = diffusers_twin(setup.unet, sample_size=setup.size // 8)
+        unet = diffusers_twin(setup.unet, sample_size=setup.latent_side, **sdxl_extra(setup.unet))
         vae = DiffusersVAE(**vae_diffusers_config(setup.vae))
-        t = setup.text
-        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.width * 4, num_hidden_layers=t.layers,
-            num_attention_heads=t.heads, max_position_embeddings=t.max_positions, hidden_act=t.activation,
-            bos_token_id=49406, eos_token_id=2))  # eos 2: the argmax pooling of the official configs
     ldm_unet = {f"model.diffusion_model.{k}": v for k, v in states["unet"].items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(ldm_unet, dict(unet.config)), strict=True, assign=True)
     ldm_vae = {f"first_stage_model.{k}": v for k, v in states["vae"].items()}
     vae.load_state_dict(convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)), strict=True, assign=True)
-    prefix = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""  # transformers < 5.6
-    missing, unexpected = text.load_state_dict({prefix + k: v for k, v in states["text"].items()}, strict=False,
-                                               assign=True)
-    if unexpected or any(not k.endswith("position_ids") for k in missing):
-        raise SystemExit(f"transformers' CLIPTextModel does not take unfog's names: {missing=} {unexpected=}")
-    for name, buffer in list(text.named_buffers()):  # position ids: a buffer, still on the meta device
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            text.get_submodule(owner).register_buffer(leaf, torch.arange(t.max_positions)[None], persistent=False)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(tmp / "tokenizer"),
-                                                           model_max_length=77)
+    folder = write_tokenizer_folder(tmp / "tokenizer")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)  # pads with EOS
     scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
                                             **SD_SCHEDULER)
-    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    parts = dict(vae=vae.eval(), text_encoder=text_model(setup.text, states["text"]), tokenizer=tokenizer,
+                 unet=unet.eval(), scheduler=scheduler)
+    if setup.text_2 is None:
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")  # OpenCLIP: 0
+    return StableDiffusionXLPipeline(**parts, text_encoder_2=text_model(setup.text_2, states["text_2"]),
+                                     tokenizer_2=tokenizer_2, add_watermarker=False)
 
 
 def status_mb(field: str) -> float:
@@ -218,7 +262,8 @@ def run(dtype_name: str, setup: Setup, runs: int, device: str = "cpu", batch: in
     pipes = {"unfog": ours, "diffusers": theirs}
     for side in SIDES:
         speed_up(side, pipes[side], compile, fuse_qkv)
-    latents = torch.randn(batch, 4, setup.size // 8, setup.size // 8, generator=torch.Generator().manual_seed(0))
+    side = setup.latent_side
+    latents = torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(0))
     latents = latents.to(device, dtype)
     times = {s: [] for s in SIDES}
     working = {s: [] for s in SIDES}
@@ -245,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=2, help="timed images per side and dtype (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     p.add_argument("--quick", action="store_true", help="tiny models at 64 px, 4 steps: checks the script")
+    p.add_argument("--model", default="sd15", choices=list(SETUPS),
+                   help="sd15: 512 px, 20 steps (default); sdxl: SDXL base, 1024 px, 30 steps")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     p.add_argument("--compile", action="store_true", help="both sides through torch.compile")
@@ -256,13 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--device cuda: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = QUICK if args.quick else FULL
+    setup = (QUICK_SETUPS if args.quick else SETUPS)[args.model]
     import diffusers
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"CPU: {cpu_flags()}, {torch.get_num_threads()} threads")
     extras = ", ".join(name for name, on in (("compiled", args.compile), ("fused QKV", args.fuse_qkv)) if on)
     print(f"{where}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-          f"{'tiny models' if args.quick else 'SD 1.5'} at {setup.size} px, {setup.steps} steps DPM++ 2M Karras, "
+          f"{args.model}{' (tiny models)' if args.quick else ''} at {setup.size} px, {setup.steps} steps DPM++ 2M Karras, "
           f"CFG 7.5, batch {args.batch}{', ' + extras if extras else ''}; median of {args.runs} calls per side",
           flush=True)
     rows = {name: run(name, setup, args.runs, args.device, args.batch, args.compile, args.fuse_qkv)
