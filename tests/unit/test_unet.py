@@ -487,3 +487,17 @@ def test_fused_unet_matches_diffusers_with_fused_projections(cfg):
     assert all(m._fused is not None for m in ours.modules() if isinstance(m, CrossAttention))
     assert rel_err(fused, expected) < 1e-4
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_projections_leave_torch_compile_the_separate_path():
+    """Under torch.compile the layer traces the separate projections (the cache's data_ptr /
+    _version key would break the graph): one graph, no breaks, and eager's values."""
+    attn = _attention(7)
+    fuse_projections(attn)
+    x, ctx = torch.randn(2, 9, 12), torch.randn(2, 5, 7)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(attn)(x, ctx)
+        compiled = torch.compile(attn, backend="eager", fullgraph=True)(x, ctx)
+        eager = attn(x, ctx)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
