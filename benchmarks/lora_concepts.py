@@ -10,7 +10,10 @@ settings:
 
 without the LoRA and with it at each ``--weights``, on the same seeds, and prints the analyzer's
 accuracy per row (target: new concepts from about 0 to >= 80%; no old category down by more than
-5 points at weight 1).
+5 points at weight 1), and for each LoRA column the change against "without" with the standard
+error of that paired difference (same prompts, same seeds: sd(with - without) / sqrt(n)). At 50
+prompts a category that change has an error of about 5-7 points, as large as the target itself;
+``--per-category 200`` halves it.
 
     python benchmarks/lora_concepts.py --lora runs/lora_star_teal/star_teal.safetensors
     python benchmarks/lora_concepts.py --lora FILE --concepts 100 --per-category 50 --weights 0.5 1
@@ -39,12 +42,18 @@ from machine import cpu_flags
 
 
 
-def scores(pipe, specs: list, groups: dict[str, list[int]], settings: dict) -> dict[str, float]:
-    """Analyzer accuracy over each group (indices into ``specs``) of one image per prompt spec,
-    drawn with the same seeds for every call."""
+def verdicts(pipe, specs: list, settings: dict) -> list[bool]:
+    """The analyzer's verdict on one image per prompt spec, drawn with the same seeds for every call."""
     images = generate(pipe, specs, **settings, seed=0, progress=True)
-    verdicts = [bool(score(image, spec)) for image, spec in zip(images, specs)]
-    return {name: sum(verdicts[i] for i in idx) / len(idx) for name, idx in groups.items()}
+    return [bool(score(image, spec)) for image, spec in zip(images, specs)]
+
+
+def change(ours: list[bool], base: list[bool], idx: list[int]) -> tuple[float, float]:
+    """Mean paired difference (points) over ``idx`` and its standard error."""
+    d = [100.0 * (ours[i] - base[i]) for i in idx]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, (var / len(d)) ** 0.5
 
 
 def main() -> None:
@@ -66,18 +75,22 @@ def main() -> None:
               "teal prompts": [i for i in new if specs[i].objects[0].color == "teal"],
               "new concepts (all)": list(new)}
     groups |= {c: [i for i in range(args.concepts, len(specs)) if specs[i].category == c] for c in CATEGORIES}
-    columns = {"without": scores(pipe, specs, groups, settings)}
+    columns = {"without": verdicts(pipe, specs, settings)}
     for w in args.weights:
         pipe.load_lora(args.lora, weight=w)
-        columns[f"LoRA x{w:g}"] = scores(pipe, specs, groups, settings)
+        columns[f"LoRA x{w:g}"] = verdicts(pipe, specs, settings)
         pipe.unload_loras()
+    base = columns["without"]
+    loras = [name for name in columns if name != "without"]
     print(f"{args.lora} on {Path(args.model).name}, VAE {args.vae or 'its own'}; settings {settings}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
-    print("| prompts | n | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
+    print("| prompts | n | " + " | ".join(columns) + " | " + " | ".join(f"{name}: change ± SE" for name in loras)
+          + " |")
+    print("|---|---|" + "---|" * (len(columns) + len(loras)))
     for name, idx in groups.items():
-        cells = " | ".join(f"{100 * col[name]:.1f}" for col in columns.values())
-        print(f"| {name} | {len(idx)} | {cells} |")
+        cells = " | ".join(f"{100 * sum(col[i] for i in idx) / len(idx):.1f}" for col in columns.values())
+        changes = " | ".join("{:+.1f} ± {:.1f}".format(*change(columns[c], base, idx)) for c in loras)
+        print(f"| {name} | {len(idx)} | {cells} | {changes} |")
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/shapes_failures.py                                   # two_objects and position, 100 each
     python benchmarks/shapes_failures.py --categories counting --per-category 50
+    python benchmarks/shapes_failures.py --lora runs/lora_prior5/star_teal.safetensors --categories two_objects
 
 Images are drawn as ``metrics.shapes_eval.evaluate`` draws them for one category (canonical
 prompts, seed 0, batches of 64, the model's recommended settings); each failure's reason from
@@ -45,9 +46,16 @@ def main() -> None:
     p.add_argument("--model", default=str(resources.files("unfog") / "weights" / "shapes.safetensors"))
     p.add_argument("--categories", nargs="+", default=["two_objects", "position"], choices=CATEGORIES)
     p.add_argument("--per-category", type=int, default=100)
+    p.add_argument("--lora", default=None, help="draw with this LoRA loaded")
+    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--vae", default=None, help="decode with this VAE instead of the model's")
     args = p.parse_args()
-    pipe, settings = unfog.load(args.model), recommended_settings(args.model)
-    print(f"model {args.model}; {settings}; {args.per_category} prompts per category\n")
+    pipe, settings = unfog.load(args.model, vae=args.vae), recommended_settings(args.model)
+    if args.lora:
+        pipe.load_lora(args.lora, weight=args.lora_weight)
+    lora = f"LoRA {args.lora} x{args.lora_weight:g}" if args.lora else "no LoRA"
+    print(f"model {args.model}; {lora}; VAE {args.vae or 'its own'}; {settings}; "
+          f"{args.per_category} prompts per category\n")
     print("| category | " + " | ".join(GROUPS) + " |\n|" + "---|" * (len(GROUPS) + 1))
     for category in args.categories:
         specs = prompt_set(args.per_category, categories=(category,))
