@@ -6,6 +6,7 @@ For each set of ``--n`` single-object scenes (the default set; teal objects; sta
 embedded model's own VAE and by each ``--vae``, and the analyzer reads the result: the share read
 as exactly the drawn object (shape and colour; outlines with ``fill_holes``), and for the styles
 their feature (``metrics/shapes_style.py``). The drawn images themselves are the first column.
+The stars are also split by size (rows "star, small" and "star, large").
 
     python benchmarks/vae_roundtrip.py --vae runs/shapes_vae_decoder_stage2/model.safetensors
 """
@@ -72,6 +73,11 @@ def main() -> None:
             elif style == "pastel":
                 cell += f", pastel {100 * pastel_summary(images, analyzer)['pastel']:.0f}%"
             rows.setdefault(name, {})[column] = cell
+            if name == "star":  # the small ones are what a factor-4 latent loses first
+                for size in ("small", "large"):
+                    keep = [k for k, sc in enumerate(scenes) if sc.objects[0].size == size]
+                    share = read_right([images[k] for k in keep], [scenes[k] for k in keep], analyzer)
+                    rows.setdefault(f"star, {size} ({len(keep)})", {})[column] = f"{share:.0f}%"
     print(f"{args.n} single-object scenes per set; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"CPU flags: {cpu_flags()}\n")
     columns = list(next(iter(rows.values())))
