@@ -177,7 +177,11 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)  # (B, inner, H, W)
-        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C or inner)
+        # The tokens as one contiguous (B, H*W, C) tensor: free for a channels-last map, one copy of
+        # a contiguous one. Left a transposed view, they would be copied by every block's three
+        # LayerNorms, and the residual adds (which keep their first operand's layout) would run
+        # strided: 2 more copies and 3 slower adds per block.
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1).contiguous()  # (B, H*W, C or inner)
         if self.use_linear:
             h = self.proj_in(h)  # (B, H*W, inner)
         for block in self.transformer_blocks:
@@ -188,7 +192,9 @@ class SpatialTransformer(nn.Module):
                 h = block(h, context, merge)
         if self.use_linear:
             h = self.proj_out(h)  # (B, H*W, C)
-        h = h.transpose(1, 2).reshape(b, -1, height, width)  # (B, C or inner, H, W)
+        h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), channels-last
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous()  # back to the input's layout, so that the residual add is not strided
         if not self.use_linear:
             h = self.proj_out(h)  # (B, C, H, W)
         return x + h
