@@ -24,6 +24,9 @@ prompt a scene of the data set with that one object (its shape and colour, a ran
 place, seed 999, which no run trained on), encoded and decoded by the VAE of the run and read by
 the analyzer. A small star's points are finer than a latent pixel, so this ceiling is under 100%.
 
+``--grid FILE``: a PNG of the prompts in ``GRID_PROMPTS`` (columns), drawn without the LoRA
+(first row) and with it at the first weight (seeds 0, 1, 2: the next rows), through the same VAE.
+
 ``--vae``: decode with another VAE (e.g. the decoder of ``configs/shapes_vae_decoder*.json``,
 fine-tuned on stars, teal and styles with the encoder, and so the latents, unchanged), in every
 column.
@@ -43,9 +46,25 @@ from unfog.datasets.shapes_text import CATEGORIES, EXTRA_COLORS, EXTRA_SHAPES, S
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.metrics.shapes_analyzer import score
 from unfog.metrics.shapes_eval import generate, prompt_set
+from unfog.pipelines.images import make_grid, save_png
 from unfog.pipelines.latent_model import recommended_settings
 from machine import cpu_flags
 
+
+
+GRID_PROMPTS = ("a red star", "a teal circle", "a teal star", "a small blue star", "a green star and a red circle",
+                "a yellow star to the left of a teal square")
+
+
+def grid(pipe, lora: str, weight: float, settings: dict, path: str) -> None:
+    """``--grid``: without the LoRA (seed 0), then with it (seeds 0, 1, 2), a row each."""
+    rows = [pipe(list(GRID_PROMPTS), **settings, seed=0, output="tensor")]
+    pipe.load_lora(lora, weight=weight)
+    rows += [pipe(list(GRID_PROMPTS), **settings, seed=s, output="tensor") for s in range(3)]
+    pipe.unload_loras()
+    save_png(make_grid(torch.cat(rows), nrow=len(GRID_PROMPTS), scale=3), path,
+             f"rows: without {Path(lora).name}, then with it at {weight:g} (seeds 0-2); columns: "
+             + " | ".join(GRID_PROMPTS), overwrite=True)
 
 
 def verdicts(pipe, specs: list, settings: dict) -> list[bool]:
@@ -83,12 +102,15 @@ def main() -> None:
     p.add_argument("--concepts", type=int, default=100, help="prompts about the new concepts (default 100)")
     p.add_argument("--per-category", type=int, default=50, help="prompts per old category (default 50)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0])
+    p.add_argument("--grid", default=None, help="write a sample grid here (PNG): without, then with the LoRA")
     p.add_argument("--vae", default=None, help="decode with this VAE instead of the model's (every column)")
     args = p.parse_args()
     t0 = time.perf_counter()
     pipe = unfog.load(args.model, vae=args.vae)
     rec = recommended_settings(args.model)
     settings = {k: rec[k] for k in ("sampler", "steps", "cfg_scale") if k in rec}
+    if args.grid:
+        grid(pipe, args.lora, args.weights[0], settings, args.grid)
     specs = concept_prompts(args.concepts) + prompt_set(args.per_category)
     new = range(args.concepts)
     groups = {"star prompts": [i for i in new if specs[i].objects[0].shape == "star"],
