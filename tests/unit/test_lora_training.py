@@ -433,6 +433,14 @@ def test_prior_data_shapes_leaves_out_the_extra_concepts(tmp_path):
     assert not any("star" in trainer.prior.caption_of(i) for i in range(len(trainer.prior)))
 
 
+def test_prior_data_shapes_covers_every_category_whatever_the_training_weights(tmp_path):
+    only_single = "shapes_options.weights=[1, 0, 0, 0, 0, 0]"  # the training data: single objects only
+    trainer = make_trainer(lora_config(tmp_path, *PRIOR, only_single, "data_size=30", "lora.prior_size=60"), "cpu")
+    two = [i for i in range(len(trainer.prior)) if " and " in trainer.prior.caption_of(i)]
+    assert not any(" and " in trainer.data.caption_of(i) for i in range(len(trainer.data)))
+    assert len(two) >= 10, [trainer.prior.caption_of(i) for i in range(len(trainer.prior))]
+
+
 def _unet_out(pipe, x, t, prompts):
     from unfog.training.finetune import frozen_forward
     with torch.no_grad():

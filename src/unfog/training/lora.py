@@ -156,14 +156,17 @@ class LoraTrainer(FineTuneTrainer):
                                                progress=self.world.is_main)
 
     def _prior_data(self) -> CaptionedImages | None:
-        """``lora.prior_data``: "shapes" without the extra concepts (another seed than the training
-        data's), or a captioned folder (no aspect buckets); None without prior preservation."""
+        """``lora.prior_data``: "shapes" without the extra concepts and with every category equally
+        often whatever the training data's ``weights`` (it stands for what the model already knows;
+        another seed than the training data's), or a captioned folder (no aspect buckets); None
+        without prior preservation."""
         c, o = self.config, self.options
         if o.prior_data is None:
             return None
         shapes = c.shapes_config() if c.data == "shapes" else None
         if o.prior_data == "shapes":
-            shapes = replace(shapes or ShapesConfig(), extra_shapes=(), extra_colors=(), extra_fraction=0.0)
+            shapes = replace(shapes or ShapesConfig(), extra_shapes=(), extra_colors=(), extra_fraction=0.0,
+                             weights=None)
         return make_lora_data(o.prior_data, c.image_size, o.prior_size or c.data_size, c.seed + 1, True,
                               bucket_step=None, min_bucket=1, shapes_config=shapes, workers=c.data_workers)
 
