@@ -18,6 +18,12 @@ prompts a category that change has an error of about 5-7 points, as large as the
     python benchmarks/lora_concepts.py --lora runs/lora_star_teal/star_teal.safetensors
     python benchmarks/lora_concepts.py --lora FILE --concepts 100 --per-category 50 --weights 0.5 1
     python benchmarks/lora_concepts.py --lora FILE --vae runs/shapes_vae_decoder_stage2/model.safetensors
+    python benchmarks/lora_concepts.py --lora A B --seeds 0 1 --per-category 200
+
+Several ``--lora`` files share one "without" column (each LoRA is loaded, measured and unloaded
+in turn). ``--seeds 0 1`` pools prompt sets: seed ``s`` draws its own prompts of every category
+and its images with generation seed ``1000 s`` (so seed 0 is the set of a plain run), and every
+row counts the prompts of all the seeds; with two seeds the standard error falls by about 1/sqrt(2).
 
 The column "drawn, through the VAE" is what a perfect LoRA would score: for each new-concept
 prompt a scene of the data set with that one object (its shape and colour, a random size and
@@ -67,9 +73,9 @@ def grid(pipe, lora: str, weight: float, settings: dict, path: str) -> None:
              + " | ".join(GRID_PROMPTS), overwrite=True)
 
 
-def verdicts(pipe, specs: list, settings: dict) -> list[bool]:
+def verdicts(pipe, specs: list, settings: dict, seed: int = 0) -> list[bool]:
     """The analyzer's verdict on one image per prompt spec, drawn with the same seeds for every call."""
-    images = generate(pipe, specs, **settings, seed=0, progress=True)
+    images = generate(pipe, specs, **settings, seed=seed, progress=True)
     return [bool(score(image, spec)) for image, spec in zip(images, specs)]
 
 
@@ -95,45 +101,74 @@ def change(ours: list[bool], base: list[bool], idx: list[int]) -> tuple[float, f
     return mean, (var / len(d)) ** 0.5
 
 
+def prompt_specs(concepts: int, per_category: int, seeds: list[int]) -> list[tuple[int, list]]:
+    """(generation seed, new-concept prompts + old-category prompts) for each prompt-set seed."""
+    return [(1000 * s, concept_prompts(concepts, seed=s) + prompt_set(per_category, seed=s)) for s in seeds]
+
+
+def verdicts_over(pipe, sets: list[tuple[int, list]], settings: dict) -> list[bool]:
+    """The verdicts of every set, concatenated in the order of ``sets``."""
+    return [v for seed, specs in sets for v in verdicts(pipe, specs, settings, seed)]
+
+
+def labels(paths: list[str]) -> list[str]:
+    """Short column names: the file names, or their folders' names where the file names repeat."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [Path(p).parent.name or Path(p).stem for p in paths]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lora", required=True, help="the LoRA file to measure")
+    p.add_argument("--lora", required=True, nargs="+", help="the LoRA file(s) to measure")
     p.add_argument("--model", default=str(default_model_path(DEFAULT_TEXT_MODEL)))
     p.add_argument("--concepts", type=int, default=100, help="prompts about the new concepts (default 100)")
     p.add_argument("--per-category", type=int, default=50, help="prompts per old category (default 50)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0])
     p.add_argument("--grid", default=None, help="write a sample grid here (PNG): without, then with the LoRA")
     p.add_argument("--vae", default=None, help="decode with this VAE instead of the model's (every column)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="prompt-set seeds, pooled (default 0)")
     args = p.parse_args()
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    for path in args.lora:
+        if not Path(path).is_file():
+            p.error(f"--lora {path}: no such file")
     t0 = time.perf_counter()
     pipe = unfog.load(args.model, vae=args.vae)
     rec = recommended_settings(args.model)
     settings = {k: rec[k] for k in ("sampler", "steps", "cfg_scale") if k in rec}
     if args.grid:
-        grid(pipe, args.lora, args.weights[0], settings, args.grid)
-    specs = concept_prompts(args.concepts) + prompt_set(args.per_category)
-    new = range(args.concepts)
+        grid(pipe, args.lora[0], args.weights[0], settings, args.grid)
+    sets = prompt_specs(args.concepts, args.per_category, args.seeds)
+    specs = [spec for _, s in sets for spec in s]
+    size = args.concepts + len(CATEGORIES) * args.per_category
+    new = [k * size + i for k in range(len(sets)) for i in range(args.concepts)]
+    old = [i for i in range(len(specs)) if i % size >= args.concepts]
     groups = {"star prompts": [i for i in new if specs[i].objects[0].shape == "star"],
               "teal prompts": [i for i in new if specs[i].objects[0].color == "teal"],
-              "new concepts (all)": list(new)}
-    groups |= {c: [i for i in range(args.concepts, len(specs)) if specs[i].category == c] for c in CATEGORIES}
-    columns = {"without": verdicts(pipe, specs, settings)}
-    for w in args.weights:
-        pipe.load_lora(args.lora, weight=w)
-        columns[f"LoRA x{w:g}"] = verdicts(pipe, specs, settings)
-        pipe.unload_loras()
+              "new concepts (all)": new}
+    groups |= {c: [i for i in old if specs[i].category == c] for c in CATEGORIES}
+    columns = {"without": verdicts_over(pipe, sets, settings)}
+    single = len(args.lora) == 1
+    for path, label in zip(args.lora, labels(args.lora)):
+        for w in args.weights:
+            pipe.load_lora(path, weight=w)
+            columns[f"{'LoRA' if single else label} x{w:g}"] = verdicts_over(pipe, sets, settings)
+            pipe.unload_loras()
     base = columns["without"]
     loras = [name for name in columns if name != "without"]
-    print(f"{args.lora} on {Path(args.model).name}, VAE {args.vae or 'its own'}; settings {settings}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
-    drawn = ceiling(pipe, specs[: args.concepts])
+    print(f"{', '.join(args.lora)} on {Path(args.model).name}, VAE {args.vae or 'its own'}; prompt seeds {args.seeds}; "
+          f"settings {settings}; torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")
+    drawn = dict(zip(new, ceiling(pipe, [specs[i] for i in new])))
     print("| prompts | n | " + " | ".join(columns) + " | " + " | ".join(f"{name}: change ± SE" for name in loras)
           + " | drawn, through the VAE |")
     print("|---|---|" + "---|" * (len(columns) + len(loras) + 1))
     for name, idx in groups.items():
         cells = " | ".join(f"{100 * sum(col[i] for i in idx) / len(idx):.1f}" for col in columns.values())
         changes = " | ".join("{:+.1f} ± {:.1f}".format(*change(columns[c], base, idx)) for c in loras)
-        top = f"{100 * sum(drawn[i] for i in idx) / len(idx):.1f}" if idx[-1] < len(drawn) else "-"
+        top = f"{100 * sum(drawn[i] for i in idx) / len(idx):.1f}" if idx[0] in drawn else "-"
         print(f"| {name} | {len(idx)} | {cells} | {changes} | {top} |")
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
