@@ -25,6 +25,11 @@ in turn). ``--seeds 0 1`` pools prompt sets: seed ``s`` draws its own prompts of
 and its images with generation seed ``1000 s`` (so seed 0 is the set of a plain run), and every
 row counts the prompts of all the seeds; with two seeds the standard error falls by about 1/sqrt(2).
 
+``--cache DIR`` keeps each column's per-prompt verdicts for one seed (keyed by the SHA-256 of the
+model, VAE and LoRA files, the weight, the seed, the prompt counts and the sampler settings) and
+reuses them: two processes can measure different seeds side by side, and a last run with every
+seed prints the pooled table from the cache in seconds.
+
 The column "drawn, through the VAE" is what a perfect LoRA would score: for each new-concept
 prompt a scene of the data set with that one object (its shape and colour, a random size and
 place, seed 999, which no run trained on), encoded and decoded by the VAE of the run and read by
@@ -41,6 +46,9 @@ column.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -106,9 +114,35 @@ def prompt_specs(concepts: int, per_category: int, seeds: list[int]) -> list[tup
     return [(1000 * s, concept_prompts(concepts, seed=s) + prompt_set(per_category, seed=s)) for s in seeds]
 
 
-def verdicts_over(pipe, sets: list[tuple[int, list]], settings: dict) -> list[bool]:
-    """The verdicts of every set, concatenated in the order of ``sets``."""
-    return [v for seed, specs in sets for v in verdicts(pipe, specs, settings, seed)]
+def file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verdicts_over(pipe, sets: list[tuple[int, list]], settings: dict, cache: str | None, key: dict) -> list[bool]:
+    """The verdicts of every set, concatenated in the order of ``sets``; with ``cache`` (a folder)
+    each set's verdicts are read from there when ``key`` and the set's seed match, else drawn and
+    written there (atomically)."""
+    out = []
+    for seed, specs in sets:
+        full = dict(key, seed=seed, n=len(specs))
+        path = Path(cache or ".") / (hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+        if cache and path.is_file():
+            out += json.loads(path.read_text())["verdicts"]
+            continue
+        found = verdicts(pipe, specs, settings, seed)
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": full, "verdicts": found}))
+            tmp.replace(path)
+        out += found
+    return out
 
 
 def labels(paths: list[str]) -> list[str]:
@@ -129,6 +163,7 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="write a sample grid here (PNG): without, then with the LoRA")
     p.add_argument("--vae", default=None, help="decode with this VAE instead of the model's (every column)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="prompt-set seeds, pooled (default 0)")
+    p.add_argument("--cache", default=None, help="a folder that keeps and reuses each column's verdicts per seed")
     args = p.parse_args()
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         p.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
@@ -150,12 +185,15 @@ def main() -> None:
               "teal prompts": [i for i in new if specs[i].objects[0].color == "teal"],
               "new concepts (all)": new}
     groups |= {c: [i for i in old if specs[i].category == c] for c in CATEGORIES}
-    columns = {"without": verdicts_over(pipe, sets, settings)}
+    key = {"model": file_digest(args.model), "vae": file_digest(args.vae), "settings": settings,
+           "concepts": args.concepts, "per_category": args.per_category, "lora": None, "weight": None}
+    columns = {"without": verdicts_over(pipe, sets, settings, args.cache, key)}
     single = len(args.lora) == 1
     for path, label in zip(args.lora, labels(args.lora)):
         for w in args.weights:
             pipe.load_lora(path, weight=w)
-            columns[f"{'LoRA' if single else label} x{w:g}"] = verdicts_over(pipe, sets, settings)
+            columns[f"{'LoRA' if single else label} x{w:g}"] = verdicts_over(
+                pipe, sets, settings, args.cache, dict(key, lora=file_digest(path), weight=w))
             pipe.unload_loras()
     base = columns["without"]
     loras = [name for name in columns if name != "without"]
