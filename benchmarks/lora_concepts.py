@@ -57,6 +57,7 @@ import torch
 import unfog
 from unfog.datasets.shapes import make_item, render, to_tensor
 from unfog.datasets.shapes_text import CATEGORIES, EXTRA_COLORS, EXTRA_SHAPES, ShapesConfig, concept_prompts
+from unfog.checkpoint.io import sha256_from
 from unfog.embedded import DEFAULT_TEXT_MODEL, default_model_path
 from unfog.metrics.shapes_analyzer import score
 from unfog.metrics.shapes_eval import generate, prompt_set
@@ -117,32 +118,30 @@ def prompt_specs(concepts: int, per_category: int, seeds: list[int]) -> list[tup
 def file_digest(path: str | None) -> str | None:
     if path is None:
         return None
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_from(f)
 
 
-def verdicts_over(pipe, sets: list[tuple[int, list]], settings: dict, cache: str | None, key: dict) -> list[bool]:
-    """The verdicts of every set, concatenated in the order of ``sets``; with ``cache`` (a folder)
-    each set's verdicts are read from there when ``key`` and the set's seed match, else drawn and
-    written there (atomically)."""
-    out = []
-    for seed, specs in sets:
-        full = dict(key, seed=seed, n=len(specs))
-        path = Path(cache or ".") / (hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24] + ".json")
-        if cache and path.is_file():
-            out += json.loads(path.read_text())["verdicts"]
-            continue
-        found = verdicts(pipe, specs, settings, seed)
-        if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"key": full, "verdicts": found}))
-            tmp.replace(path)
-        out += found
-    return out
+def cached_verdicts(pipe, specs: list, settings: dict, seed: int, cache: str | None, key: dict | None) -> list[bool]:
+    """``verdicts``; with ``cache`` (a folder) read from there when ``key``, the seed and the
+    number of prompts match, else drawn and written there (atomically)."""
+    if cache is None:
+        return verdicts(pipe, specs, settings, seed)
+    full = dict(key, seed=seed, n=len(specs))
+    path = Path(cache) / (hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    if path.is_file():
+        return json.loads(path.read_text())["verdicts"]
+    found = verdicts(pipe, specs, settings, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": full, "verdicts": found}))
+    tmp.replace(path)
+    return found
+
+
+def verdicts_over(pipe, sets: list[tuple[int, list]], settings: dict, cache: str | None, key: dict | None) -> list[bool]:
+    """The verdicts of every set, concatenated in the order of ``sets``."""
+    return [v for seed, specs in sets for v in cached_verdicts(pipe, specs, settings, seed, cache, key)]
 
 
 def labels(paths: list[str]) -> list[str]:
@@ -185,15 +184,18 @@ def main() -> None:
               "teal prompts": [i for i in new if specs[i].objects[0].color == "teal"],
               "new concepts (all)": new}
     groups |= {c: [i for i in old if specs[i].category == c] for c in CATEGORIES}
-    key = {"model": file_digest(args.model), "vae": file_digest(args.vae), "settings": settings,
-           "concepts": args.concepts, "per_category": args.per_category, "lora": None, "weight": None}
+    key = None  # what the cache's verdicts depend on; the files are hashed only with --cache
+    if args.cache:
+        key = {"model": file_digest(args.model), "vae": file_digest(args.vae), "settings": settings,
+               "concepts": args.concepts, "per_category": args.per_category, "lora": None, "weight": None}
     columns = {"without": verdicts_over(pipe, sets, settings, args.cache, key)}
     single = len(args.lora) == 1
     for path, label in zip(args.lora, labels(args.lora)):
+        lora_key = key and dict(key, lora=file_digest(path))
         for w in args.weights:
             pipe.load_lora(path, weight=w)
             columns[f"{'LoRA' if single else label} x{w:g}"] = verdicts_over(
-                pipe, sets, settings, args.cache, dict(key, lora=file_digest(path), weight=w))
+                pipe, sets, settings, args.cache, lora_key and dict(lora_key, weight=w))
             pipe.unload_loras()
     base = columns["without"]
     loras = [name for name in columns if name != "without"]
