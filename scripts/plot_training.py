@@ -32,7 +32,7 @@ def read_stages(runs: list[Path]) -> list[dict]:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         if not rows:
             raise ValueError(f"{log} holds no logged steps yet")
-        offset = end if rows[0]["step"] <= end and stages else 0
+        offset = end if rows[0]["step"] <= end else 0  # end is 0 before the first stage
         seconds, last = 0.0, 0.0
         for r in rows:  # a resumed session restarts elapsed_s at 0
             seconds += r["elapsed_s"] - last if r["elapsed_s"] >= last else r["elapsed_s"]
